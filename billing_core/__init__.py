@@ -1,0 +1,1 @@
+"""DevOps Agent billing console: the domain core. Never imports streamlit."""

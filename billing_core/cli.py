@@ -1,0 +1,190 @@
+"""`python -m billing_core ...`: every refusal prints one line on stderr and exits non-zero;
+`--json` prints exactly one JSON object on stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import db, ledger
+from .settings import check_config, get_settings, mask_url_password
+
+log = logging.getLogger("billing_core")
+
+
+class CommandError(Exception):
+    """A refusal: printed as one line, exit code 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage block
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str, sort_keys=True) + "\n")
+
+
+def _ready_database(url: str | None = None) -> str:
+    url = url or get_settings().database_url
+    db.ensure_schema_current(url)
+    return url
+
+
+# --- commands -----------------------------------------------------------------------------
+
+def cmd_init_db(args) -> int:
+    url = args.database_url or get_settings().database_url
+    revision = db.migrate(url)
+    print(f"database {mask_url_password(url)} is at the latest schema ({revision})")
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    settings = get_settings()
+    problems = check_config(settings)
+    if args.stripe:
+        from .catalog_sync import check_prices_against_stripe
+        problems += check_prices_against_stripe(settings)
+    errors = [p for p in problems if p.level == "error"]
+    mode = "demo mode (no Stripe key, data/demo.db)" if settings.demo_mode else f"{settings.stripe_mode} mode"
+    print(f"configuration from {settings.env_file}: {mode}")
+    for problem in problems:
+        print(f"  {problem}")
+    if not problems:
+        print("  no problems found")
+    print(f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_demo_data(args) -> int:
+    from .demo import fill_demo_database
+
+    summary = fill_demo_database(database_url=args.database_url, scale=args.scale, if_empty=args.if_empty)
+    print(summary)
+    return 0
+
+
+def cmd_balance(args) -> int:
+    _ready_database()
+    with db.read_session() as session:
+        summary = ledger.account_summary(session, args.user)
+    data = summary.as_dict()
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{data['user_id']}: {data['balance']} credits ({data['spendable_balance']} spendable), "
+          f"tier {data['tier']}, subscription {data['subscription_status'] or 'none'}"
+          + (f", FLAGGED: {data['flag_reason']}" if data["flagged"] else ""))
+    for row in data["breakdown"]:
+        expiry = f"expires {row['expires_at']}" if row["expires_at"] else "never expires"
+        frozen = " (frozen: subscription past due)" if row["frozen"] else ""
+        print(f"  {row['credits']:>8} {row['source']:<13} {expiry}{frozen}")
+    return 0
+
+
+def cmd_adjust(args) -> int:
+    _ready_database()
+    credits = ledger.parse_credits(args.credits, allow_negative=True)
+    with db.write_session() as session:
+        ledger.adjust(session, user_id=args.user, credits=credits, reason=args.reason, operator=args.operator,
+                      allow_negative=args.allow_negative)
+        new_balance = ledger.balance(session, ledger.check_user_id(args.user))
+    print(f"adjusted {args.user.strip()} by {credits:+d} credits; balance is now {new_balance}")
+    return 0
+
+
+def cmd_consume(args) -> int:
+    _ready_database()
+    credits = ledger.parse_credits(args.credits, allow_negative=False)
+    with db.write_session() as session:
+        result = ledger.consume(session, user_id=args.user, credits=credits, reference=args.reference)
+    if args.json:
+        _print_json(result.as_dict() | {"replayed": result.replayed})
+    else:
+        again = " (already applied earlier; nothing more spent)" if result.replayed else ""
+        print(f"spent {result.credits} credits of {result.user_id}; balance is now {result.balance}{again}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m billing_core", description="DevOps Agent billing console")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("init-db", help="bring the database to the latest schema")
+    p.add_argument("--database-url", help="a database other than the configured one")
+    p.set_defaults(func=cmd_init_db)
+
+    p = sub.add_parser("check-config", help="report every configuration problem at once")
+    p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("demo-data", help="fill the demo database (data/demo.db) with sample customers")
+    p.add_argument("--scale", choices=("small", "large"), default="small")
+    p.add_argument("--database-url", help="fill this database instead of data/demo.db")
+    p.add_argument("--if-empty", action="store_true", help="do nothing when demo accounts already exist")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("balance", help="a user's balance and what it is made of")
+    p.add_argument("user")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_balance)
+
+    p = sub.add_parser("adjust", help="add or remove credits by hand (a reason is required)")
+    p.add_argument("user")
+    p.add_argument("credits", help="whole credits, e.g. 50 or -20")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--operator", required=True)
+    p.add_argument("--allow-negative", action="store_true", help="allow the balance to go below zero")
+    p.set_defaults(func=cmd_adjust)
+
+    p = sub.add_parser("consume", help="spend credits once per reference")
+    p.add_argument("user")
+    p.add_argument("credits")
+    p.add_argument("--reference", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_consume)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands defined next to the code they drive (checkout, webhooks, reconcile, operators)."""
+    import importlib
+
+    registers = []
+    for module_name in ("checkout_cli", "webhooks_cli", "reconcile_cli", "operators_cli"):
+        try:
+            module = importlib.import_module(f"billing_core.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"billing_core.{module_name}":
+                continue
+            raise
+        registers.append(module.register)
+    return registers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CommandError, ledger.LedgerError, db.SchemaOutOfDate, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the operator; details with -v
+        log.debug("unexpected error", exc_info=True)
+        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "),
+              file=sys.stderr)
+        return 1

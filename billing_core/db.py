@@ -1,0 +1,175 @@
+"""The one engine factory, session scopes and migrations.
+
+SQLite: WAL, busy_timeout and foreign keys on; write transactions start with BEGIN IMMEDIATE so
+concurrent writers queue for the lock instead of failing with "database is locked"; read
+transactions start DEFERRED so the dashboard never waits for a writer.
+PostgreSQL: psycopg 3; writers lock the account row (SELECT ... FOR UPDATE).
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, create_engine
+
+from .settings import get_settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class SchemaOutOfDate(RuntimeError):
+    pass
+
+
+def normalize_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                           pool_size=20, max_overflow=40)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """One engine per database URL per process."""
+    url = url or get_settings().database_url
+    with _engines_lock:
+        if url not in _engines:
+            _engines[url] = make_engine(url)
+        return _engines[url]
+
+
+def dispose_engines() -> None:
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def write_session(engine: Engine | None = None) -> Iterator[Session]:
+    """One unit of work that writes: commits on success, rolls back on any error."""
+    engine = engine or get_engine()
+    with Session(engine, expire_on_commit=False) as session:
+        with session.begin():
+            yield session
+
+
+@contextmanager
+def read_session(engine: Engine | None = None) -> Iterator[Session]:
+    """A read-only unit of work; never takes SQLite's write lock."""
+    engine = engine or get_engine()
+    if is_sqlite(engine):
+        engine = engine.execution_options(sqlite_begin="DEFERRED")
+    with Session(engine, expire_on_commit=False) as session:
+        with session.begin():
+            yield session
+            session.rollback()
+
+
+def for_update(statement, session: Session):
+    """Row lock on PostgreSQL; SQLite's BEGIN IMMEDIATE already holds the database write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        return statement.with_for_update()
+    return statement
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision(url: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(url: str | None = None) -> str:
+    """Bring the database to the latest schema; returns the head revision."""
+    from alembic import command
+
+    url = url or get_settings().database_url
+    engine = get_engine(url)
+    cfg = alembic_config(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head_revision(url)
+
+
+def ensure_schema_current(url: str | None = None) -> None:
+    """Refuse to run on a database whose schema is not the latest."""
+    url = url or get_settings().database_url
+    engine = get_engine(url)
+    current = current_revision(engine)
+    head = head_revision(url)
+    if current != head:
+        where = "empty" if current is None else f"at revision {current}"
+        raise SchemaOutOfDate(
+            f"the database schema is out of date ({where}, latest is {head}); "
+            "run `python -m billing_core init-db` (or `make migrate`) first")
+
+
+def table_names(engine: Engine) -> list[str]:
+    return inspect(engine).get_table_names()
+
+
+def session_factory(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, class_=Session, expire_on_commit=False)

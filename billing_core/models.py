@@ -1,0 +1,164 @@
+"""Tables. Times are timezone-aware UTC datetimes; money is integer minor units plus a currency."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def from_epoch(seconds: int | None) -> datetime | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(int(seconds), timezone.utc)
+
+
+class Account(SQLModel, table=True):
+    """A DevOps Agent user, keyed by the agent's user id."""
+    user_id: str = Field(primary_key=True, max_length=200)
+    email: str | None = Field(default=None, index=True, max_length=320)
+    stripe_customer_id: str | None = Field(default=None, unique=True, max_length=100)
+    # Set when a ledger write leaves the balance negative or a dispute is open.
+    flagged: bool = Field(default=False, index=True)
+    flag_reason: str | None = Field(default=None, max_length=200)
+    open_disputes: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Subscription(SQLModel, table=True):
+    """Stripe subscription state as last reported by the newest event we applied."""
+    id: str = Field(primary_key=True, max_length=100)  # sub_...
+    user_id: str = Field(foreign_key="account.user_id", index=True, max_length=200)
+    tier: str = Field(default="none", max_length=40)
+    price_id: str | None = Field(default=None, max_length=100)
+    status: str = Field(default="incomplete", max_length=40)
+    current_period_end: int | None = Field(default=None, sa_column=Column(BigInteger))
+    cancel_at_period_end: bool = False
+    # `created` of the newest Stripe object snapshot applied; older snapshots are stale.
+    state_at: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Payment(SQLModel, table=True):
+    """A paid (or failed) Checkout Session or invoice, and what it granted."""
+    __table_args__ = (Index("ix_payment_created_at_status", "created_at", "status"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str | None = Field(default=None, foreign_key="account.user_id", index=True, max_length=200)
+    source: str = Field(max_length=20)  # "checkout" or "invoice"
+    checkout_session_id: str | None = Field(default=None, unique=True, max_length=100)
+    invoice_id: str | None = Field(default=None, unique=True, max_length=100)
+    payment_intent_id: str | None = Field(default=None, index=True, max_length=100)
+    charge_id: str | None = Field(default=None, index=True, max_length=100)
+    subscription_id: str | None = Field(default=None, index=True, max_length=100)
+    item: str | None = Field(default=None, max_length=40)
+    kind: str | None = Field(default=None, max_length=10)  # "plan" or "pack"
+    amount_cents: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    currency: str = Field(default="usd", max_length=3)
+    status: str = Field(default="paid", max_length=30)  # paid, unpaid, failed, refunded, partially_refunded, disputed
+    amount_refunded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    amount_disputed_lost: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    credits_granted: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only. Grants open a lot (lot_key = their own source_key); other entries draw on a lot
+    or, when lot_key is NULL, stand alone (debt from a clawback beyond what was left)."""
+    __tablename__ = "ledger_entry"
+    __table_args__ = (
+        Index("ix_ledger_user_lot", "user_id", "lot_key"),
+        Index("ix_ledger_user_created", "user_id", "created_at"),
+        Index("ix_ledger_kind_created", "kind", "created_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="account.user_id", max_length=200)
+    credits: int
+    kind: str = Field(max_length=30)
+    source_key: str = Field(unique=True, max_length=255)
+    lot_key: str | None = Field(default=None, max_length=255)
+    lot_source: str | None = Field(default=None, max_length=20)  # grants only: subscription, pack, adjustment
+    expires_at: datetime | None = None  # grants only; NULL never expires
+    subscription_id: str | None = Field(default=None, max_length=100)
+    period_end: int | None = Field(default=None, sa_column=Column(BigInteger))
+    payment_id: int | None = Field(default=None, foreign_key="payment.id", index=True)
+    reference: str | None = Field(default=None, max_length=200)
+    operator: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Consumption(SQLModel, table=True):
+    """One spend by the DevOps Agent, idempotent per (user, reference)."""
+    __table_args__ = (UniqueConstraint("user_id", "reference", name="uq_consumption_user_reference"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="account.user_id", max_length=200)
+    reference: str = Field(max_length=200)
+    credits: int
+    balance_after: int
+    spendable_after: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Dispute(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=100)  # dp_...
+    user_id: str | None = Field(default=None, foreign_key="account.user_id", index=True, max_length=200)
+    payment_id: int | None = Field(default=None, foreign_key="payment.id")
+    charge_id: str | None = Field(default=None, max_length=100)
+    amount_cents: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    status: str = Field(default="open", max_length=40)  # open, won, lost
+    created_at: datetime = Field(default_factory=utcnow)
+    closed_at: datetime | None = None
+
+
+class CheckoutLink(SQLModel, table=True):
+    """Every Checkout Session link an operator issued."""
+    __tablename__ = "checkout_link"
+    __table_args__ = (Index("ix_checkout_link_user_created", "user_id", "created_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(unique=True, max_length=255)
+    idempotency_key: str = Field(index=True, max_length=255)
+    user_id: str = Field(foreign_key="account.user_id", max_length=200)
+    item: str = Field(max_length=40)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    operator: str | None = Field(default=None, max_length=200)
+    status: str = Field(default="open", max_length=20)  # open, complete, expired
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    expires_at: datetime
+    completed_at: datetime | None = None
+
+
+class StripeEvent(SQLModel, table=True):
+    """Every verified delivery, stored before it is processed."""
+    __tablename__ = "stripe_event"
+    __table_args__ = (Index("ix_stripe_event_status_received", "status", "received_at"),)
+    id: str = Field(primary_key=True, max_length=100)  # evt_...
+    type: str = Field(max_length=100, index=True)
+    api_version: str | None = Field(default=None, max_length=40)
+    livemode: bool = False
+    created: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    received_at: datetime = Field(default_factory=utcnow, index=True)
+    # received, processed, ignored, needs_attention, failed
+    status: str = Field(default="received", max_length=20)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = 0
+    processed_at: datetime | None = None
+    source: str = Field(default="webhook", max_length=20)  # webhook, reconcile, success_page, replay
+    assigned_user_id: str | None = Field(default=None, max_length=200)
+    user_id: str | None = Field(default=None, index=True, max_length=200)
+
+
+class Operator(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=100)
+    role: str = Field(max_length=20)  # admin or support
+    password_hash: str = Field(max_length=300)
+    disabled: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
