@@ -107,7 +107,6 @@ def read_session(engine: Engine | None = None) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
-            session.rollback()
 
 
 def for_update(statement, session: Session):
