@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from billing_core import db
 from billing_core.settings import KNOWN_NAMES, reset_settings_cache
 
+pytest_plugins = ["stripe_fixtures"]  # Stripe double fixtures: fake_stripe, stripe_server, stripe_prices
 PG_URL = os.environ.get("TEST_DATABASE_URL", "")
 PG_SCHEMA = f"test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
