@@ -1,0 +1,517 @@
+"""What the dashboard shows, computed in SQL: aggregates (GROUP BY) and bounded pages of rows.
+
+Nothing here loads a whole table. Time series are grouped by UTC hour in SQL (a bounded number
+of rows) and folded into days and months of the operator's timezone in Python, so day and month
+boundaries are the operator's, DST included.
+
+Definitions the pages rely on:
+- MRR: active and past-due subscriptions (past due still bills) times their plan's monthly price.
+- Revenue: money collected by payments that were paid (status other than unpaid/failed), net of
+  refunds and of disputes lost, dated by the payment's creation.
+- Credits outstanding: the sum of every balance (entries of lots past their expiry time excluded).
+  Their worth is shown at the cheapest price a customer pays per pack credit:
+  CREDIT_WORTH_CENTS = 6 (the 1000-credit pack, $60.00); the 100-credit pack's $0.10 is the upper end.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, case, cast, func, literal, null, or_, select, String, union_all
+from sqlalchemy.orm import aliased
+from sqlmodel import Session
+
+from . import ledger
+from .catalog import CATALOG, PLANS
+from .formatting import as_utc, local_time
+from .models import Account, CheckoutLink, Dispute, LedgerEntry, Payment, StripeEvent, Subscription, utcnow
+from .settings import Settings
+
+MRR_STATUSES = ("active", "past_due")
+SUBSCRIBED_STATUSES = ("active", "trialing", "past_due", "unpaid")
+UNCOLLECTED_STATUSES = ("unpaid", "failed")
+CREDIT_WORTH_CENTS = 6
+CREDIT_WORTH_RANGE_CENTS = (6, 10)
+WEBHOOK_QUIET_HOURS = 24
+MAX_PAGE_SIZE = 500
+MAX_CSV_ROWS = 100_000
+EVENT_STATUSES = ("received", "processed", "ignored", "needs_attention", "failed")
+BALANCE_BUCKETS = ((None, -1, "below 0"), (0, 0, "0"), (1, 99, "1–99"), (100, 499, "100–499"),
+                   (500, 999, "500–999"), (1000, 4999, "1,000–4,999"), (5000, None, "5,000+"))
+
+
+def _page(limit: int, offset: int) -> tuple[int, int]:
+    return max(1, min(int(limit), MAX_PAGE_SIZE)), max(0, int(offset))
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _hour_key(session: Session, column):
+    """'YYYY-MM-DD HH' of a stored (UTC) time, in SQL."""
+    if _dialect(session) == "postgresql":
+        return func.to_char(func.date_trunc("hour", column), "YYYY-MM-DD HH24")
+    return func.strftime("%Y-%m-%d %H", column)
+
+
+def _local_period(hour_key: str, tz_name: str, granularity: str) -> str:
+    start = datetime.strptime(hour_key, "%Y-%m-%d %H").replace(tzinfo=timezone.utc)
+    local = local_time(start, tz_name)
+    return local.strftime("%Y-%m" if granularity == "month" else "%Y-%m-%d")
+
+
+# --- Home -------------------------------------------------------------------------------------
+
+@dataclass
+class SubscriptionStats:
+    by_tier_status: dict[tuple[str, str], int]
+    mrr_cents: int
+
+    def count(self, tier: str, statuses=("active", "trialing")) -> int:
+        return sum(n for (t, s), n in self.by_tier_status.items() if t == tier and s in statuses)
+
+    @property
+    def active_by_tier(self) -> dict[str, int]:
+        return {plan.key: self.count(plan.key) for plan in PLANS}
+
+    @property
+    def past_due(self) -> int:
+        return sum(n for (_, s), n in self.by_tier_status.items() if s in ("past_due", "unpaid"))
+
+
+def subscription_stats(session: Session) -> SubscriptionStats:
+    rows = session.execute(select(Subscription.tier, Subscription.status, func.count())
+                           .group_by(Subscription.tier, Subscription.status)).all()
+    counts = {(tier, status): int(n) for tier, status, n in rows}
+    mrr = sum(n * CATALOG[tier].amount_cents for (tier, status), n in counts.items()
+              if status in MRR_STATUSES and tier in CATALOG)
+    return SubscriptionStats(by_tier_status=counts, mrr_cents=mrr)
+
+
+def _collected():
+    return Payment.status.not_in(UNCOLLECTED_STATUSES)
+
+
+def _net_amount():
+    return Payment.amount_cents - Payment.amount_refunded - Payment.amount_disputed_lost
+
+
+@dataclass
+class RevenueTotals:
+    gross_cents: int
+    refunded_cents: int
+    disputed_lost_cents: int
+    net_cents: int
+    payments: int
+
+
+def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> RevenueTotals:
+    conditions = [_collected(), Payment.created_at >= since]
+    if until is not None:
+        conditions.append(Payment.created_at < until)
+    row = session.execute(select(func.count(), func.coalesce(func.sum(Payment.amount_cents), 0),
+                                 func.coalesce(func.sum(Payment.amount_refunded), 0),
+                                 func.coalesce(func.sum(Payment.amount_disputed_lost), 0))
+                          .where(*conditions)).one()
+    count, gross, refunded, lost = (int(v) for v in row)
+    return RevenueTotals(gross, refunded, lost, gross - refunded - lost, count)
+
+
+def _live_entries(now: datetime):
+    """Ledger entries that still count: no lot, a lot that never expires, or one not yet expired."""
+    grant = aliased(LedgerEntry)
+    join = (LedgerEntry.__table__.outerjoin(grant, grant.source_key == LedgerEntry.lot_key))
+    condition = or_(LedgerEntry.lot_key.is_(None), grant.expires_at.is_(None), grant.expires_at > now)
+    return join, condition
+
+
+def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
+    """The sum of all balances: one aggregate over the ledger (cache it in the page layer)."""
+    now = now or utcnow()
+    join, condition = _live_entries(now)
+    stmt = select(func.coalesce(func.sum(LedgerEntry.credits), 0)).select_from(join).where(condition)
+    return int(session.execute(stmt).scalar_one())
+
+
+def credits_worth_cents(credits: int) -> int:
+    return max(credits, 0) * CREDIT_WORTH_CENTS
+
+
+def flagged_accounts(session: Session) -> int:
+    return int(session.execute(select(func.count()).select_from(Account).where(Account.flagged.is_(True)))
+               .scalar_one())
+
+
+def account_count(session: Session) -> int:
+    return int(session.execute(select(func.count()).select_from(Account)).scalar_one())
+
+
+def event_status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(StripeEvent.status, func.count()).group_by(StripeEvent.status)).all()
+    counts = {status: 0 for status in EVENT_STATUSES}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+@dataclass
+class WebhookHealth:
+    last_received_at: datetime | None
+    quiet_hours: float | None
+    warning: str | None
+
+
+def webhook_health(session: Session, *, settings: Settings, now: datetime | None = None) -> WebhookHealth:
+    """When the last event came in from Stripe, and a warning when none has for a long time."""
+    now = now or utcnow()
+    last = session.execute(select(func.max(StripeEvent.received_at))
+                           .where(StripeEvent.source == "webhook")).scalar_one()
+    last = as_utc(last) if last else None
+    quiet = (now - last).total_seconds() / 3600 if last else None
+    warning = None
+    if settings.stripe_configured:
+        if last is None:
+            warning = ("no webhook event has ever arrived: check the endpoint in the Stripe dashboard "
+                       "(or `stripe listen`) and STRIPE_WEBHOOK_SECRET")
+        elif quiet >= WEBHOOK_QUIET_HOURS:
+            warning = (f"no webhook event for {int(quiet)} hours: check that the sidecar is running and "
+                       "that Stripe can reach it")
+    return WebhookHealth(last_received_at=last, quiet_hours=quiet, warning=warning)
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+def _prefix_range(column, prefix: str):
+    return and_(column >= prefix, column < prefix + "\U0010ffff")
+
+
+def search_accounts(session: Session, query: str, *, limit: int = 20) -> list[dict]:
+    """Exact user id, Stripe customer id or email first, then user ids and emails starting with it."""
+    query = (query or "").strip()
+    if not query:
+        return []
+    limit, _ = _page(limit, 0)
+    columns = (Account.user_id, Account.email, Account.stripe_customer_id, Account.flagged, Account.created_at)
+    exact = session.execute(select(*columns).where(or_(
+        Account.user_id == query, Account.stripe_customer_id == query,
+        Account.email == query, Account.email == query.lower())).limit(limit)).all()
+    found = {row.user_id: row for row in exact}
+    for column in (Account.user_id, Account.email):
+        if len(found) >= limit:
+            break
+        rows = session.execute(select(*columns).where(_prefix_range(column, query))
+                               .order_by(column).limit(limit - len(found))).all()
+        for row in rows:
+            found.setdefault(row.user_id, row)
+    return [{"user_id": r.user_id, "email": r.email, "stripe_customer_id": r.stripe_customer_id,
+             "flagged": bool(r.flagged), "created_at": r.created_at} for r in found.values()]
+
+
+def customer_timeline(session: Session, *, user_id: str, limit: int = 50, offset: int = 0) -> list[dict]:
+    """Everything that explains a balance, newest first: ledger entries, payments, disputes, links issued."""
+    limit, offset = _page(limit, offset)
+    text = lambda column: cast(column, String)  # noqa: E731
+    entries = select(
+        LedgerEntry.created_at.label("at"), literal("ledger").label("category"), LedgerEntry.kind.label("kind"),
+        LedgerEntry.credits.label("credits"), cast(null(), LedgerEntry.credits.type).label("amount_cents"),
+        func.coalesce(LedgerEntry.reason, LedgerEntry.reference, text(LedgerEntry.subscription_id)).label("detail"),
+        LedgerEntry.operator.label("operator"), LedgerEntry.expires_at.label("expires_at"),
+        text(LedgerEntry.payment_id).label("ref"),
+    ).where(LedgerEntry.user_id == user_id)
+    payments = select(
+        Payment.created_at, literal("payment"), Payment.status, Payment.credits_granted, Payment.amount_cents,
+        func.coalesce(Payment.item, literal("?")), null(), null(), text(Payment.id),
+    ).where(Payment.user_id == user_id)
+    refunds = select(
+        Payment.updated_at, literal("refund"), Payment.status, null(),
+        Payment.amount_refunded + Payment.amount_disputed_lost, func.coalesce(Payment.item, literal("?")),
+        null(), null(), text(Payment.id),
+    ).where(Payment.user_id == user_id, (Payment.amount_refunded + Payment.amount_disputed_lost) > 0)
+    disputes = select(
+        Dispute.created_at, literal("dispute"), Dispute.status, null(), Dispute.amount_cents,
+        Dispute.id, null(), null(), text(Dispute.payment_id),
+    ).where(Dispute.user_id == user_id)
+    links = select(
+        CheckoutLink.created_at, literal("link"), CheckoutLink.status, null(), null(), CheckoutLink.item,
+        CheckoutLink.operator, CheckoutLink.expires_at, CheckoutLink.session_id,
+    ).where(CheckoutLink.user_id == user_id)
+    union = union_all(entries, payments, refunds, disputes, links).subquery()
+    rows = session.execute(select(union).order_by(union.c.at.desc(), union.c.category, union.c.ref.desc())
+                           .limit(limit).offset(offset)).all()
+    return [dict(row._mapping) for row in rows]
+
+
+def timeline_length(session: Session, *, user_id: str) -> int:
+    counts = [
+        select(func.count()).select_from(LedgerEntry).where(LedgerEntry.user_id == user_id),
+        select(func.count()).select_from(Payment).where(Payment.user_id == user_id),
+        select(func.count()).select_from(Payment).where(
+            Payment.user_id == user_id, (Payment.amount_refunded + Payment.amount_disputed_lost) > 0),
+        select(func.count()).select_from(Dispute).where(Dispute.user_id == user_id),
+        select(func.count()).select_from(CheckoutLink).where(CheckoutLink.user_id == user_id),
+    ]
+    return sum(int(session.execute(stmt).scalar_one()) for stmt in counts)
+
+
+def account_overview(session: Session, *, user_id: str, now: datetime | None = None) -> dict:
+    """The ledger's account summary plus what this account paid."""
+    summary = ledger.account_summary(session, user_id, now=now).as_dict()
+    paid = session.execute(select(func.count(), func.coalesce(func.sum(_net_amount()), 0))
+                           .where(Payment.user_id == summary["user_id"], _collected())).one()
+    summary["payments"], summary["net_paid_cents"] = int(paid[0]), int(paid[1])
+    return summary
+
+
+# --- payments ---------------------------------------------------------------------------------
+
+@dataclass
+class PaymentFilter:
+    start: datetime | None = None  # inclusive, UTC
+    end: datetime | None = None  # exclusive, UTC
+    item: str | None = None  # a catalog key, or "plan" / "pack" for every item of that kind
+    status: str | None = None
+    user_id: str | None = None
+
+    def conditions(self) -> list:
+        found = []
+        if self.start is not None:
+            found.append(Payment.created_at >= self.start)
+        if self.end is not None:
+            found.append(Payment.created_at < self.end)
+        if self.item in ("plan", "pack"):
+            found.append(Payment.kind == self.item)
+        elif self.item:
+            found.append(Payment.item == self.item)
+        if self.status:
+            found.append(Payment.status == self.status)
+        if self.user_id:
+            found.append(Payment.user_id == self.user_id.strip())
+        return found
+
+
+PAYMENT_COLUMNS = (Payment.id, Payment.created_at, Payment.user_id, Payment.item, Payment.kind, Payment.status,
+                   Payment.amount_cents, Payment.amount_refunded, Payment.amount_disputed_lost, Payment.currency,
+                   Payment.credits_granted, Payment.source, Payment.checkout_session_id, Payment.invoice_id)
+
+
+def payments_page(session: Session, *, filters: PaymentFilter, limit: int = 50, offset: int = 0) -> list[dict]:
+    limit, offset = _page(limit, offset)
+    stmt = (select(*PAYMENT_COLUMNS).where(*filters.conditions())
+            .order_by(Payment.created_at.desc(), Payment.id.desc()).limit(limit).offset(offset))
+    return [dict(row._mapping) for row in session.execute(stmt).all()]
+
+
+@dataclass
+class PaymentTotals:
+    count: int
+    amount_cents: int
+    refunded_cents: int
+    disputed_lost_cents: int
+    credits_granted: int
+
+    @property
+    def net_cents(self) -> int:
+        return self.amount_cents - self.refunded_cents - self.disputed_lost_cents
+
+
+def payments_totals(session: Session, *, filters: PaymentFilter) -> PaymentTotals:
+    """Totals of the filtered payments; amounts count only money that was collected."""
+    collected = case((_collected(), Payment.amount_cents), else_=0)
+    row = session.execute(select(func.count(), func.coalesce(func.sum(collected), 0),
+                                 func.coalesce(func.sum(Payment.amount_refunded), 0),
+                                 func.coalesce(func.sum(Payment.amount_disputed_lost), 0),
+                                 func.coalesce(func.sum(Payment.credits_granted), 0))
+                          .where(*filters.conditions())).one()
+    return PaymentTotals(*(int(v) for v in row))
+
+
+def payment_statuses(session: Session) -> list[str]:
+    return sorted(s for (s,) in session.execute(select(Payment.status).distinct()).all())
+
+
+def payments_csv(session: Session, *, filters: PaymentFilter, tz_name: str, max_rows: int = MAX_CSV_ROWS) -> str:
+    """The filtered payments as CSV (amounts in minor units, times in the operator's timezone), at most max_rows."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    names = [c.key for c in PAYMENT_COLUMNS]
+    writer.writerow(names)
+    stmt = (select(*PAYMENT_COLUMNS).where(*filters.conditions())
+            .order_by(Payment.created_at.desc(), Payment.id.desc()).limit(max_rows))
+    for row in session.execute(stmt.execution_options(yield_per=5000)):
+        values = dict(row._mapping)
+        values["created_at"] = local_time(values["created_at"], tz_name).isoformat()
+        writer.writerow([values[n] for n in names])
+    return out.getvalue()
+
+
+# --- checkout links ---------------------------------------------------------------------------
+
+def recent_links(session: Session, *, user_id: str | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
+    limit, offset = _page(limit, offset)
+    stmt = select(CheckoutLink.created_at, CheckoutLink.user_id, CheckoutLink.item, CheckoutLink.status,
+                  CheckoutLink.expires_at, CheckoutLink.completed_at, CheckoutLink.operator, CheckoutLink.url,
+                  CheckoutLink.session_id)
+    if user_id:
+        stmt = stmt.where(CheckoutLink.user_id == user_id)
+    stmt = stmt.order_by(CheckoutLink.created_at.desc(), CheckoutLink.id.desc()).limit(limit).offset(offset)
+    return [dict(row._mapping) for row in session.execute(stmt).all()]
+
+
+# --- webhook events ---------------------------------------------------------------------------
+
+@dataclass
+class EventFilter:
+    status: str | None = None
+    type: str | None = None  # exact type, or a prefix ending in "." / "*" (e.g. "invoice.")
+    user_id: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    event_id: str | None = None
+
+    def conditions(self) -> list:
+        found = []
+        if self.status:
+            found.append(StripeEvent.status == self.status)
+        if self.type:
+            prefix = self.type.rstrip("*")
+            found.append(_prefix_range(StripeEvent.type, prefix) if self.type.endswith(("*", "."))
+                         else StripeEvent.type == self.type)
+        if self.user_id:
+            user = self.user_id.strip()
+            found.append(or_(StripeEvent.user_id == user, StripeEvent.assigned_user_id == user))
+        if self.start is not None:
+            found.append(StripeEvent.received_at >= self.start)
+        if self.end is not None:
+            found.append(StripeEvent.received_at < self.end)
+        if self.event_id:
+            found.append(StripeEvent.id == self.event_id.strip())
+        return found
+
+
+EVENT_COLUMNS = (StripeEvent.id, StripeEvent.type, StripeEvent.status, StripeEvent.received_at,
+                 StripeEvent.created, StripeEvent.livemode, StripeEvent.attempts, StripeEvent.source,
+                 StripeEvent.user_id, StripeEvent.assigned_user_id, StripeEvent.error, StripeEvent.processed_at)
+
+
+def events_page(session: Session, *, filters: EventFilter, limit: int = 50, offset: int = 0) -> list[dict]:
+    """A page of events without their payloads (those can be large; fetch one with event_detail)."""
+    limit, offset = _page(limit, offset)
+    stmt = (select(*EVENT_COLUMNS).where(*filters.conditions())
+            .order_by(StripeEvent.received_at.desc(), StripeEvent.id.desc()).limit(limit).offset(offset))
+    return [dict(row._mapping) for row in session.execute(stmt).all()]
+
+
+def events_count(session: Session, *, filters: EventFilter) -> int:
+    return int(session.execute(select(func.count()).select_from(StripeEvent).where(*filters.conditions()))
+               .scalar_one())
+
+
+def event_types(session: Session) -> list[str]:
+    return [t for (t,) in session.execute(select(StripeEvent.type).group_by(StripeEvent.type)
+                                          .order_by(StripeEvent.type)).all()]
+
+
+def event_detail(session: Session, event_id: str) -> dict | None:
+    row = session.execute(select(*EVENT_COLUMNS, StripeEvent.payload, StripeEvent.api_version)
+                          .where(StripeEvent.id == event_id)).first()
+    return dict(row._mapping) if row else None
+
+
+# --- revenue and credits over time --------------------------------------------------------------
+
+def revenue_series(session: Session, *, since: datetime, until: datetime, tz_name: str,
+                   granularity: str = "day") -> list[dict]:
+    """Net revenue per local day (or month), split into plans and packs: [{period, kind, net_cents}]."""
+    hour = _hour_key(session, Payment.created_at)
+    stmt = (select(hour, Payment.kind, func.sum(_net_amount()))
+            .where(_collected(), Payment.created_at >= since, Payment.created_at < until)
+            .group_by(hour, Payment.kind))
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for key, kind, net in session.execute(stmt).all():
+        totals[(_local_period(key, tz_name, granularity), kind or "other")] += int(net or 0)
+    return [{"period": p, "kind": k, "net_cents": v} for (p, k), v in sorted(totals.items())]
+
+
+def mrr_series(session: Session, *, since: datetime, until: datetime, tz_name: str) -> list[dict]:
+    """Recurring revenue billed per local month (plan payments, net): MRR as it actually came in."""
+    rows = revenue_series(session, since=since, until=until, tz_name=tz_name, granularity="month")
+    return [{"period": r["period"], "net_cents": r["net_cents"]} for r in rows if r["kind"] == "plan"]
+
+
+CREDIT_FLOW_KINDS = {
+    "granted": ledger.GRANT_KINDS,
+    "spent": ("spend",),
+    "expired": ("expire",),
+    "clawed back": ("clawback",),
+}
+
+
+def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
+    """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
+
+    Expired counts both explicit expiries (cancellation, next period's grant) and lots whose expiry
+    time passed with credits left, dated by that time."""
+    hour = _hour_key(session, LedgerEntry.created_at)
+    flow_of = {kind: flow for flow, kinds in CREDIT_FLOW_KINDS.items() for kind in kinds}
+    kinds = tuple(flow_of)
+    stmt = (select(hour, LedgerEntry.kind, func.sum(LedgerEntry.credits))
+            .where(LedgerEntry.kind.in_(kinds), LedgerEntry.created_at >= since, LedgerEntry.created_at < now)
+            .group_by(hour, LedgerEntry.kind))
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for key, kind, total in session.execute(stmt).all():
+        totals[(_local_period(key, tz_name, "month"), flow_of[kind])] += abs(int(total or 0))
+    grant = aliased(LedgerEntry)
+    expiry_hour = _hour_key(session, grant.expires_at)
+    lapsed = (select(expiry_hour, func.sum(LedgerEntry.credits))
+              .select_from(grant).join(LedgerEntry, LedgerEntry.lot_key == grant.source_key)
+              .where(grant.lot_source.is_not(None), grant.expires_at >= since, grant.expires_at <= now)
+              .group_by(expiry_hour))
+    for key, remaining in session.execute(lapsed).all():
+        if remaining and remaining > 0:
+            totals[(_local_period(key, tz_name, "month"), "expired")] += int(remaining)
+    return [{"period": p, "flow": f, "credits": c} for (p, f), c in sorted(totals.items())]
+
+
+def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
+    """How many accounts hold how many credits, bucketed in SQL: [{bucket, accounts}]."""
+    now = now or utcnow()
+    join, condition = _live_entries(now)
+    per_account = (select(LedgerEntry.user_id.label("user_id"), func.sum(LedgerEntry.credits).label("balance"))
+                   .select_from(join).where(condition).group_by(LedgerEntry.user_id).subquery())
+    whens = []
+    for low, high, label in BALANCE_BUCKETS:
+        parts = []
+        if low is not None:
+            parts.append(per_account.c.balance >= low)
+        if high is not None:
+            parts.append(per_account.c.balance <= high)
+        whens.append((and_(*parts), label))
+    bucket = case(*whens, else_="0")
+    rows = dict(session.execute(select(bucket, func.count()).select_from(per_account).group_by(bucket)).all())
+    with_entries = sum(rows.values())
+    rows["0"] = rows.get("0", 0) + max(0, account_count(session) - with_entries)
+    return [{"bucket": label, "accounts": int(rows.get(label, 0))} for _, _, label in BALANCE_BUCKETS]
+
+
+@dataclass
+class Overview:
+    """Everything Home shows, gathered in one read transaction."""
+    subscriptions: SubscriptionStats
+    revenue_30d: RevenueTotals
+    flagged_accounts: int
+    accounts: int
+    events: dict[str, int]
+    webhook: WebhookHealth
+    now: datetime = field(default_factory=utcnow)
+
+
+def overview(session: Session, *, settings: Settings, now: datetime | None = None) -> Overview:
+    now = now or utcnow()
+    return Overview(subscriptions=subscription_stats(session),
+                    revenue_30d=revenue_since(session, since=now - timedelta(days=30)),
+                    flagged_accounts=flagged_accounts(session), accounts=account_count(session),
+                    events=event_status_counts(session), webhook=webhook_health(session, settings=settings, now=now),
+                    now=now)

@@ -1,0 +1,82 @@
+"""What every page does first (`start_page`), the mode banner, and small display helpers."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from billing_core import db, formatting
+from billing_core.operators import Identity
+from billing_core.settings import Settings, get_settings, mask_url_password
+
+from .auth import require_operator, sign_out
+
+_checked_schemas: set[str] = set()
+
+
+def start_page(title: str, *, icon: str = "💳") -> tuple[Identity, Settings]:
+    """Page config, schema check, mode banner and the sign-in gate; returns the signed-in operator."""
+    st.set_page_config(page_title=f"{title} · Billing console", page_icon=icon, layout="wide")
+    settings = get_settings()
+    _require_current_schema(settings)
+    mode_banner(settings)
+    identity = require_operator(settings)
+    with st.sidebar:
+        st.caption(f"Signed in as **{identity.name}** ({identity.role})")
+        st.button("Sign out", on_click=sign_out, key="sidebar_sign_out")
+    st.title(title)
+    return identity, settings
+
+
+def _require_current_schema(settings: Settings) -> None:
+    url = settings.database_url
+    if url in _checked_schemas:
+        return
+    try:
+        db.ensure_schema_current(url)
+    except db.SchemaOutOfDate as exc:
+        st.error(f"The dashboard can't start: {exc}.")
+        st.code("python -m billing_core init-db", language="bash")
+        st.stop()
+    except Exception as exc:  # unreachable database: say which, without its password
+        st.error(f"The dashboard can't reach the database {mask_url_password(url)}: {type(exc).__name__}.")
+        st.stop()
+    _checked_schemas.add(url)
+
+
+def mode_banner(settings: Settings) -> None:
+    mode = settings.stripe_mode
+    if settings.demo_mode:
+        st.info("**DEMO MODE** · sample data in data/demo.db · Stripe is not configured, no real money moves",
+                icon="🧪")
+    elif mode == "test":
+        st.warning("**TEST MODE** · Stripe test keys · no real money moves", icon="🛠️")
+    elif mode == "live":
+        st.error("**LIVE MODE** · real customers and real money", icon="🔴")
+    else:
+        st.warning("**NO STRIPE KEY** · Stripe actions are off", icon="⚠️")
+
+
+def money(cents: int | None, currency: str = "usd") -> str:
+    return formatting.money(cents, currency)
+
+
+def when(value, settings: Settings, *, seconds: bool = False) -> str:
+    return formatting.when(value, settings.operator_timezone, seconds=seconds)
+
+
+def table(rows: list[dict], *, columns: dict[str, str] | None = None, key: str | None = None,
+          height: int | None = None) -> None:
+    """A read-only table; `columns` picks and renames (source key -> label)."""
+    frame = pd.DataFrame(rows)
+    if columns and not frame.empty:
+        frame = frame[[c for c in columns if c in frame.columns]].rename(columns=columns)
+    kwargs = {"height": height} if height else {}
+    st.dataframe(frame, hide_index=True, width="stretch", key=key, **kwargs)
+
+
+def pager(key: str, *, total: int | None, page_size: int) -> int:
+    """A page-number input; returns the offset."""
+    pages = max(1, -(-total // page_size)) if total is not None else 10_000
+    page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1, key=key,
+                           help=f"{total:,} rows" if total is not None else None)
+    return (int(page) - 1) * page_size

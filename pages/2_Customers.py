@@ -1,0 +1,109 @@
+"""Customers: find an account, see why its balance is what it is, adjust it."""
+import streamlit as st
+
+from billing_core import db, ledger, reports
+from billing_core.operators import OperatorError, adjust_as, adjustment_limit
+from dashboard_ui import data
+from dashboard_ui.common import money, pager, start_page, table, when
+
+TIMELINE_PAGE = 50
+identity, settings = start_page("Customers", icon="👤")
+url = settings.database_url
+
+query = st.text_input("Search by user id, email or Stripe customer id", value=st.query_params.get("user", ""),
+                      key="customer_query", placeholder="user_123, someone@example.com or cus_…")
+if not query.strip():
+    st.caption("Type a user id, an email or a Stripe customer id (cus_…); prefixes work too.")
+    st.stop()
+
+with data.read(url) as session:
+    matches = reports.search_accounts(session, query)
+if not matches:
+    st.warning(f"No account matches {query.strip()!r}.")
+    st.stop()
+labels = {m["user_id"]: f"{m['user_id']} · {m['email'] or 'no email'}" + (" · FLAGGED" if m["flagged"] else "")
+          for m in matches}
+user_id = st.selectbox(f"{len(matches)} matching account(s)", list(labels), format_func=labels.get,
+                       key="customer_pick")
+
+with data.read(url) as session:
+    overview = reports.account_overview(session, user_id=user_id)
+    total_events = reports.timeline_length(session, user_id=user_id)
+
+st.subheader(user_id)
+if overview["flagged"]:
+    st.error(f"Flagged: {overview['flag_reason']}. Spending is paused until this is resolved.", icon="🚩")
+cols = st.columns(5)
+cols[0].metric("Balance", f"{overview['balance']:,} credits")
+cols[1].metric("Spendable now", f"{overview['spendable_balance']:,} credits")
+cols[2].metric("Tier", overview["tier"])
+cols[3].metric("Subscription", overview["subscription_status"] or "none")
+cols[4].metric("Period ends", when(overview["current_period_end"], settings) if overview["current_period_end"] else "—")
+cancel = " · cancels at period end" if overview["cancel_at_period_end"] else ""
+st.caption(f"Email {overview['email'] or '—'} · Stripe customer {overview['stripe_customer_id'] or '—'} · "
+           f"{overview['payments']} payments, {money(overview['net_paid_cents'])} net{cancel}")
+
+st.markdown("#### Balance by source and expiry")
+if overview["breakdown"]:
+    table([{**row, "expires_at": when(row["expires_at"], settings) if row["expires_at"] else "never",
+            "frozen": "frozen (past due)" if row["frozen"] else ""} for row in overview["breakdown"]],
+          columns={"source": "Source", "credits": "Credits", "granted": "Granted", "expires_at": "Expires",
+                   "frozen": "", "subscription_id": "Subscription"}, key="breakdown")
+else:
+    st.write("No credits held.")
+
+st.markdown("#### Timeline")
+offset = pager("timeline_page", total=total_events, page_size=TIMELINE_PAGE)
+with data.read(url) as session:
+    rows = reports.customer_timeline(session, user_id=user_id, limit=TIMELINE_PAGE, offset=offset)
+
+
+def describe(row: dict) -> str:
+    category, kind = row["category"], row["kind"]
+    if category == "payment":
+        return f"payment {kind}: {row['detail']}"
+    if category == "refund":
+        return f"refunded or lost in dispute: {row['detail']}"
+    if category == "link":
+        return f"checkout link for {row['detail']} ({kind})"
+    if category == "dispute":
+        return f"dispute {row['detail']} ({kind})"
+    return kind.replace("_", " ")
+
+
+table([{"When": when(r["at"], settings), "What": describe(r),
+        "Credits": f"{r['credits']:+,}" if r["credits"] is not None else "",
+        "Amount": money(r["amount_cents"]) if r["amount_cents"] is not None else "",
+        "Detail": r["detail"] if r["category"] == "ledger" else (r["ref"] or ""),
+        "Expires": when(r["expires_at"], settings) if r["expires_at"] else "",
+        "Operator": r["operator"] or ""} for r in rows], key="timeline")
+
+st.markdown("#### Manual adjustment")
+limit = adjustment_limit(identity.role, settings)
+st.caption("Whole credits: positive adds credits that never expire, negative takes credits away. "
+           + (f"As support you may adjust at most {limit:,} credits at a time." if limit is not None else ""))
+with st.form("adjustment", clear_on_submit=False):
+    credits = st.number_input("Credits", value=0, step=1, format="%d", key="adjust_credits")
+    reason = st.text_input("Reason", key="adjust_reason", placeholder="goodwill after an outage, ticket #123")
+    allow_negative = st.checkbox("Allow the balance to go below zero", key="adjust_negative",
+                                 disabled=not identity.is_admin)
+    confirmed = st.checkbox("I confirm this adjustment", key="adjust_confirm")
+    submitted = st.form_submit_button("Apply adjustment", type="primary")
+if submitted:
+    if not confirmed:
+        st.error("Tick the confirmation box to apply the adjustment.")
+    else:
+        try:
+            with db.write_session(db.get_engine(url)) as session:
+                adjust_as(session, identity=identity, user_id=user_id, credits=int(credits), reason=reason,
+                          settings=settings, allow_negative=allow_negative)
+                new_balance = ledger.balance(session, user_id)
+        except (OperatorError, ledger.LedgerError) as exc:
+            st.error(str(exc))
+        else:
+            data.clear_cached_aggregates()
+            st.session_state["adjust_done"] = (f"Adjusted {user_id} by {int(credits):+,} credits as "
+                                               f"{identity.name}; the balance is now {new_balance:,}.")
+            st.rerun()
+if st.session_state.get("adjust_done"):
+    st.success(st.session_state.pop("adjust_done"))
