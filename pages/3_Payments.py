@@ -1,0 +1,74 @@
+"""Payments: history with filters, totals (refunds shown), CSV download."""
+from datetime import date, datetime, time, timedelta
+
+import streamlit as st
+
+from billing_core import reports
+from billing_core.catalog import CATALOG
+from billing_core.formatting import zone
+from dashboard_ui import data
+from dashboard_ui.common import money, pager, start_page, table, when
+
+PAGE_SIZE = 50
+STATUSES = ("paid", "partially_refunded", "refunded", "disputed", "unpaid", "failed")
+identity, settings = start_page("Payments", icon="💵")
+url = settings.database_url
+tz = zone(settings.operator_timezone)
+today = datetime.now(tz).date()
+
+cols = st.columns([2, 1.3, 1.2, 1.5])
+picked = cols[0].date_input("Date range", value=(today - timedelta(days=30), today), key="pay_dates",
+                            max_value=today + timedelta(days=1))
+items = {"": "All items", "plan": "All plans", "pack": "All packs", **{k: i.name for k, i in CATALOG.items()}}
+item = cols[1].selectbox("Plan or pack", list(items), format_func=items.get, key="pay_item")
+status = cols[2].selectbox("Status", ("",) + STATUSES, format_func=lambda s: s or "All statuses", key="pay_status")
+user = cols[3].text_input("User id", key="pay_user")
+
+
+def utc_bounds(picked) -> tuple[datetime | None, datetime | None]:
+    """The picked local dates as UTC instants: [first day 00:00, day after the last day 00:00)."""
+    days = list(picked) if isinstance(picked, (tuple, list)) else [picked]
+    days = [d for d in days if isinstance(d, date)]
+    if not days:
+        return None, None
+    first, last = days[0], days[-1]
+    return (datetime.combine(first, time(), tz), datetime.combine(last + timedelta(days=1), time(), tz))
+
+
+start, end = utc_bounds(picked)
+filters = reports.PaymentFilter(start=start, end=end, item=item or None, status=status or None,
+                                user_id=user.strip() or None)
+with data.read(url) as session:
+    totals = reports.payments_totals(session, filters=filters)
+
+row = st.columns(5)
+row[0].metric("Payments", f"{totals.count:,}")
+row[1].metric("Collected", money(totals.amount_cents))
+row[2].metric("Refunded", money(totals.refunded_cents))
+row[3].metric("Lost in disputes", money(totals.disputed_lost_cents))
+row[4].metric("Net", money(totals.net_cents))
+
+offset = pager("pay_page", total=totals.count, page_size=PAGE_SIZE)
+with data.read(url) as session:
+    rows = reports.payments_page(session, filters=filters, limit=PAGE_SIZE, offset=offset)
+table([{"When": when(r["created_at"], settings), "User": r["user_id"] or "",
+        "Item": CATALOG[r["item"]].name if r["item"] in CATALOG else (r["item"] or ""),
+        "Status": r["status"], "Amount": money(r["amount_cents"], r["currency"]),
+        "Refunded": money(r["amount_refunded"], r["currency"]) if r["amount_refunded"] else "",
+        "Lost in dispute": money(r["amount_disputed_lost"], r["currency"]) if r["amount_disputed_lost"] else "",
+        "Credits": r["credits_granted"], "Source": r["source"],
+        "Stripe": r["checkout_session_id"] or r["invoice_id"] or ""} for r in rows], key="payments_table")
+
+
+def csv_for_download() -> str:
+    with data.read(url) as session:
+        return reports.payments_csv(session, filters=filters, tz_name=settings.operator_timezone)
+
+
+st.download_button(f"Download CSV ({min(totals.count, reports.MAX_CSV_ROWS):,} rows)", data=csv_for_download,
+                   file_name=f"payments-{today.isoformat()}.csv", mime="text/csv", key="pay_csv",
+                   disabled=totals.count == 0)
+if totals.count > reports.MAX_CSV_ROWS:
+    st.caption(f"The CSV holds the newest {reports.MAX_CSV_ROWS:,} payments of this filter; narrow the dates for more.")
+st.caption(f"Dates and times in {settings.operator_timezone}. Collected counts payments that were paid; "
+           "net is collected minus refunds and disputes lost.")

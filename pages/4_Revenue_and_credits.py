@@ -1,0 +1,92 @@
+"""Revenue & credits: revenue by day and month, MRR, subscribers by tier, credit flows, balances."""
+from datetime import timedelta
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from billing_core import reports
+from billing_core.catalog import PLANS
+from billing_core.models import utcnow
+from dashboard_ui import data
+from dashboard_ui.common import money, start_page
+
+identity, settings = start_page("Revenue & credits", icon="📈")
+url, tz_name = settings.database_url, settings.operator_timezone
+now = utcnow()
+days = st.segmented_control("Daily revenue over", (30, 90, 365), default=90, format_func=lambda d: f"{d} days",
+                            key="rev_days") or 90
+
+
+def chart(figure, key: str) -> None:
+    figure.update_layout(margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
+    st.plotly_chart(figure, key=key, width="stretch")
+
+
+def dollars(rows: list[dict], column: str = "net_cents") -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["USD"] = frame[column] / 100
+    return frame
+
+
+with data.read(url) as session:
+    daily = reports.revenue_series(session, since=now - timedelta(days=days), until=now, tz_name=tz_name)
+    monthly = reports.revenue_series(session, since=now - timedelta(days=365), until=now, tz_name=tz_name,
+                                     granularity="month")
+    subs = reports.subscription_stats(session)
+flows = data.credit_flows(url, (now - timedelta(days=365)).replace(minute=0, second=0, microsecond=0), tz_name)
+distribution = data.balance_distribution(url)
+outstanding, _ = data.credits_outstanding(url)
+
+left, right = st.columns(2)
+with left:
+    frame = dollars(daily)
+    if frame.empty:
+        st.info("No revenue in this period.")
+    else:
+        chart(px.bar(frame, x="period", y="USD", color="kind", title=f"Net revenue by day, last {days} days",
+                     labels={"period": "day"}), "rev_daily")
+with right:
+    frame = dollars(monthly)
+    if frame.empty:
+        st.info("No revenue in the last 12 months.")
+    else:
+        chart(px.bar(frame, x="period", y="USD", color="kind", title="Net revenue by month",
+                     labels={"period": "month"}), "rev_monthly")
+
+left, right = st.columns(2)
+with left:
+    frame = dollars([r for r in monthly if r["kind"] == "plan"])
+    if frame.empty:
+        st.info("No subscription revenue yet.")
+    else:
+        chart(px.line(frame, x="period", y="USD", markers=True,
+                      title=f"MRR over time (plan revenue per month; now {money(subs.mrr_cents)})",
+                      labels={"period": "month"}), "mrr")
+with right:
+    tiers = pd.DataFrame([{"tier": plan.name, "status": status, "subscribers": subs.count(plan.key, (status,))}
+                          for plan in PLANS for status in ("active", "trialing", "past_due", "unpaid")])
+    tiers = tiers[tiers["subscribers"] > 0]
+    if tiers.empty:
+        st.info("No subscribers yet.")
+    else:
+        chart(px.bar(tiers, x="tier", y="subscribers", color="status", title="Subscribers by tier"), "tiers")
+
+left, right = st.columns(2)
+with left:
+    frame = pd.DataFrame(flows)
+    if frame.empty:
+        st.info("No credit movements in the last 12 months.")
+    else:
+        chart(px.bar(frame, x="period", y="credits", color="flow", barmode="group",
+                     title="Credits granted, spent, expired and clawed back per month",
+                     labels={"period": "month"}), "flows")
+with right:
+    chart(px.bar(pd.DataFrame(distribution), x="bucket", y="accounts", title="Accounts by balance (credits)"),
+          "balances")
+
+st.metric("Outstanding credit liability", f"{outstanding:,} credits",
+          delta=f"worth {money(reports.credits_worth_cents(outstanding))} at $0.06/credit", delta_color="off")
+st.caption(f"Months and days in {tz_name}. Credit flows, balances and the liability are recomputed at most "
+           "once a minute.")
