@@ -1,0 +1,310 @@
+"""The ingest pipeline: verify a Stripe delivery, store it, apply it exactly once.
+
+1. `verify_and_parse` checks the signature (any configured secret, 300 s tolerance), that the body is
+   an event, and that its mode matches the configured key; anything else is an `IngressRejected`.
+2. `ingest` stores the event (id unique, INSERT ... ON CONFLICT DO NOTHING), then in ONE write
+   transaction locks its row, runs its handler and marks it processed / ignored / needs_attention.
+   A copy arriving at the same moment waits for that row lock and then finds it done: no change.
+3. An unexpected exception rolls back every effect; a separate transaction records status=failed with
+   the error (keys masked) so the caller answers 500 and Stripe retries.
+4. A handler's NeedsAttention rolls back its effects (savepoint) and keeps the event with the reason
+   (answered 200: retrying can't help). Such events are retried automatically after a later event
+   records something (a payment, a subscription, a customer link) that may resolve them, and an
+   operator can assign the user and `reprocess` them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import stripe
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+
+from . import db, handlers, ledger
+from .catalog import UnknownItem, UnknownPrice
+from .handlers import EventContext, NeedsAttention
+from .models import StripeEvent, utcnow
+from .settings import Settings, get_settings
+
+log = logging.getLogger("billing_core.events")
+
+MAX_BODY_BYTES = 1024 * 1024
+SIGNATURE_TOLERANCE_SECONDS = 300
+DONE_STATUSES = ("processed", "ignored", "needs_attention")
+PENDING_STATUSES = ("received", "failed")
+WAITING_RETRY_WINDOW = timedelta(days=3)  # Stripe stops retrying after three days, so do we
+WAITING_RETRY_LIMIT = 25
+MAX_ERROR_CHARS = 1000
+
+__all__ = ["IngressRejected", "IngestResult", "NeedsAttention", "UnknownEvent", "verify_and_parse", "ingest",
+           "reprocess", "replay_failed", "apply_checkout_session", "api_version_mismatch", "last_event_at"]
+
+
+class IngressRejected(Exception):
+    """A delivery refused before anything is stored; `status` is the HTTP answer, `reason` says why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class UnknownEvent(ValueError):
+    pass
+
+
+@dataclass
+class IngestResult:
+    event_id: str
+    status: str
+    duplicate: bool = False
+    error: str | None = None
+    user_id: str | None = None
+
+    @property
+    def http_status(self) -> int:
+        return 500 if self.status == "failed" else 200
+
+    def as_dict(self) -> dict:
+        return {"event_id": self.event_id, "status": self.status, "duplicate": self.duplicate,
+                "error": self.error, "user_id": self.user_id}
+
+
+# --- ingress ---------------------------------------------------------------------------------
+
+def verify_and_parse(raw_body: bytes, signature_header: str | None, settings: Settings) -> dict:
+    """The verified event, or IngressRejected naming what is wrong with the delivery."""
+    secrets = settings.webhook_secrets
+    if not secrets:
+        raise IngressRejected(500, "webhook secret not configured: set STRIPE_WEBHOOK_SECRET")
+    if not signature_header or not signature_header.strip():
+        raise IngressRejected(400, "missing Stripe-Signature header")
+    try:
+        text = raw_body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IngressRejected(400, "body is not UTF-8 text") from None
+    _verify_signature(text, signature_header, secrets)
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise IngressRejected(400, "body is not JSON") from None
+    problem = event_shape_problem(event)
+    if problem:
+        raise IngressRejected(400, f"not a Stripe event: {problem}")
+    if bool(event.get("livemode")) != settings.livemode:
+        event_mode = "live" if event.get("livemode") else "test"
+        raise IngressRejected(400, f"{event_mode}-mode event refused: the configured Stripe key is "
+                                   f"{'live' if settings.livemode else 'test'} mode")
+    return event
+
+
+def _verify_signature(text: str, header: str, secrets: list[str]) -> None:
+    stale = False
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+            return
+        except stripe.SignatureVerificationError as exc:
+            # The library checks the signature first, so "tolerance" means it matched but is too old.
+            stale = stale or "tolerance" in str(exc)
+    if stale:
+        raise IngressRejected(400, f"stale timestamp: signed more than {SIGNATURE_TOLERANCE_SECONDS} s ago")
+    raise IngressRejected(400, "invalid signature")
+
+
+def event_shape_problem(event) -> str | None:
+    if not isinstance(event, dict):
+        return "the body is not a JSON object"
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 100:
+        return "id must be a string starting with evt_"
+    if not isinstance(event.get("type"), str) or not event["type"] or len(event["type"]) > 100:
+        return "type is missing"
+    if not isinstance(handlers.dig(event, "data", "object"), dict):
+        return "data.object is missing"
+    created = event.get("created")
+    if isinstance(created, bool) or not isinstance(created, int):
+        return "created is missing"
+    api_version = event.get("api_version")
+    if api_version is not None and (not isinstance(api_version, str) or len(api_version) > 40):
+        return "api_version is not a version string"
+    return None
+
+
+# --- storing and processing ------------------------------------------------------------------
+
+def _store(engine: Engine, event: dict, raw_payload: str, source: str) -> None:
+    values = {"id": event["id"], "type": event["type"], "api_version": event.get("api_version"),
+              "livemode": bool(event.get("livemode")), "created": int(event["created"]), "payload": raw_payload,
+              "received_at": utcnow(), "status": "received", "attempts": 0, "source": source}
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    with db.write_session(engine) as session:
+        session.execute(insert(StripeEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+
+
+def ingest(event: dict, *, raw_payload: str, source: str = "webhook", engine: Engine | None = None,
+           settings: Settings | None = None) -> IngestResult:
+    """Store a verified event and apply it once; a copy of a finished event changes nothing."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine(settings.database_url)
+    if event_shape_problem(event):
+        raise ValueError(f"not a Stripe event: {event_shape_problem(event)}")
+    _store(engine, event, raw_payload, source)
+    result = _process(engine, event["id"], settings=settings, only_statuses=PENDING_STATUSES, source=source)
+    if result.status == "processed" and not result.duplicate:
+        retry_waiting(engine=engine, settings=settings, exclude=event["id"])
+    return result
+
+
+def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses: tuple[str, ...] | None,
+             source: str = "webhook", assigned_user_id: str | None = None) -> IngestResult:
+    try:
+        with db.write_session(engine) as session:
+            row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
+                                                session)).scalars().first()
+            if row is None:
+                raise UnknownEvent(f"no stored event {event_id}")
+            if only_statuses is not None and row.status not in only_statuses:
+                return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
+            if assigned_user_id:
+                row.assigned_user_id = ledger.check_user_id(assigned_user_id)
+            ctx = EventContext(event=json.loads(row.payload), settings=settings,
+                               assigned_user_id=row.assigned_user_id, source=source)
+            status, error, user_id = _run_handler(session, ctx)
+            row.status, row.error, row.user_id = status, error, user_id or row.user_id
+            row.attempts += 1
+            row.processed_at = utcnow()
+            session.add(row)
+            session.flush()
+            if api_version_mismatch(row):
+                log.warning("event %s has API version %s, not the pinned %s; processed anyway", event_id,
+                            row.api_version, stripe.api_version)
+            return IngestResult(event_id, status, error=error, user_id=row.user_id)
+    except UnknownEvent:
+        raise
+    except Exception as exc:  # anything unexpected: nothing of it stays, Stripe retries on our 500
+        error = safe_error_text(exc, settings)
+        log.error("event %s failed: %s", event_id, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        _record_failure(engine, event_id, error)
+        return IngestResult(event_id, "failed", error=error)
+
+
+def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | None]:
+    try:
+        with session.begin_nested():  # a NeedsAttention undoes this event's effects, not the status row
+            handled = handlers.handle(session, ctx)
+    except NeedsAttention as exc:
+        return "needs_attention", exc.reason[:MAX_ERROR_CHARS], None
+    except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
+        return "needs_attention", safe_error_text(exc, ctx.settings), None
+    return ("ignored" if handled.ignored else "processed"), handled.note, handled.user_id
+
+
+def _record_failure(engine: Engine, event_id: str, error: str) -> None:
+    with db.write_session(engine) as session:
+        row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
+                                            session)).scalars().first()
+        if row is not None:
+            row.status, row.error = "failed", error
+            row.attempts += 1
+            row.processed_at = utcnow()
+            session.add(row)
+
+
+def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
+    """One line for the operator: the error's type and message, every key and secret masked."""
+    from .stripe_client import mask_keys
+
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    settings = settings or get_settings()
+    for secret in [settings.stripe_secret_key, settings.billing_api_token, *settings.webhook_secrets]:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return mask_keys(text)[:MAX_ERROR_CHARS]
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+def reprocess(event_id: str, *, assigned_user_id: str | None = None, engine: Engine | None = None,
+              settings: Settings | None = None) -> IngestResult:
+    """Run a stored event through its handler again (any status); the source keys make it safe."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine(settings.database_url)
+    result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
+                      assigned_user_id=assigned_user_id)
+    if result.status == "processed":
+        retry_waiting(engine=engine, settings=settings, exclude=event_id)
+    return result
+
+
+def replay_failed(*, engine: Engine | None = None, settings: Settings | None = None,
+                  stuck_after: timedelta = timedelta(minutes=1)) -> list[IngestResult]:
+    """Reprocess every failed event, and every one left `received` (a crash mid-processing), oldest first."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine(settings.database_url)
+    with db.read_session(engine) as session:
+        stuck_before = utcnow() - stuck_after
+        ids = list(session.execute(
+            select(StripeEvent.id).where((StripeEvent.status == "failed")
+                                         | ((StripeEvent.status == "received") & (StripeEvent.received_at < stuck_before)))
+            .order_by(StripeEvent.created, StripeEvent.id)).scalars())
+    results = [_process(engine, event_id, settings=settings, only_statuses=PENDING_STATUSES, source="replay")
+               for event_id in ids]
+    if any(r.status == "processed" for r in results):
+        retry_waiting(engine=engine, settings=settings)
+    return results
+
+
+def retry_waiting(*, engine: Engine, settings: Settings, exclude: str | None = None, rounds: int = 3) -> int:
+    """Retry recent needs-attention events: a payment or link recorded since may resolve them
+    (a refund delivered before its payment, an invoice before its customer link). Returns how many resolved."""
+    resolved = 0
+    for _ in range(rounds):
+        with db.read_session(engine) as session:
+            ids = list(session.execute(
+                select(StripeEvent.id).where(StripeEvent.status == "needs_attention",
+                                             StripeEvent.received_at >= utcnow() - WAITING_RETRY_WINDOW,
+                                             StripeEvent.id != (exclude or ""))
+                .order_by(StripeEvent.created, StripeEvent.id).limit(WAITING_RETRY_LIMIT)).scalars())
+        progress = 0
+        for event_id in ids:
+            result = _process(engine, event_id, settings=settings, only_statuses=("needs_attention",),
+                              source="replay")
+            progress += result.status in ("processed", "ignored") and not result.duplicate
+        resolved += progress
+        if not progress:
+            break
+    return resolved
+
+
+def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = None,
+                           settings: Settings | None = None) -> handlers.Handled | None:
+    """The success page's fulfilment: the same function and source keys as the webhook's.
+    None when the session can't be applied without a person (the webhook will keep it for them)."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine(settings.database_url)
+    try:
+        with db.write_session(engine) as session:
+            handled = handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
+    except NeedsAttention as exc:
+        log.warning("success page could not apply %s: %s", checkout_session.get("id"), exc.reason)
+        return None
+    retry_waiting(engine=engine, settings=settings)
+    return handled
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def api_version_mismatch(event_row: StripeEvent) -> bool:
+    """True when the event was rendered with another API version than the one this code pins."""
+    return bool(event_row.api_version) and event_row.api_version != stripe.api_version
+
+
+def last_event_at(engine: Engine | None = None):
+    with db.read_session(engine) as session:
+        return session.execute(select(func.max(StripeEvent.received_at))).scalar()

@@ -1,0 +1,185 @@
+"""The webhook sidecar: a Starlette app served by uvicorn (`python -m billing_core serve-webhooks`).
+
+    POST /api/stripe/webhook   verified Stripe events (400 bad delivery, 413 too large, 500 retry later)
+    GET  /healthz              {"database": "ok", "last_event_at": ...}; 503 when the database is unreachable
+    GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
+    GET  /checkout/cancel      says nothing was charged
+    + the credits API routes (billing_core.credits_api) when that module is present
+
+Database work runs in the thread pool, so a writer waiting for a lock never blocks the event loop.
+"""
+from __future__ import annotations
+
+import html
+import logging
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from . import db, events, ledger
+from .catalog import CATALOG
+from .settings import Settings, get_settings
+
+log = logging.getLogger("billing_core.webapp")
+
+WEBHOOK_PATH = "/api/stripe/webhook"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _plain(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message} if status >= 400 else {"status": message}, status_code=status)
+
+
+def make_webhook_endpoint(settings: Settings):
+    async def webhook(request: Request):
+        try:
+            body = await read_limited_body(request, events.MAX_BODY_BYTES)
+        except BodyTooLarge:
+            return _plain(413, f"body larger than {events.MAX_BODY_BYTES} bytes")
+        try:
+            event = events.verify_and_parse(body, request.headers.get("stripe-signature"), settings)
+        except events.IngressRejected as exc:
+            log.warning("webhook refused: %s", exc.reason)
+            return _plain(exc.status, exc.reason)
+        try:
+            result = await run_in_threadpool(events.ingest, event, raw_payload=body.decode("utf-8"),
+                                             settings=settings)
+        except Exception as exc:  # the database itself is unreachable: Stripe retries later
+            log.error("webhook %s not stored: %s", event.get("id"), events.safe_error_text(exc, settings))
+            return _plain(500, "event could not be stored; retry later")
+        payload = {"received": True, "event_id": result.event_id, "status": result.status,
+                   "duplicate": result.duplicate}
+        if result.status == "failed":
+            payload["error"] = "processing failed; retry later"
+        return JSONResponse(payload, status_code=result.http_status)
+
+    return webhook
+
+
+def make_healthz(settings: Settings):
+    def check() -> dict:
+        last = events.last_event_at(db.get_engine(settings.database_url))
+        return {"database": "ok", "last_event_at": last.isoformat() if last else None}
+
+    async def healthz(request: Request):
+        try:
+            return JSONResponse(await run_in_threadpool(check))
+        except Exception as exc:
+            log.error("health check failed: %s", events.safe_error_text(exc, settings))
+            return JSONResponse({"database": "unreachable", "last_event_at": None}, status_code=503)
+
+    return healthz
+
+
+# --- the pages Checkout sends the customer back to ---------------------------------------------
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: sans-serif; max-width: 36em; margin: 3em auto; line-height: 1.5">
+<h1>{title}</h1>
+{body}
+</body></html>
+"""
+
+
+def page(title: str, paragraphs: list[str], status: int = 200) -> HTMLResponse:
+    body = "\n".join(f"<p>{html.escape(text)}</p>" for text in paragraphs)
+    return HTMLResponse(PAGE.format(title=html.escape(title), body=body), status_code=status)
+
+
+def _item_name(checkout_session: dict) -> str:
+    key = (checkout_session.get("metadata") or {}).get("item")
+    item = CATALOG.get(key) if isinstance(key, str) else None
+    return item.name + (" plan" if item.kind == "plan" else "") if item else "your purchase"
+
+
+def make_success_page(settings: Settings):
+    def fulfil(session_id: str):
+        from .stripe_client import StripeProblem, get_stripe_client, stripe_errors
+
+        try:
+            with stripe_errors("retrieving the checkout session", settings=settings):
+                checkout_session = get_stripe_client().v1.checkout.sessions.retrieve(session_id).to_dict()
+        except StripeProblem as exc:
+            return None, None, exc
+        handled = None
+        if checkout_session.get("payment_status") in ("paid", "no_payment_required"):
+            handled = events.apply_checkout_session(checkout_session, settings=settings,
+                                                    engine=db.get_engine(settings.database_url))
+        summary = None
+        if handled is not None and handled.user_id:
+            with db.read_session(db.get_engine(settings.database_url)) as session:
+                summary = ledger.account_summary(session, handled.user_id)
+        return checkout_session, summary, None
+
+    async def success(request: Request):
+        session_id = request.query_params.get("session_id", "").strip()
+        if not session_id.startswith("cs_") or len(session_id) > 255 or not session_id.isascii():
+            return page("Payment status unknown", ["This link has no valid checkout session."], 400)
+        checkout_session, summary, problem = await run_in_threadpool(fulfil, session_id)
+        if problem is not None:
+            if getattr(problem, "cause", None) == "not_found":
+                return page("Payment status unknown", ["We could not find this checkout session."], 404)
+            return page("Payment being confirmed", [
+                "Thank you. We could not confirm your payment with Stripe just now.",
+                "If you were charged, your credits will appear shortly; you can close this page."], 503)
+        what = _item_name(checkout_session)
+        if checkout_session.get("payment_status") not in ("paid", "no_payment_required"):
+            return page("Payment processing", [
+                f"Thank you for buying {what}. Your payment is still being processed; your credits will "
+                "appear as soon as it clears."])
+        lines = [f"Thank you: your payment for {what} was received."]
+        if summary is not None:
+            if checkout_session.get("mode") == "subscription" and summary.tier == "none":
+                lines.append("Your subscription credits will appear in a moment, once the first invoice is recorded.")
+            lines.append(f"Your credit balance is now {summary.balance:,} credits.")
+        else:
+            lines.append("Your credits will appear in a moment.")
+        return page("Payment received", lines)
+
+    return success
+
+
+async def cancel(request: Request):
+    return page("Checkout canceled", ["Nothing was charged. You can close this page, or ask us for a new link "
+                                      "when you are ready."])
+
+
+def create_app(settings: Settings | None = None, *, check_schema: bool = True) -> Starlette:
+    """The sidecar app. Refuses to start on an out-of-date database schema (run init-db)."""
+    settings = settings or get_settings()
+    if check_schema:
+        db.ensure_schema_current(settings.database_url)
+    routes = [
+        Route(WEBHOOK_PATH, make_webhook_endpoint(settings), methods=["POST"]),
+        Route("/healthz", make_healthz(settings), methods=["GET"]),
+        Route("/checkout/success", make_success_page(settings), methods=["GET"]),
+        Route("/checkout/cancel", cancel, methods=["GET"]),
+    ]
+    try:
+        from .credits_api import routes as api_routes
+    except ImportError:
+        api_routes = None
+    if api_routes is not None:
+        routes += api_routes(settings)
+    return Starlette(routes=routes)
