@@ -1,0 +1,216 @@
+"""Checkout links for plans and packs, the customer portal link, and the link status the webhooks update.
+
+A link is one Stripe Checkout Session. Its idempotency key is derived from (user, item, customer or
+email, a 10-minute window), and every parameter, `expires_at` included, is derived from the same
+inputs, so a double click or a retry within the window sends identical parameters and gets the same
+session back from Stripe. A link already recorded for that key is returned without asking Stripe.
+
+The Stripe call happens outside any database write transaction (SQLite's write lock is never held
+during an HTTP request): read what we know, ask Stripe, then record the link.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from . import db, ledger
+from .catalog import get_item, price_id_for
+from .models import Account, CheckoutLink, from_epoch, utcnow
+from .settings import Settings, get_settings
+from .stripe_client import get_stripe_client, stripe_errors
+
+SUCCESS_PATH = "/checkout/success"
+CANCEL_PATH = "/checkout/cancel"
+IDEMPOTENCY_WINDOW_SECONDS = 10 * 60
+LINK_STATUSES = ("open", "complete", "expired")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class CheckoutRefused(ValueError):
+    """A link we won't create; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class IssuedLink:
+    url: str
+    session_id: str
+    expires_at: datetime
+    item: str
+    user_id: str
+    operator: str | None
+    reused: bool  # True when the link recorded earlier in this window was returned
+
+    def as_dict(self) -> dict:
+        return {"url": self.url, "session_id": self.session_id, "expires_at": self.expires_at.isoformat(),
+                "item": self.item, "user_id": self.user_id}
+
+
+def success_url(settings: Settings) -> str:
+    return f"{settings.base_url}{SUCCESS_PATH}?session_id={{CHECKOUT_SESSION_ID}}"
+
+
+def cancel_url(settings: Settings) -> str:
+    return f"{settings.base_url}{CANCEL_PATH}"
+
+
+def check_email(email: str | None) -> str | None:
+    if email is None or not email.strip():
+        return None
+    email = email.strip()
+    if len(email) > 320 or not _EMAIL.match(email):
+        raise CheckoutRefused(f"{email!r} is not an email address")
+    return email
+
+
+def idempotency_key(*, user_id: str, item: str, payer: str, window_start: int) -> str:
+    digest = hashlib.sha256(f"{user_id}\x1f{item}\x1f{payer}\x1f{window_start}".encode()).hexdigest()
+    return f"checkout-link-{digest[:40]}"
+
+
+def session_params(*, settings: Settings, user_id: str, item_key: str, customer_id: str | None,
+                   email: str | None, expires_at: int) -> dict:
+    """The Checkout Session parameters for (user, item): a pure function of its inputs."""
+    item = get_item(item_key)
+    labels = {"user_id": user_id, "item": item.key}
+    params: dict = {
+        "mode": "subscription" if item.kind == "plan" else "payment",
+        "line_items": [{"price": price_id_for(item.key, settings), "quantity": 1}],
+        "client_reference_id": user_id,
+        "metadata": {**labels, "credits": str(item.credits)},
+        "success_url": success_url(settings),
+        "cancel_url": cancel_url(settings),
+        "expires_at": expires_at,
+    }
+    if item.kind == "plan":
+        params["subscription_data"] = {"metadata": dict(labels)}
+    else:
+        params["payment_intent_data"] = {"metadata": dict(labels)}
+    if customer_id:
+        params["customer"] = customer_id
+    else:
+        if email:
+            params["customer_email"] = email
+        if item.kind == "pack":
+            params["customer_creation"] = "always"
+    return params
+
+
+def _live_subscription_refusal(session: Session, user_id: str) -> str | None:
+    subscription = ledger.current_subscription(session, user_id)
+    if subscription is None or subscription.status not in ledger.LIVE_STATUSES:
+        return None
+    return (f"{user_id} already has a {subscription.status} {subscription.tier} subscription "
+            f"({subscription.id}); change plans in the Stripe customer portal instead: "
+            f"python -m billing_core portal-link {user_id}")
+
+
+def _recorded_link(session: Session, key: str, now: datetime) -> CheckoutLink | None:
+    link = session.execute(select(CheckoutLink).where(CheckoutLink.idempotency_key == key)
+                           .order_by(CheckoutLink.created_at.desc())).scalars().first()
+    if link is None or link.status != "open" or _aware(link.expires_at) <= now:
+        return None
+    return link
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _issued(link: CheckoutLink, *, reused: bool) -> IssuedLink:
+    return IssuedLink(url=link.url, session_id=link.session_id, expires_at=_aware(link.expires_at), item=link.item,
+                      user_id=link.user_id, operator=link.operator, reused=reused)
+
+
+def create_checkout_link(*, user_id: str, item: str, operator: str | None = None, email: str | None = None,
+                         now: datetime | None = None, client=None, settings: Settings | None = None) -> IssuedLink:
+    """Create (or return the already issued) Checkout link for a user and a catalog item, and record it."""
+    settings = settings or get_settings()
+    user_id = ledger.check_user_id(user_id)
+    catalog_item = get_item(item)
+    email = check_email(email)
+    operator = operator.strip() if operator and operator.strip() else None
+    client = client or get_stripe_client()
+    price_id_for(catalog_item.key, settings)  # refuse before any work when no price is configured
+    now = now or utcnow()
+    window_start = int(now.timestamp()) // IDEMPOTENCY_WINDOW_SECONDS * IDEMPOTENCY_WINDOW_SECONDS
+
+    with db.read_session() as session:
+        if catalog_item.kind == "plan":
+            refusal = _live_subscription_refusal(session, user_id)
+            if refusal:
+                raise CheckoutRefused(refusal)
+        account = session.get(Account, user_id)
+        customer_id = account.stripe_customer_id if account else None
+        email = email or (account.email if account else None)
+        key = idempotency_key(user_id=user_id, item=catalog_item.key, payer=customer_id or email or "",
+                              window_start=window_start)
+        recorded = _recorded_link(session, key, now)
+        if recorded is not None:
+            return _issued(recorded, reused=True)
+
+    params = session_params(settings=settings, user_id=user_id, item_key=catalog_item.key, customer_id=customer_id,
+                            email=email, expires_at=window_start + settings.checkout_link_expiry_hours * 3600)
+    with stripe_errors(f"creating the checkout link for {user_id} ({catalog_item.key})", settings=settings):
+        stripe_session = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": key})
+
+    with db.write_session() as session:
+        ledger.lock_account(session, user_id=user_id, create=True, email=email)
+        link = session.execute(select(CheckoutLink).where(CheckoutLink.session_id == stripe_session.id)
+                               ).scalars().first()
+        if link is None:  # a concurrent double click may have recorded the same session already
+            link = CheckoutLink(session_id=stripe_session.id, idempotency_key=key, user_id=user_id,
+                                item=catalog_item.key, url=stripe_session.url, operator=operator, status="open",
+                                created_at=now, expires_at=from_epoch(stripe_session.expires_at))
+            session.add(link)
+            session.flush()
+        return _issued(link, reused=False)
+
+
+def create_portal_link(*, user_id: str, client=None, settings: Settings | None = None) -> str:
+    """A Stripe customer portal URL where the user changes or cancels their plan."""
+    settings = settings or get_settings()
+    user_id = ledger.check_user_id(user_id)
+    client = client or get_stripe_client()
+    with db.read_session() as session:
+        account = session.get(Account, user_id)
+        customer_id = account.stripe_customer_id if account else None
+    if not customer_id:
+        raise CheckoutRefused(f"no Stripe customer is known for {user_id} yet (they have not completed a "
+                              "checkout); send a checkout link instead: python -m billing_core checkout-link "
+                              f"{user_id} ITEM")
+    with stripe_errors(f"creating the customer portal link for {user_id}", settings=settings):
+        portal = client.v1.billing_portal.sessions.create(
+            params={"customer": customer_id, "return_url": settings.base_url})
+    return portal.url
+
+
+def mark_link_status(session: Session, *, session_id: str, status: str, at: datetime | None = None) -> bool:
+    """Record what Stripe said about an issued link (webhook handlers call this inside their transaction).
+    open -> complete or expired; expired -> complete; complete stays complete. False when nothing changed
+    (unknown session, same status, or a downgrade)."""
+    if status not in LINK_STATUSES:
+        raise ValueError(f"link status must be one of {', '.join(LINK_STATUSES)}, not {status!r}")
+    link = session.execute(db.for_update(select(CheckoutLink).where(CheckoutLink.session_id == session_id),
+                                         session)).scalars().first()
+    if link is None or link.status == status or link.status == "complete" or status == "open":
+        return False
+    link.status = status
+    if status == "complete":
+        link.completed_at = at or utcnow()
+    session.add(link)
+    session.flush()
+    return True
+
+
+def recent_links(session: Session, *, user_id: str | None = None, limit: int = 50) -> list[CheckoutLink]:
+    stmt = select(CheckoutLink).order_by(CheckoutLink.created_at.desc()).limit(limit)
+    if user_id:
+        stmt = stmt.where(CheckoutLink.user_id == user_id)
+    return list(session.execute(stmt).scalars())
+
