@@ -151,7 +151,7 @@ def recover_events(missing: list[dict], *, engine: Engine, report: ReconcileRepo
     for done, event in enumerate(ordered, start=1):
         summary = {"id": event["id"], "type": event.get("type")}
         try:
-            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile")
+            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile", engine=engine)
         except Exception as exc:  # noqa: BLE001 - reported per event; the run goes on
             report.recovery_errors.append({**summary, "error": _one_line(exc)})
         else:
