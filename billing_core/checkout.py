@@ -104,8 +104,8 @@ def _live_subscription_refusal(session: Session, user_id: str) -> str | None:
     subscription = ledger.current_subscription(session, user_id)
     if subscription is None or subscription.status not in ledger.LIVE_STATUSES:
         return None
-    return (f"{user_id} already has a {subscription.status} {subscription.tier} subscription "
-            f"({subscription.id}); change plans in the Stripe customer portal instead: "
+    return (f"{user_id} already has a subscription ({subscription.tier}, {subscription.status}, "
+            f"{subscription.id}); change plans in the Stripe customer portal instead: "
             f"python -m billing_core portal-link {user_id}")
 
 

@@ -180,7 +180,7 @@ def test_plan_link_is_refused_with_a_live_subscription(stripe_ready, database_ur
     add_subscription(database_url, "agent-10", status)
     with pytest.raises(CheckoutRefused) as caught:
         create_checkout_link(user_id="agent-10", item="business", now=NOW)
-    assert f"already has a {status} starter subscription" in str(caught.value)
+    assert f"agent-10 already has a subscription (starter, {status}, sub_agent-10)" in str(caught.value)
     assert "python -m billing_core portal-link agent-10" in str(caught.value)
     assert session_posts(stripe_ready) == []
 
@@ -293,7 +293,7 @@ def test_cli_refusals_are_one_line(database_url, stripe_server, stripe_prices):
     assert "unknown item 'gold'" in one_line_error(cli("checkout-link", "agent-21", "gold"))
     add_subscription(database_url, "agent-21", "active")
     error = one_line_error(cli("checkout-link", "agent-21", "starter"))
-    assert "already has a active starter subscription" in error and "portal-link agent-21" in error
+    assert "already has a subscription (starter, active" in error and "portal-link agent-21" in error
     stripe_server.state.api_key = "sk_test_someoneElsesKey000000000"
     error = one_line_error(cli("checkout-link", "agent-22", "pack_100"))
     assert error.startswith("error: creating the checkout link for agent-22 (pack_100) failed: "
