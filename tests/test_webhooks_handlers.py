@@ -1,0 +1,362 @@
+"""Each event handler, through the real app with really signed deliveries, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from starlette.testclient import TestClient
+
+from billing_core import db, ledger
+from billing_core.models import Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
+from billing_core.webapp import create_app
+from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
+                           dispute_event, event, invoice_paid, proration_invoice, subscription_event,
+                           subscription_invoice)
+
+NOW = int(time.time())
+P1_START, P1_END = NOW - 5 * 86400, NOW + 25 * 86400
+P2_END = P1_END + 30 * 86400
+STARTER, PRO, BUSINESS = DEFAULT_PRICES["starter"], DEFAULT_PRICES["professional"], DEFAULT_PRICES["business"]
+
+
+@pytest.fixture
+def sidecar(database_url, monkeypatch):
+    configure_webhooks(monkeypatch)
+    with TestClient(create_app()) as client:
+        yield client
+
+
+def send(client, evt) -> dict:
+    response = deliver(client, evt)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def summary(user_id: str) -> dict:
+    with db.read_session() as session:
+        return ledger.account_summary(session, user_id).as_dict()
+
+
+def one(model, **where):
+    with db.read_session() as session:
+        stmt = select(model)
+        for name, value in where.items():
+            stmt = stmt.where(getattr(model, name) == value)
+        return session.execute(stmt).scalars().one_or_none()
+
+
+def all_rows(model):
+    with db.read_session() as session:
+        return list(session.execute(select(model)).scalars())
+
+
+def stored_event(event_id: str) -> StripeEvent:
+    return one(StripeEvent, id=event_id)
+
+
+def first_invoice(user="u1", sub="sub_1", customer="cus_1", invoice_id="in_1", price=STARTER, amount=999,
+                  created=None, type="invoice.paid", end=P1_END):
+    return invoice_paid(type=type, created=created or P1_START + 10, invoice_id=invoice_id, customer=customer,
+                        subscription_id=sub, user_id=user, billing_reason="subscription_create",
+                        lines=subscription_invoice(invoice_id=invoice_id, customer=customer, subscription_id=sub,
+                                                   user_id=user, price=price, period_start=P1_START,
+                                                   period_end=end, amount=amount,
+                                                   billing_reason="subscription_create")["lines"]["data"])
+
+
+def sub_event(type="customer.subscription.created", *, created, price=STARTER, status="active", user="u1",
+              end=P1_END, start=P1_START, previous_price=None, cancel_at_period_end=False, sub="sub_1"):
+    return subscription_event(type, created=created, subscription_id=sub, customer="cus_1", price=price,
+                              user_id=user, period_start=start, period_end=end, status=status,
+                              previous_price=previous_price, cancel_at_period_end=cancel_at_period_end)
+
+
+# --- checkout --------------------------------------------------------------------------------
+
+def _issue_link(session_id: str, user_id: str, item: str) -> None:
+    with db.write_session() as session:
+        ledger.lock_account(session, user_id=user_id)
+        session.add(CheckoutLink(session_id=session_id, idempotency_key="k-" + session_id, user_id=user_id,
+                                 item=item, url="https://checkout.stripe.com/c/pay/" + session_id,
+                                 expires_at=utcnow() + timedelta(hours=24)))
+
+
+def test_paid_pack_checkout_grants_once_links_customer_and_completes_the_link(sidecar):
+    _issue_link("cs_test_pack1", "u1", "pack_250")
+    evt = checkout_completed(session_id="cs_test_pack1", user_id="u1", item="pack_250", customer="cus_9",
+                             payment_intent="pi_9", email="ada@example.com")
+    assert send(sidecar, evt)["status"] == "processed"
+    assert send(sidecar, evt)["duplicate"] is True
+    data = summary("u1")
+    assert data["balance"] == 250 and data["stripe_customer_id"] == "cus_9" and data["email"] == "ada@example.com"
+    assert [row["expires_at"] for row in data["breakdown"]] == [None]  # pack credits never expire
+    payment = one(Payment, checkout_session_id="cs_test_pack1")
+    assert (payment.status, payment.amount_cents, payment.payment_intent_id, payment.item, payment.credits_granted) \
+        == ("paid", 2000, "pi_9", "pack_250", 250)
+    assert one(CheckoutLink, session_id="cs_test_pack1").status == "complete"
+    assert stored_event(evt["id"]).user_id == "u1" and stored_event(evt["id"]).attempts == 1
+
+
+def test_unpaid_checkout_waits_for_async_success(sidecar):
+    fields = dict(session_id="cs_test_async", user_id="u2", item="pack_100", payment_intent="pi_a")
+    send(sidecar, checkout_completed(payment_status="unpaid", **fields))
+    assert summary("u2")["balance"] == 0
+    assert one(Payment, checkout_session_id="cs_test_async").status == "unpaid"
+    succeeded = checkout_completed(type="checkout.session.async_payment_succeeded", **fields)
+    send(sidecar, succeeded)
+    send(sidecar, checkout_completed(type="checkout.session.async_payment_succeeded", **fields))  # another copy
+    assert summary("u2")["balance"] == 100
+    assert one(Payment, checkout_session_id="cs_test_async").status == "paid"
+
+
+def test_async_payment_failure_is_recorded_and_grants_nothing(sidecar):
+    fields = dict(session_id="cs_test_fail", user_id="u3", item="pack_500")
+    send(sidecar, checkout_completed(payment_status="unpaid", **fields))
+    send(sidecar, checkout_completed(type="checkout.session.async_payment_failed", payment_status="unpaid", **fields))
+    assert summary("u3")["balance"] == 0
+    assert one(Payment, checkout_session_id="cs_test_fail").status == "failed"
+
+
+def test_expired_checkout_marks_the_issued_link_expired(sidecar):
+    _issue_link("cs_test_exp", "u4", "pack_100")
+    send(sidecar, checkout_completed(type="checkout.session.expired", session_id="cs_test_exp", user_id="u4",
+                                     item="pack_100", payment_status="unpaid", status="expired"))
+    assert one(CheckoutLink, session_id="cs_test_exp").status == "expired"
+    assert summary("u4")["balance"] == 0
+
+
+def test_subscription_checkout_links_the_customer_and_maps_the_subscription_without_granting(sidecar):
+    send(sidecar, checkout_completed(session_id="cs_test_sub", user_id="u5", item="professional",
+                                     customer="cus_5", subscription="sub_5"))
+    row = one(Subscription, id="sub_5")
+    assert (row.user_id, row.tier, row.status) == ("u5", "professional", "incomplete")
+    data = summary("u5")
+    assert data["balance"] == 0 and data["stripe_customer_id"] == "cus_5"
+    assert one(Payment, checkout_session_id="cs_test_sub") is None  # the invoice is the payment
+
+
+# --- invoices --------------------------------------------------------------------------------
+
+def test_first_invoice_grants_the_period_once_under_both_event_types(sidecar):
+    send(sidecar, first_invoice())
+    send(sidecar, first_invoice(type="invoice.payment_succeeded"))
+    data = summary("u1")
+    assert data["balance"] == 100 and data["tier"] == "starter" and data["subscription_status"] == "active"
+    assert data["breakdown"][0]["expires_at"].startswith(str(ledger.from_epoch(P1_END).date()))
+    payment = one(Payment, invoice_id="in_1")
+    assert (payment.amount_cents, payment.status, payment.credits_granted, payment.subscription_id) == \
+        (999, "paid", 100, "sub_1")
+    assert len(all_rows(Payment)) == 1
+
+
+def test_renewal_grants_the_new_period_and_expires_the_old(sidecar):
+    send(sidecar, first_invoice())
+    with db.write_session() as session:
+        ledger.consume(session, user_id="u1", credits=30, reference="job-1")
+    renewal = subscription_invoice(invoice_id="in_2", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                   price=STARTER, period_start=P1_END, period_end=P2_END, amount=999,
+                                   billing_reason="subscription_cycle")
+    send(sidecar, event("invoice.paid", renewal))
+    data = summary("u1")
+    assert data["balance"] == 100  # the 70 left of the first period expired with the new grant
+    assert data["current_period_end"] == P2_END
+
+
+def test_upgrade_proration_invoice_tops_up_once_and_downgrade_gets_nothing(sidecar):
+    send(sidecar, first_invoice())
+    upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                old_price=STARTER, new_price=PRO, changed_at=NOW, period_end=P1_END,
+                                credit=800, charge=2400)
+    send(sidecar, event("invoice.paid", upgrade))
+    send(sidecar, event("invoice.payment_succeeded", upgrade))
+    assert summary("u1")["balance"] == 500  # the professional allowance for this period
+    # the customer.subscription.updated for the same upgrade adds nothing more
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW + 1, price=PRO, previous_price=STARTER))
+    assert summary("u1")["balance"] == 500
+    downgrade = proration_invoice(invoice_id="in_down", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                  old_price=PRO, new_price=STARTER, changed_at=NOW + 60, period_end=P1_END,
+                                  credit=2400, charge=800)
+    send(sidecar, event("invoice.paid", downgrade))
+    assert summary("u1")["balance"] == 500
+
+
+def test_invoice_without_user_needs_attention_then_reprocess_with_assigned_user(sidecar):
+    from billing_core import events
+
+    evt = first_invoice(user=None, customer="cus_unknown")
+    assert send(sidecar, evt)["status"] == "needs_attention"
+    row = stored_event(evt["id"])
+    assert "can't tell which user" in row.error and row.status == "needs_attention"
+    assert all_rows(Payment) == [] and all_rows(Subscription) == []  # nothing half-applied
+    assert send(sidecar, evt)["duplicate"] is True  # a redelivery changes nothing
+    result = events.reprocess(evt["id"], assigned_user_id="u9")
+    assert result.status == "processed"
+    assert summary("u9")["balance"] == 100 and summary("u9")["stripe_customer_id"] == "cus_unknown"
+    assert stored_event(evt["id"]).assigned_user_id == "u9"
+
+
+def test_invoice_with_unknown_price_needs_attention(sidecar):
+    evt = first_invoice(price="price_not_ours")
+    assert send(sidecar, evt)["status"] == "needs_attention"
+    assert "price" in stored_event(evt["id"]).error
+    assert summary("u1")["balance"] == 0
+
+
+def test_user_comes_from_the_customer_link_when_the_invoice_has_no_metadata(sidecar):
+    send(sidecar, checkout_completed(user_id="u1", item="pack_100", customer="cus_1"))
+    send(sidecar, first_invoice(user=None))
+    assert summary("u1")["balance"] == 200
+
+
+def test_payment_failure_makes_the_subscription_past_due_and_freezes_its_credits(sidecar):
+    send(sidecar, sub_event(created=P1_START))
+    send(sidecar, first_invoice())
+    send(sidecar, checkout_completed(user_id="u1", item="pack_100", customer="cus_1"))
+    failed = subscription_invoice(invoice_id="in_f", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                  price=STARTER, period_start=P1_END, period_end=P2_END, amount=999,
+                                  billing_reason="subscription_cycle", status="open")
+    send(sidecar, event("invoice.payment_failed", failed, created=P1_START + 100))
+    data = summary("u1")
+    assert data["subscription_status"] == "past_due"
+    assert (data["balance"], data["spendable_balance"]) == (200, 100)  # only the pack can be spent
+    assert one(Payment, invoice_id="in_f").status == "failed"
+    # the retried payment succeeds: active again, and the new period is granted
+    send(sidecar, event("invoice.paid", {**failed, "status": "paid", "amount_paid": 999}, created=P1_START + 200))
+    data = summary("u1")
+    assert data["subscription_status"] == "active" and one(Payment, invoice_id="in_f").status == "paid"
+    assert data["spendable_balance"] == 200
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+def test_stale_subscription_event_never_overwrites_newer_state(sidecar):
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW, cancel_at_period_end=True))
+    send(sidecar, sub_event("customer.subscription.created", created=NOW - 100, status="incomplete"))
+    row = one(Subscription, id="sub_1")
+    assert (row.status, row.cancel_at_period_end, row.state_at) == ("active", True, NOW)
+
+
+def test_equal_timestamps_let_the_cancellation_win(sidecar):
+    send(sidecar, sub_event("customer.subscription.deleted", created=NOW, status="canceled"))
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW, status="active"))
+    row = one(Subscription, id="sub_1")
+    assert (row.status, row.tier) == ("canceled", "none")
+
+
+def test_upgrade_event_tops_up_to_the_new_allowance_once(sidecar):
+    send(sidecar, sub_event(created=P1_START))
+    send(sidecar, first_invoice())
+    upgraded = sub_event("customer.subscription.updated", created=NOW, price=BUSINESS, previous_price=STARTER)
+    send(sidecar, upgraded)
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW, price=BUSINESS, previous_price=STARTER))
+    data = summary("u1")
+    assert (data["balance"], data["tier"]) == (2000, "business")
+    # a later downgrade takes nothing back
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW + 5, price=STARTER,
+                            previous_price=BUSINESS))
+    assert (summary("u1")["balance"], summary("u1")["tier"]) == (2000, "starter")
+
+
+def test_unknown_subscription_price_needs_attention(sidecar):
+    evt = sub_event(created=NOW, price="price_other_product")
+    assert send(sidecar, evt)["status"] == "needs_attention"
+    assert one(Subscription, id="sub_1") is None
+
+
+def test_deleted_subscription_expires_its_credits_and_keeps_packs(sidecar):
+    send(sidecar, sub_event(created=P1_START))
+    send(sidecar, first_invoice())
+    send(sidecar, checkout_completed(user_id="u1", item="pack_100", customer="cus_1"))
+    send(sidecar, sub_event("customer.subscription.deleted", created=NOW, status="canceled"))
+    data = summary("u1")
+    assert (data["balance"], data["tier"], data["subscription_status"]) == (100, "none", "canceled")
+    # a late copy of the first invoice grants nothing to a canceled subscription
+    send(sidecar, first_invoice(type="invoice.payment_succeeded"))
+    assert summary("u1")["balance"] == 100
+
+
+# --- refunds and disputes --------------------------------------------------------------------
+
+def _pack(client, *, user="u1", pi="pi_p", item="pack_500"):
+    send(client, checkout_completed(user_id=user, item=item, customer="cus_1", payment_intent=pi,
+                                    session_id="cs_test_" + pi))
+
+
+def test_partial_then_full_refund_claws_back_in_proportion_and_a_late_smaller_amount_takes_nothing(sidecar):
+    _pack(sidecar)  # 500 credits for $35.00
+    half = charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=1750)
+    send(sidecar, half)
+    assert summary("u1")["balance"] == 250
+    payment = one(Payment, payment_intent_id="pi_p")
+    assert (payment.amount_refunded, payment.status, payment.charge_id) == (1750, "partially_refunded", "ch_p")
+    send(sidecar, charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=3500))
+    send(sidecar, charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=1750))
+    assert summary("u1")["balance"] == 0
+    assert one(Payment, payment_intent_id="pi_p").status == "refunded"
+
+
+def test_refund_of_an_unknown_payment_needs_attention(sidecar):
+    evt = charge_refunded(charge_id="ch_x", payment_intent="pi_x", amount=1000, amount_refunded=1000)
+    assert send(sidecar, evt)["status"] == "needs_attention"
+    assert "no recorded payment" in stored_event(evt["id"]).error
+
+
+def test_refund_delivered_before_its_payment_applies_once_the_payment_arrives(sidecar):
+    refund = charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=1750)
+    assert send(sidecar, refund)["status"] == "needs_attention"
+    _pack(sidecar)
+    assert summary("u1")["balance"] == 250
+    assert stored_event(refund["id"]).status == "processed"
+
+
+def test_dispute_holds_and_flags_then_won_releases_and_clears_the_flag(sidecar):
+    _pack(sidecar)
+    created = dispute_event("charge.dispute.created", dispute_id="dp_1", charge_id="ch_p", payment_intent="pi_p",
+                            amount=3500)
+    send(sidecar, created)
+    send(sidecar, created)
+    data = summary("u1")
+    assert data["flagged"] and data["flag_reason"] == "open dispute" and data["balance"] == 0
+    assert one(Account, user_id="u1").open_disputes == 1
+    closed = dispute_event("charge.dispute.closed", dispute_id="dp_1", charge_id="ch_p", payment_intent="pi_p",
+                           amount=3500, status="won")
+    send(sidecar, closed)
+    send(sidecar, closed)
+    data = summary("u1")
+    assert not data["flagged"] and data["balance"] == 500
+    assert one(Account, user_id="u1").open_disputes == 0 and one(Dispute, id="dp_1").status == "won"
+
+
+def test_lost_dispute_takes_the_credits_back(sidecar):
+    _pack(sidecar)
+    with db.write_session() as session:
+        ledger.consume(session, user_id="u1", credits=100, reference="job")
+    send(sidecar, dispute_event("charge.dispute.created", dispute_id="dp_2", charge_id="ch_p",
+                                payment_intent="pi_p", amount=3500))
+    lost = dispute_event("charge.dispute.closed", dispute_id="dp_2", charge_id="ch_p", payment_intent="pi_p",
+                         amount=3500, status="lost")
+    send(sidecar, lost)
+    send(sidecar, lost)
+    data = summary("u1")
+    assert data["balance"] == -100 and data["flagged"] and data["flag_reason"] == "negative balance"
+    payment = one(Payment, payment_intent_id="pi_p")
+    assert payment.amount_disputed_lost == 3500 and one(Account, user_id="u1").open_disputes == 0
+
+
+def test_dispute_closed_before_created_ends_the_same(sidecar):
+    _pack(sidecar)
+    send(sidecar, dispute_event("charge.dispute.closed", dispute_id="dp_3", charge_id="ch_p",
+                                payment_intent="pi_p", amount=3500, status="won"))
+    send(sidecar, dispute_event("charge.dispute.created", dispute_id="dp_3", charge_id="ch_p",
+                                payment_intent="pi_p", amount=3500))
+    data = summary("u1")
+    assert (data["balance"], data["flagged"]) == (500, False)
+    assert one(Account, user_id="u1").open_disputes == 0
+
+
+def test_other_event_types_are_stored_and_ignored(sidecar):
+    evt = event("customer.created", {"id": "cus_new", "object": "customer"})
+    assert send(sidecar, evt)["status"] == "ignored"
+    assert stored_event(evt["id"]).status == "ignored"
