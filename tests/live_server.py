@@ -10,6 +10,18 @@ from typing import Iterator
 import uvicorn
 
 
+def sidecar_app():
+    """The real sidecar app (webhooks + credits API) when it is installed, else the credits API alone."""
+    try:
+        from billing_core.webapp import create_app
+    except ImportError:
+        from starlette.applications import Starlette
+
+        from billing_core.credits_api import routes
+        return Starlette(routes=routes())
+    return create_app()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from billing_core import credits_api, db, ledger
 from billing_core.models import Consumption, LedgerEntry
 from billing_core.settings import reset_settings_cache
-from live_server import running_server
+from live_server import running_server, sidecar_app
 
 TOKEN = "api_token_for_tests_9f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -284,7 +284,7 @@ def test_parallel_consumes_never_overspend_and_never_lose_a_spend(database_url, 
                                                                   "reference": f"job-{number}"})
         return number, response.status_code, response.json()
 
-    with running_server(Starlette(routes=credits_api.routes())) as base_url, \
+    with running_server(sidecar_app()) as base_url, \
             httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as http, \
             ThreadPoolExecutor(max_workers=12) as pool:
         results = list(pool.map(lambda n: spend(http, n), range(len(amounts))))
@@ -319,7 +319,7 @@ def test_parallel_retries_of_one_reference_spend_once(database_url, api_token):
         response = http.post("/api/accounts/alice/consume", json={"credits": 15, "reference": "same-job"})
         return response.status_code, response.content
 
-    with running_server(Starlette(routes=credits_api.routes())) as base_url, \
+    with running_server(sidecar_app()) as base_url, \
             httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as http, \
             ThreadPoolExecutor(max_workers=10) as pool:
         results = list(pool.map(lambda n: spend(http, n), range(10)))

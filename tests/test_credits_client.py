@@ -9,11 +9,11 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from billing_core import credits_api, db, ledger
+from billing_core import db, ledger
 from billing_core.credits_client import (AccountNotFound, ApiUnavailable, CreditsClient, CreditsError,
                                          InsufficientCredits, InvalidRequest, ReferenceConflict, Unauthorized)
 from billing_core.settings import reset_settings_cache
-from live_server import free_port, running_server
+from live_server import free_port, running_server, sidecar_app
 
 TOKEN = "client_test_token_5c1e"
 
@@ -22,7 +22,7 @@ TOKEN = "client_test_token_5c1e"
 def base_url(database_url, monkeypatch):
     monkeypatch.setenv("BILLING_API_TOKEN", TOKEN)
     reset_settings_cache()
-    with running_server(Starlette(routes=credits_api.routes())) as url:
+    with running_server(sidecar_app()) as url:
         yield url
 
 
@@ -112,10 +112,8 @@ def test_wrong_token_raises_unauthorized_without_showing_either_token(base_url, 
     assert TOKEN not in caplog.text and wrong not in caplog.text
 
 
-def test_closed_api_raises_api_unavailable(base_url, monkeypatch):
-    monkeypatch.delenv("BILLING_API_TOKEN")
-    reset_settings_cache()
-    with CreditsClient(base_url, TOKEN) as client:
+def test_closed_api_raises_api_unavailable(database_url):
+    with running_server(sidecar_app()) as url, CreditsClient(url, TOKEN) as client:  # no BILLING_API_TOKEN set
         with pytest.raises(ApiUnavailable, match="BILLING_API_TOKEN is not configured") as closed:
             client.balance("anyone")
     assert closed.value.status == 503
