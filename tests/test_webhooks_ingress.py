@@ -1,0 +1,301 @@
+"""Ingress: signatures, rejections, exactly-once storage under duplicates and concurrency, failures that
+leave nothing behind, replay, health and the schema check."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import stripe
+from sqlalchemy import func, select
+from starlette.testclient import TestClient
+
+from billing_core import cli, db, events, ledger
+from billing_core.models import Account, LedgerEntry, Payment, StripeEvent
+from billing_core.settings import get_settings, reset_settings_cache
+from billing_core.webapp import create_app
+from stripe_events import (WEBHOOK_SECRET, checkout_completed, configure_webhooks, deliver, encode, event,
+                           signed_headers)
+
+URL = "/api/stripe/webhook"
+
+
+@pytest.fixture
+def sidecar(database_url, monkeypatch):
+    configure_webhooks(monkeypatch)
+    with TestClient(create_app()) as client:
+        yield client
+
+
+def count(model) -> int:
+    with db.read_session() as session:
+        return session.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+def balance(user_id: str) -> int:
+    with db.read_session() as session:
+        return ledger.balance(session, user_id)
+
+
+def stored(event_id: str) -> StripeEvent | None:
+    with db.read_session() as session:
+        return session.get(StripeEvent, event_id)
+
+
+def post_raw(client, body: str | bytes, headers: dict):
+    return client.post(URL, content=body.encode() if isinstance(body, str) else body, headers=headers)
+
+
+# --- rejections ------------------------------------------------------------------------------
+
+def test_missing_signature_is_refused(sidecar):
+    body = encode(checkout_completed(user_id="u1", item="pack_100"))
+    response = post_raw(sidecar, body, {"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"] == "missing Stripe-Signature header"
+    assert count(StripeEvent) == 0
+
+
+def test_wrong_secret_and_tampered_body_are_refused(sidecar):
+    body = encode(checkout_completed(user_id="u1", item="pack_100"))
+    response = post_raw(sidecar, body, signed_headers(body, "whsec_someone_else_000000000000"))
+    assert response.status_code == 400 and response.json()["error"] == "invalid signature"
+    tampered = body.replace('"pack_100"', '"pack_1000"')
+    response = post_raw(sidecar, tampered, signed_headers(body))
+    assert response.status_code == 400 and response.json()["error"] == "invalid signature"
+    response = post_raw(sidecar, body, {"Stripe-Signature": "garbage"})
+    assert response.status_code == 400 and response.json()["error"] == "invalid signature"
+    assert count(StripeEvent) == 0 and count(LedgerEntry) == 0
+
+
+def test_stale_timestamp_is_refused(sidecar):
+    body = encode(checkout_completed(user_id="u1", item="pack_100"))
+    response = post_raw(sidecar, body, signed_headers(body, timestamp=int(time.time()) - 301))
+    assert response.status_code == 400 and response.json()["error"].startswith("stale timestamp")
+    fresh_enough = post_raw(sidecar, body, signed_headers(body, timestamp=int(time.time()) - 200))
+    assert fresh_enough.status_code == 200
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("this is not json", "body is not JSON"),
+    ('["a list"]', "not a Stripe event: the body is not a JSON object"),
+    ('{"id": "ch_1", "type": "charge.refunded", "data": {"object": {}}, "created": 1}',
+     "not a Stripe event: id must be a string starting with evt_"),
+    ('{"id": "evt_1", "data": {"object": {}}, "created": 1}', "not a Stripe event: type is missing"),
+    ('{"id": "evt_1", "type": "charge.refunded", "data": {}, "created": 1}',
+     "not a Stripe event: data.object is missing"),
+    ('{"id": "evt_1", "type": "charge.refunded", "data": {"object": {}}}', "not a Stripe event: created is missing"),
+])
+def test_bodies_that_are_not_events_are_refused(sidecar, body, reason):
+    response = post_raw(sidecar, body, signed_headers(body))
+    assert response.status_code == 400 and response.json()["error"] == reason
+    assert count(StripeEvent) == 0
+
+
+def test_oversized_body_is_refused_with_413(sidecar):
+    body = '{"pad": "' + "x" * events.MAX_BODY_BYTES + '"}'
+    response = post_raw(sidecar, body, signed_headers(body))
+    assert response.status_code == 413
+    assert count(StripeEvent) == 0
+
+
+def test_live_event_refused_with_a_test_key_and_test_event_refused_with_a_live_key(database_url, monkeypatch):
+    configure_webhooks(monkeypatch)
+    monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_test_51WebhookTests00000000a1b2")
+    reset_settings_cache()
+    with TestClient(create_app()) as client:
+        live = checkout_completed(user_id="u1", item="pack_100")
+        live["livemode"] = True
+        response = deliver(client, live)
+        assert response.status_code == 400 and "live-mode event refused" in response.json()["error"]
+    monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_live_51WebhookTests00000000a1b2")
+    reset_settings_cache()
+    with TestClient(create_app()) as client:
+        response = deliver(client, checkout_completed(user_id="u1", item="pack_100"))
+        assert response.status_code == 400 and "test-mode event refused" in response.json()["error"]
+    assert count(StripeEvent) == 0 and balance("u1") == 0
+
+
+def test_any_of_several_comma_separated_secrets_is_accepted(database_url, monkeypatch):
+    configure_webhooks(monkeypatch, secret="whsec_dashboard_000000000000, whsec_cli_listen_0000000000")
+    with TestClient(create_app()) as client:
+        assert deliver(client, checkout_completed(user_id="u1", item="pack_100"),
+                       secret="whsec_cli_listen_0000000000").status_code == 200
+        assert deliver(client, checkout_completed(user_id="u1", item="pack_100"),
+                       secret="whsec_dashboard_000000000000").status_code == 200
+    assert balance("u1") == 200
+
+
+def test_without_a_webhook_secret_every_delivery_is_refused(database_url):
+    with TestClient(create_app()) as client:
+        response = deliver(client, checkout_completed(user_id="u1", item="pack_100"))
+    assert response.status_code == 500 and "STRIPE_WEBHOOK_SECRET" in response.json()["error"]
+    assert count(StripeEvent) == 0
+
+
+# --- storage and exactly-once ----------------------------------------------------------------
+
+def test_event_is_stored_with_its_facts_and_api_version_mismatch_is_visible(sidecar):
+    evt = checkout_completed(user_id="u1", item="pack_100")
+    evt["api_version"] = "2024-06-20"
+    body = encode(evt)
+    response = post_raw(sidecar, body, signed_headers(body))
+    assert response.status_code == 200 and response.json()["status"] == "processed"
+    row = stored(evt["id"])
+    assert (row.type, row.api_version, row.livemode, row.created, row.payload, row.source, row.attempts) == \
+        ("checkout.session.completed", "2024-06-20", False, evt["created"], body, "webhook", 1)
+    assert events.api_version_mismatch(row) and balance("u1") == 100
+    current = checkout_completed(user_id="u1", item="pack_100")
+    deliver(sidecar, current)
+    assert not events.api_version_mismatch(stored(current["id"]))
+    assert stored(current["id"]).api_version == stripe.api_version
+
+
+def test_duplicates_one_after_another_change_nothing(sidecar):
+    evt = checkout_completed(user_id="u1", item="pack_250")
+    answers = [deliver(sidecar, evt).json() for _ in range(4)]
+    assert [a["duplicate"] for a in answers] == [False, True, True, True]
+    assert balance("u1") == 250 and count(StripeEvent) == 1 and count(Payment) == 1
+    assert stored(evt["id"]).attempts == 1
+
+
+def test_identical_deliveries_at_the_same_moment_apply_once(sidecar):
+    evt = checkout_completed(user_id="u1", item="pack_500")
+    barrier = threading.Barrier(8)
+
+    def post(_):
+        barrier.wait()
+        return deliver(sidecar, evt)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert sum(not r.json()["duplicate"] for r in responses) == 1
+    assert balance("u1") == 500 and count(Payment) == 1 and count(LedgerEntry) == 1
+
+
+def test_concurrent_ingest_of_the_same_payment_under_two_event_types(database_url, monkeypatch):
+    """The pipeline itself, from threads: copies of two events for one payment, all at once."""
+    configure_webhooks(monkeypatch)
+    fields = dict(session_id="cs_test_both", user_id="u1", item="pack_1000", payment_intent="pi_both")
+    both = [checkout_completed(**fields), checkout_completed(type="checkout.session.async_payment_succeeded",
+                                                             **fields)]
+    barrier = threading.Barrier(10)
+
+    def run(number):
+        evt = both[number % 2]
+        barrier.wait()
+        return events.ingest(evt, raw_payload=encode(evt))
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(run, range(10)))
+    assert {r.status for r in results} == {"processed"}
+    assert sum(not r.duplicate for r in results) == 2
+    assert balance("u1") == 1000 and count(LedgerEntry) == 1 and count(StripeEvent) == 2
+
+
+def test_failure_mid_processing_leaves_nothing_behind_and_answers_500(sidecar, monkeypatch):
+    real_grant = ledger.grant_pack
+    secret_key = "sk_live_51ShouldNeverBeShown000a1b2"
+
+    def grant_then_fail(session, **kwargs):
+        real_grant(session, **kwargs)  # the first write happens ...
+        raise RuntimeError(f"disk on fire while using {secret_key}")  # ... then processing blows up
+
+    monkeypatch.setattr(ledger, "grant_pack", grant_then_fail)
+    evt = checkout_completed(user_id="u1", item="pack_100", customer="cus_f")
+    response = deliver(sidecar, evt)
+    assert response.status_code == 500
+    assert secret_key not in response.text
+    row = stored(evt["id"])
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert "RuntimeError: disk on fire" in row.error and secret_key not in row.error and "…a1b2" in row.error
+    assert count(LedgerEntry) == 0 and count(Payment) == 0 and count(Account) == 0
+    monkeypatch.setattr(ledger, "grant_pack", real_grant)
+    retried = deliver(sidecar, evt)  # Stripe retries: now it applies, once
+    assert retried.status_code == 200 and retried.json()["status"] == "processed"
+    assert (stored(evt["id"]).status, stored(evt["id"]).attempts, stored(evt["id"]).error) == ("processed", 2, None)
+    assert balance("u1") == 100
+
+
+def test_needs_attention_rolls_back_its_effects(sidecar, monkeypatch):
+    from billing_core import handlers
+
+    def link_then_give_up(session, checkout_session, **kwargs):
+        ledger.lock_account(session, user_id="half", stripe_customer_id="cus_half")
+        raise handlers.NeedsAttention("cannot decide")
+
+    monkeypatch.setattr(handlers, "fulfil_checkout_session", link_then_give_up)
+    evt = checkout_completed(user_id="u1", item="pack_100")
+    assert deliver(sidecar, evt).json()["status"] == "needs_attention"
+    assert count(Account) == 0 and stored(evt["id"]).error == "cannot decide"
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+def test_replay_command_reprocesses_failed_events(sidecar, monkeypatch, capsys):
+    real_grant = ledger.grant_pack
+    monkeypatch.setattr(ledger, "grant_pack", lambda session, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    failed = [checkout_completed(user_id="u1", item="pack_100") for _ in range(2)]
+    for evt in failed:
+        assert deliver(sidecar, evt).status_code == 500
+    monkeypatch.setattr(ledger, "grant_pack", real_grant)
+    assert cli.main(["replay", "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{evt['id']}: processed (user u1)" in out for evt in failed)
+    assert balance("u1") == 200
+    assert cli.main(["replay", "--failed"]) == 0
+    assert "no failed events to replay" in capsys.readouterr().out
+
+
+def test_replay_named_events_is_idempotent_and_can_assign_a_user(sidecar, capsys):
+    done = checkout_completed(user_id="u1", item="pack_100")
+    deliver(sidecar, done)
+    orphan = checkout_completed(user_id="", item="pack_250", customer="cus_orphan")
+    orphan["data"]["object"]["metadata"] = {"item": "pack_250"}
+    assert deliver(sidecar, orphan).json()["status"] == "needs_attention"
+    assert cli.main(["replay", done["id"]]) == 0
+    assert cli.main(["replay", orphan["id"], "--user", "u7", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert f"{done['id']}: processed (user u1)" == lines[0]
+    assert json.loads(lines[1])[0]["status"] == "processed"
+    assert balance("u1") == 100 and balance("u7") == 250
+    assert cli.main(["replay", "evt_missing"]) == 1
+    assert "no stored event evt_missing" in capsys.readouterr().err
+    assert cli.main(["replay"]) == 1
+
+
+# --- health and startup ----------------------------------------------------------------------
+
+def test_healthz_reports_the_database_and_the_last_event(sidecar):
+    assert sidecar.get("/healthz").json() == {"database": "ok", "last_event_at": None}
+    deliver(sidecar, checkout_completed(user_id="u1", item="pack_100"))
+    body = sidecar.get("/healthz").json()
+    assert body["database"] == "ok" and body["last_event_at"]
+
+
+def test_healthz_answers_503_when_the_database_is_unreachable(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/nowhere")
+    reset_settings_cache()
+    with TestClient(create_app(check_schema=False)) as client:
+        response = client.get("/healthz")
+    assert response.status_code == 503 and response.json()["database"] == "unreachable"
+
+
+def test_sidecar_refuses_to_start_on_an_out_of_date_schema(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    reset_settings_cache()
+    with pytest.raises(db.SchemaOutOfDate, match="init-db"):
+        create_app()
+    assert cli.main(["serve-webhooks", "--port", "5999"]) == 1
+    assert "init-db" in capsys.readouterr().err
+    db.get_engine(get_settings().database_url).dispose()
+
+
+def test_checkout_pages_are_plain_and_the_cancel_page_says_nothing_was_charged(sidecar):
+    response = sidecar.get("/checkout/cancel")
+    assert response.status_code == 200 and "Nothing was charged" in response.text
+    assert response.headers["content-type"].startswith("text/html")
+    bad = sidecar.get("/checkout/success", params={"session_id": "<script>x</script>"})
+    assert bad.status_code == 400 and "<script>" not in bad.text
