@@ -27,6 +27,8 @@ from .stripe_client import get_stripe_client, stripe_errors
 SUCCESS_PATH = "/checkout/success"
 CANCEL_PATH = "/checkout/cancel"
 IDEMPOTENCY_WINDOW_SECONDS = 10 * 60
+# Stripe refuses an expires_at more than 24 h after *its* clock; stay clear of that limit when ours runs ahead.
+CLOCK_SKEW_MARGIN_SECONDS = 5 * 60
 LINK_STATUSES = ("open", "complete", "expired")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -70,6 +72,11 @@ def check_email(email: str | None) -> str | None:
 def idempotency_key(*, user_id: str, item: str, payer: str, window_start: int) -> str:
     digest = hashlib.sha256(f"{user_id}\x1f{item}\x1f{payer}\x1f{window_start}".encode()).hexdigest()
     return f"checkout-link-{digest[:40]}"
+
+
+def link_expiry(window_start: int, settings: Settings) -> int:
+    """Derived from the window, not the click, so a repeat in the window sends the same `expires_at`."""
+    return window_start + settings.checkout_link_expiry_hours * 3600 - CLOCK_SKEW_MARGIN_SECONDS
 
 
 def session_params(*, settings: Settings, user_id: str, item_key: str, customer_id: str | None,
@@ -155,7 +162,7 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
             return _issued(recorded, reused=True)
 
     params = session_params(settings=settings, user_id=user_id, item_key=catalog_item.key, customer_id=customer_id,
-                            email=email, expires_at=window_start + settings.checkout_link_expiry_hours * 3600)
+                            email=email, expires_at=link_expiry(window_start, settings))
     with stripe_errors(f"creating the checkout link for {user_id} ({catalog_item.key})", settings=settings):
         stripe_session = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": key})
 

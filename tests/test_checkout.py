@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from billing_core import db
 from billing_core.catalog import UnknownItem, UnknownPrice
-from billing_core.checkout import (IDEMPOTENCY_WINDOW_SECONDS, CheckoutRefused, create_checkout_link,
+from billing_core.checkout import (CLOCK_SKEW_MARGIN_SECONDS, IDEMPOTENCY_WINDOW_SECONDS, CheckoutRefused, create_checkout_link,
                                    create_portal_link, mark_link_status)
 from billing_core.models import Account, CheckoutLink, Subscription
 from billing_core.settings import PROJECT_ROOT, reset_settings_cache
@@ -59,7 +59,7 @@ def test_plan_link_sends_exactly_these_parameters(stripe_ready, stripe_prices, d
     link = create_checkout_link(user_id="agent-1", item="starter", email="ops@example.com", operator="alice",
                                 now=NOW)
     [request] = session_posts(stripe_ready)
-    expires_at = int(NOW.timestamp()) + 24 * 3600
+    expires_at = int(NOW.timestamp()) + 24 * 3600 - CLOCK_SKEW_MARGIN_SECONDS
     assert request.params == {
         "mode": "subscription",
         "line_items": [{"price": stripe_prices["starter"], "quantity": "1"}],
@@ -146,8 +146,27 @@ def test_expiry_setting_is_sent(stripe_ready, database_url, monkeypatch):
     monkeypatch.setenv("CHECKOUT_LINK_EXPIRY_HOURS", "2")
     reset_settings_cache()
     link = create_checkout_link(user_id="agent-8", item="pack_100", now=NOW)
-    assert session_posts(stripe_ready)[0].params["expires_at"] == str(int(NOW.timestamp()) + 2 * 3600)
-    assert link.expires_at == NOW + timedelta(hours=2)
+    expected = NOW + timedelta(hours=2) - timedelta(seconds=CLOCK_SKEW_MARGIN_SECONDS)
+    assert session_posts(stripe_ready)[0].params["expires_at"] == str(int(expected.timestamp()))
+    assert link.expires_at == expected
+
+
+def test_expiry_stays_within_stripes_limits_at_the_end_of_a_window(stripe_ready, database_url, monkeypatch):
+    monkeypatch.setenv("CHECKOUT_LINK_EXPIRY_HOURS", "1")
+    reset_settings_cache()
+    late = NOW + timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS - 1)
+    link = link_at(stripe_ready, late, user_id="agent-8", item="pack_100")
+    assert link.expires_at - late >= timedelta(minutes=30)
+
+
+def test_simultaneous_clicks_make_one_session_and_one_record(stripe_ready, database_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: create_checkout_link(user_id="agent-30", item="starter", now=NOW),
+                                range(4)))
+    assert len({r.session_id for r in results}) == 1
+    assert len(stripe_ready.objects["checkout_sessions"]) == 1 and len(links(database_url)) == 1
 
 
 def test_unknown_item_is_refused_before_stripe(stripe_ready, database_url):
