@@ -16,6 +16,7 @@ import json
 import logging
 
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -135,9 +136,12 @@ def _endpoint(handler, *, settings: Settings | None):
             return await handler(request, current)
         except ApiError as exc:
             return error_response(exc.status, exc.message, exc.headers)
-        except OperationalError:
+        except (OperationalError, PoolTimeout):
             log.warning("credits API: database unavailable", exc_info=True)
             return error_response(503, "the billing database is unavailable; retry later")
+        except Exception:  # a JSON answer the client understands; the details go to the log only
+            log.exception("credits API: unexpected error on %s %s", request.method, request.url.path)
+            return error_response(500, "internal error in the credits API")
     return endpoint
 
 

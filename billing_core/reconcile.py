@@ -35,6 +35,7 @@ PAID_INVOICE_EVENTS = ("invoice.paid", "invoice.payment_succeeded")
 GRANTING_BILLING_REASONS = ("subscription_create", "subscription_cycle")
 PAID_PAYMENT_STATUSES = ("paid", "partially_refunded", "refunded", "disputed")
 ATTENTION_STATUSES = ("failed", "needs_attention", "received")
+IN_FLIGHT_GRACE = timedelta(minutes=5)
 DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 
 # progress(stage, done, total): stage is "fetching" (total None: unknown) or "processing"
@@ -337,9 +338,13 @@ def applied_twice(session: Session) -> list[dict]:
     return found
 
 
-def stored_needing_attention(session: Session, *, created_gte: int) -> list[dict]:
+def stored_needing_attention(session: Session, *, created_gte: int, now: datetime) -> list[dict]:
+    """Stored events of the period that failed, need a person, or were stored but never processed
+    (a row stored in the last few minutes may still be in flight in the sidecar, so it doesn't count yet)."""
+    in_flight_since = now - IN_FLIGHT_GRACE
     stmt = (select(StripeEvent.id, StripeEvent.type, StripeEvent.status, StripeEvent.error, StripeEvent.source)
-            .where(StripeEvent.created >= created_gte, StripeEvent.status.in_(ATTENTION_STATUSES))
+            .where(StripeEvent.created >= created_gte, StripeEvent.status.in_(ATTENTION_STATUSES),
+                   (StripeEvent.status != "received") | (StripeEvent.received_at < in_flight_since))
             .order_by(StripeEvent.created))
     return [{"id": eid, "type": etype, "status": status, "source": source, "error": (error or "")[:300]}
             for eid, etype, status, error, source in session.execute(stmt).all()]
@@ -372,6 +377,6 @@ def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, pr
         report.grants_without_payment = grants_without_payment(session)
         report.applied_twice = applied_twice(session)
         recovered_failures = {row["id"] for row in report.recovery_errors}
-        report.stored_needing_attention = [row for row in stored_needing_attention(session, created_gte=created_gte)
+        report.stored_needing_attention = [row for row in stored_needing_attention(session, created_gte=created_gte, now=now)
                                            if row["id"] not in recovered_failures]
     return report

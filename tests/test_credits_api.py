@@ -327,3 +327,15 @@ def test_parallel_retries_of_one_reference_spend_once(database_url, api_token):
     assert {status for status, _ in results} == {200}
     assert len({content for _, content in results}) == 1
     assert current_balance("alice") == 85
+
+
+def test_unexpected_error_is_a_json_500_without_details(client, monkeypatch):
+    give_credits("alice", 100)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(ledger, "account_summary", broken)
+    response = client.get("/api/accounts/alice", headers=AUTH)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error in the credits API"}

@@ -338,3 +338,15 @@ def test_module_command_prints_exactly_one_json_object(stripe_account, database_
     assert set(report) == {"since", "until", "events", "recovered", "recovery_errors", "stored_needing_attention",
                            "paid_sessions_without_grant", "paid_invoices_without_grant", "grants_without_payment",
                            "applied_twice", "problems", "ok"}
+
+
+def test_an_event_stored_but_never_processed_is_reported_once_it_is_no_longer_in_flight(stripe_account):
+    from billing_core.models import utcnow
+
+    now = int(time.time())
+    with db.write_session() as session:
+        for event_id, age in (("evt_stuck_old", timedelta(minutes=30)), ("evt_in_flight", timedelta(seconds=5))):
+            session.add(StripeEvent(id=event_id, type="invoice.paid", created=now - 60, payload="{}",
+                                    status="received", received_at=utcnow() - age, source="webhook"))
+    report = reconcile(since=timedelta(days=3))
+    assert [(row["id"], row["status"]) for row in report.stored_needing_attention] == [("evt_stuck_old", "received")]
