@@ -362,7 +362,7 @@ def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, pr
     engine = engine or db.get_engine()
     now = now or utcnow()
     created_gte = int((now - since).timestamp())
-    report = ReconcileReport(since=from_epoch(created_gte), until=now)
+    report = ReconcileReport(since=from_epoch(created_gte), until=now.replace(microsecond=0))
 
     events = fetch_events(client, created_gte=created_gte, progress=progress)
     report.events_seen = len(events)

@@ -54,7 +54,7 @@ def format_report(report: ReconcileReport) -> str:
     sections = [
         ("events that could not be recovered", data["recovery_errors"],
          lambda r: f"{r['id']} {r['type']}: {r['error']}"),
-        ("stored events that failed or need attention (see `replay --failed` / assign a user)",
+        ("stored events that failed or need attention (`replay --failed`; `replay EVENT_ID --user USER_ID`)",
          data["stored_needing_attention"], lambda r: f"{r['id']} {r['type']} [{r['status']}] {r['error']}"),
         ("paid Checkout Sessions without their grant", data["paid_sessions_without_grant"],
          lambda r: f"{r['session_id']} user {r['user_id'] or '?'} (event {r['event_id']})"),
