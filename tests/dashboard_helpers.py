@@ -1,12 +1,16 @@
 """Shared by the dashboard tests: seeded operators and a signed-in AppTest."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from billing_core import db
+from billing_core.demo import fill_demo_database
 from billing_core.operators import create_operator
+from billing_core.settings import reset_settings_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "Home.py"
@@ -57,3 +61,29 @@ def texts(at: AppTest) -> str:
             parts.append(str(getattr(element, "value", "")))
             parts.append(str(getattr(element, "label", "")))
     return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def seeded_template(tmp_path_factory, sqlite_template) -> Path:
+    """A migrated SQLite database with the small demo data set and two operators, built once."""
+    path = tmp_path_factory.mktemp("dashboard") / "seeded.db"
+    shutil.copy(sqlite_template, path)
+    url = f"sqlite:///{path}"
+    fill_demo_database(database_url=url)
+    add_operators(url)
+    db._engines.pop(url).dispose()
+    return path
+
+
+@pytest.fixture
+def seeded_db(seeded_template, tmp_path, monkeypatch) -> str:
+    """A fresh copy of the seeded database, configured as DATABASE_URL."""
+    path = tmp_path / "seeded.db"
+    shutil.copy(seeded_template, path)
+    url = f"sqlite:///{path}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    reset_settings_cache()
+    yield url
+    engine = db._engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()

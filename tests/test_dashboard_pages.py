@@ -1,0 +1,167 @@
+"""Streamlit AppTest: every page renders after sign-in, nothing renders before it, sign-in itself."""
+import pytest
+from sqlalchemy import select
+
+from billing_core import db, settings as settings_module
+from billing_core.demo import DEMO_OPERATOR, fill_demo_database
+from billing_core.models import Account
+from billing_core.settings import reset_settings_cache
+from dashboard_helpers import (ADMIN, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
+                               sign_in, signed_in, texts)
+
+PAGE_TITLES = {"links": "Checkout links", "customers": "Customers", "payments": "Payments",
+               "revenue": "Revenue & credits", "events": "Webhook events", "settings": "Settings"}
+
+
+@pytest.fixture
+def demo_db(seeded_db):
+    return seeded_db
+
+
+def some_demo_user(url) -> Account:
+    with db.read_session(db.get_engine(url)) as session:
+        return session.execute(select(Account).order_by(Account.user_id).limit(1)).scalars().one()
+
+
+def assert_sign_in_page_only(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["Sign in"]
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert [t.label for t in at.text_input] == ["User name", "Password"]
+    assert len(at.metric) == 0 and len(at.dataframe) == 0 and len(at.code) == 0
+    shown = texts(at)
+    assert "$" not in shown and "demo_user" not in shown
+
+
+@pytest.mark.parametrize("page", [None, *PAGES])
+def test_nothing_renders_before_sign_in(demo_db, page):
+    at = open_app().run()
+    if page:
+        at.switch_page(PAGES[page]).run()
+    assert_sign_in_page_only(at)
+
+
+def test_wrong_password_is_refused(demo_db):
+    at = sign_in(open_app(), ADMIN[0], "not-the-password")
+    assert "Wrong user name or password." in [e.value for e in at.error]
+    assert_sign_in_page_only_but_error(at)
+    at = sign_in(open_app(), "nobody", ADMIN[1])
+    assert "Wrong user name or password." in [e.value for e in at.error]
+
+
+def assert_sign_in_page_only_but_error(at):
+    assert [t.value for t in at.title] == ["Sign in"]
+    assert len(at.metric) == 0 and len(at.dataframe) == 0
+
+
+@pytest.mark.parametrize("credentials", [ADMIN, SUPPORT])
+@pytest.mark.parametrize("page", [None, *PAGES])
+def test_every_page_renders_after_sign_in(demo_db, credentials, page):
+    at = signed_in(credentials, page)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == PAGE_TITLES.get(page, "Billing console")
+    assert f"Signed in as **{credentials[0]}**" in texts(at)
+
+
+def test_home_shows_the_metrics(demo_db):
+    at = signed_in()
+    labels = {m.label: m.value for m in at.metric}
+    for label in ("MRR", "Revenue, last 30 days", "Credits outstanding", "Outstanding credits worth",
+                  "Flagged accounts", "Events needing attention", "Failed events", "Starter", "Professional",
+                  "Business"):
+        assert label in labels
+    assert labels["MRR"].startswith("$") and labels["Accounts"] == "40"
+
+
+def test_customers_page_shows_summary_breakdown_and_timeline(demo_db):
+    user = some_demo_user(demo_db)
+    at = signed_in(page="customers")
+    at.text_input(key="customer_query").input(user.email).run()
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert {"Balance", "Spendable now", "Tier", "Subscription", "Period ends"} <= set(labels)
+    assert at.subheader[0].value == user.user_id
+    timeline = at.dataframe[-1].value
+    assert len(timeline) > 0 and {"When", "What", "Credits", "Amount"} <= set(timeline.columns)
+
+
+def test_customers_search_without_match(demo_db):
+    at = signed_in(page="customers")
+    at.text_input(key="customer_query").input("no-such-user").run()
+    assert not at.exception
+    assert "No account matches 'no-such-user'." in [w.value for w in at.warning]
+
+
+def test_payments_page_filters(demo_db):
+    at = signed_in(page="payments")
+    everything = {m.label: m.value for m in at.metric}["Payments"]
+    at.selectbox(key="pay_item").set_value("pack").run()
+    packs = {m.label: m.value for m in at.metric}["Payments"]
+    assert int(packs.replace(",", "")) < int(everything.replace(",", ""))
+    frame = at.dataframe[0].value
+    assert set(frame["Item"]) <= {"100 credits", "250 credits", "500 credits", "1000 credits"}
+    assert not at.exception
+
+
+def test_revenue_page_draws_charts(demo_db):
+    at = signed_in(page="revenue")
+    assert not at.exception
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 5
+
+
+def test_demo_mode_shows_the_demo_operator(sqlite_url, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.setattr(settings_module, "DEMO_DATABASE_URL", sqlite_url)
+    reset_settings_cache()
+    fill_demo_database(database_url=sqlite_url)
+    at = open_app().run()
+    assert any("demo-password" in i.value and "DEMO MODE" not in i.value for i in at.info)
+    assert "DEMO MODE" in texts(at)
+    at = sign_in(open_app(), *DEMO_OPERATOR)
+    assert at.title[0].value == "Billing console" and not at.exception
+
+
+def test_demo_operator_is_not_shown_outside_demo_mode(demo_db):
+    at = open_app().run()
+    assert "demo-password" not in texts(at)
+
+
+def test_out_of_date_schema_refuses_to_start(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    reset_settings_cache()
+    at = open_app().run()
+    assert any("python -m billing_core init-db" in e.value for e in at.error)
+    assert len(at.text_input) == 0 and len(at.metric) == 0
+
+
+def test_oidc_maps_emails_to_roles(demo_db, monkeypatch):
+    monkeypatch.setenv("ADMIN_EMAILS", "boss@example.com")
+    monkeypatch.setenv("SUPPORT_EMAILS", "help@example.com")
+    reset_settings_cache()
+    auth = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+            "client_id": "id", "client_secret": "secret",
+            "server_metadata_url": "https://accounts.example.com/.well-known/openid-configuration"}
+
+    def app(user):
+        at = open_app()
+        at.secrets["auth"] = auth
+        at.user = user
+        return at.run()
+
+    at = app({"is_logged_in": False})
+    assert [b.label for b in at.button] == ["Sign in"] and len(at.metric) == 0 and len(at.text_input) == 0
+    at = app({"is_logged_in": True, "email": "stranger@example.com"})
+    assert at.title[0].value == "No access" and len(at.metric) == 0
+    at = app({"is_logged_in": True, "email": "Help@Example.com"})
+    assert "Signed in as **help@example.com** (support)" in texts(at) and len(at.metric) > 0
+    at = app({"is_logged_in": True, "email": "boss@example.com"})
+    assert "Signed in as **boss@example.com** (admin)" in texts(at)
+
+
+def test_sign_out(demo_db):
+    at = signed_in()
+    next(b for b in at.button if b.label == "Sign out").click()
+    at.run()
+    assert_sign_in_page_only(at)
