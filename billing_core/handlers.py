@@ -525,7 +525,7 @@ def invoice_for_payment_intent(payment_intent_id: str, *, client=None) -> str | 
         found = client.v1.invoice_payments.list(
             params={"payment": {"type": "payment_intent", "payment_intent": payment_intent_id}, "limit": 10})
     for record in found.data:
-        invoice_id = id_of(record.get("invoice"))
+        invoice_id = id_of(record.to_dict().get("invoice") if hasattr(record, "to_dict") else record.get("invoice"))
         if invoice_id:
             return invoice_id
     return None
