@@ -1,0 +1,114 @@
+"""Webhook throughput: the full sidecar against a bare receiver, same events, same load, same run.
+
+    .venv/bin/python bench/webhooks.py [--events 3000] [--database sqlite|postgresql] [--database-url URL]
+
+Both servers run as subprocesses under the same uvicorn settings (`python -m billing_core serve-webhooks`
+and `bench/bare_receiver.py`), each on a fresh database, and get the same pre-signed deliveries over
+16 keep-alive connections (see bench/stripe_mix.py for the mix). Prints one JSON line per figure:
+each receiver's events/s and p50/p99 latency, their ratio (target >= 0.5 on SQLite), and the ledger
+check (every balance and tier exact, every event applied once).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (PYTHON, ROOT, Request, database, emit, free_port, machine, note, run_load,  # noqa: E402
+                    running, sidecar_command)
+from stripe_mix import (WEBHOOK_SECRET, build_workload, ledger_mismatches, sidecar_environment,  # noqa: E402
+                        signed_deliveries)
+
+WEBHOOK_PATH = "/api/stripe/webhook"
+RATIO_TARGET = 0.5
+
+
+def requests_for(signed: list[tuple[bytes, str]]) -> list[Request]:
+    return [Request("POST", WEBHOOK_PATH, body, {"Content-Type": "application/json", "Stripe-Signature": header})
+            for body, header in signed]
+
+
+def warmup_requests(count: int) -> list[Request]:
+    """Events of a type without a handler, so the warm-up leaves the ledger alone."""
+    warm = build_workload(events=count * 4, seed=99, prefix="warm", duplicate_share=0)
+    unknown = [e for e in warm.deliveries if e["type"] not in (
+        "checkout.session.completed", "customer.subscription.created", "customer.subscription.updated",
+        "invoice.paid", "invoice.payment_succeeded")][:count]
+    return requests_for(signed_deliveries(unknown))
+
+
+def figure(result, *, receiver: str, database_kind: str, events: int, concurrency: int) -> dict:
+    return {"benchmark": "webhooks", "receiver": receiver, "database": database_kind, "events": events,
+            "concurrency": concurrency, "events_per_s": round(result.rate, 1), "p50_ms": result.percentile_ms(50),
+            "p99_ms": result.percentile_ms(99), "seconds": round(result.elapsed, 2),
+            "statuses": result.status_counts()}
+
+
+def bench_bare(requests: list[Request], warmup: list[Request], *, tmp: Path, concurrency: int, events: int):
+    port = free_port()
+    env = {"BARE_DB": str(tmp / "bare.db"), "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    command = [PYTHON, str(ROOT / "bench" / "bare_receiver.py"), "--host", "127.0.0.1", "--port", str(port)]
+    with running(command, env=env, log_path=tmp / "bare.log", port=port) as server:
+        run_load(server.base_url, warmup, concurrency=concurrency)
+        result = run_load(server.base_url, requests, concurrency=concurrency)
+    return result, figure(result, receiver="bare", database_kind="sqlite", events=events, concurrency=concurrency)
+
+
+def bench_sidecar(requests: list[Request], warmup: list[Request], workload, *, tmp: Path, kind: str,
+                  url: str | None, concurrency: int, events: int):
+    from billing_core import db
+
+    with database(kind, tmp, url=url) as database_url:
+        port = free_port()
+        env = sidecar_environment(database_url)
+        with running(sidecar_command(port), env=env, log_path=tmp / "sidecar.log", port=port) as server:
+            run_load(server.base_url, warmup, concurrency=concurrency)
+            result = run_load(server.base_url, requests, concurrency=concurrency)
+        problems = ledger_mismatches(db.get_engine(database_url), workload)
+        db.dispose_engines()
+    found = figure(result, receiver="sidecar", database_kind=kind, events=events, concurrency=concurrency)
+    return result, found, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=3000, help="deliveries per receiver (default 3000)")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the sidecar's database (the bare receiver always stores in SQLite)")
+    parser.add_argument("--database-url", help="PostgreSQL server to use (default TEST_DATABASE_URL or "
+                                               "postgresql://postgres@127.0.0.1:5432/test); a fresh schema is made")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    workload = build_workload(events=args.events, seed=args.seed)
+    note(f"{len(workload.deliveries)} deliveries ({workload.unique_events} distinct events, "
+         f"{len(workload.customers)} customers); machine {machine()}")
+    with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp_name:
+        tmp = Path(tmp_name)
+        warmup = warmup_requests(100)
+        bare_result, bare = bench_bare(requests_for(signed_deliveries(workload.deliveries)), warmup, tmp=tmp,
+                                       concurrency=args.concurrency, events=len(workload.deliveries))
+        emit(bare | {"machine": machine()})
+        sidecar_result, sidecar, problems = bench_sidecar(
+            requests_for(signed_deliveries(workload.deliveries)), warmup, workload, tmp=tmp, kind=args.database,
+            url=args.database_url, concurrency=args.concurrency, events=len(workload.deliveries))
+        emit(sidecar | {"machine": machine()})
+    ratio = sidecar_result.rate / bare_result.rate if bare_result.rate else 0.0
+    emit({"benchmark": "webhooks", "figure": "ratio_sidecar_to_bare", "database": args.database,
+          "value": round(ratio, 3), "target": RATIO_TARGET, "met": ratio >= RATIO_TARGET})
+    errors = {k: v for k, v in sidecar["statuses"].items() if k != "200"}
+    emit({"benchmark": "webhooks", "figure": "ledger_check", "database": args.database,
+          "accounts": len(workload.customers), "distinct_events": workload.unique_events,
+          "non_200_answers": errors, "exact": not problems and not errors, "problems": problems[:10]})
+    return 0 if not problems and not errors else 1
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())
