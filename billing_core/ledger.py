@@ -469,6 +469,10 @@ def clawback_for_payment(session: Session, *, payment: Payment, reversed_cents: 
     expired_unused += -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
         LedgerEntry.user_id == payment.user_id, LedgerEntry.kind == "expire",
         LedgerEntry.lot_key.in_([lot.key for lot in payment_lots]))).scalar_one())
+    # Credits a dispute held in a lot that closed meanwhile expired unused too (never released).
+    expired_unused += -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
+        LedgerEntry.user_id == payment.user_id, LedgerEntry.kind.in_(("dispute_hold", "dispute_release")),
+        LedgerEntry.lot_key.in_([lot.key for lot in payment_lots if lot.closed(now)]))).scalar_one())
     target = min(target, granted - expired_unused)
     already = -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
         LedgerEntry.payment_id == payment.id, LedgerEntry.kind == "clawback")).scalar_one())

@@ -360,3 +360,22 @@ def test_other_event_types_are_stored_and_ignored(sidecar):
     evt = event("customer.created", {"id": "cus_new", "object": "customer"})
     assert send(sidecar, evt)["status"] == "ignored"
     assert stored_event(evt["id"]).status == "ignored"
+
+
+@pytest.mark.parametrize("cancel_first", [True, False])
+def test_lost_dispute_on_credits_that_expired_while_held_takes_nothing_more(sidecar, fake_stripe, cancel_first):
+    """Held credits whose lot closes (cancellation) are gone either way: losing the dispute afterwards
+    must not turn them into debt, whichever came first (ledger fix in clawback_for_payment)."""
+    fake_stripe.state.add_invoice_payment(invoice="in_1", payment_intent="pi_1", amount_paid=999)
+    send(sidecar, sub_event(created=P1_START))
+    send(sidecar, first_invoice())
+    opened = dispute_event("charge.dispute.created", dispute_id="dp_x", charge_id="ch_1", payment_intent="pi_1",
+                           amount=999)
+    canceled = sub_event("customer.subscription.deleted", created=NOW, status="canceled")
+    for evt in ([canceled, opened] if cancel_first else [opened, canceled]):
+        send(sidecar, evt)
+    send(sidecar, dispute_event("charge.dispute.closed", dispute_id="dp_x", charge_id="ch_1", payment_intent="pi_1",
+                                amount=999, status="lost"))
+    data = summary("u1")
+    assert (data["balance"], data["flagged"]) == (0, False)
+    assert one(Payment, invoice_id="in_1").amount_disputed_lost == 999
