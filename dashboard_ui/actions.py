@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+
+log = logging.getLogger("billing_core.dashboard")
 
 
 def _events():
@@ -30,10 +33,11 @@ def _describe(outcome) -> str:
         return "done"
     if isinstance(outcome, (list, tuple)):
         return f"{len(outcome)} event(s)"
-    for attribute in ("status", "outcome"):
-        if hasattr(outcome, attribute):
-            return str(getattr(outcome, attribute))
-    return str(outcome)
+    status = getattr(outcome, "status", None)
+    if status is None:
+        return str(outcome)
+    error = getattr(outcome, "error", None)
+    return f"{status}" + (f" ({error})" if error else "")
 
 
 def reprocess_event(event_id: str, *, assigned_user_id: str | None, operator: str) -> str:
@@ -41,6 +45,7 @@ def reprocess_event(event_id: str, *, assigned_user_id: str | None, operator: st
     if module is None or not hasattr(module, "reprocess"):
         raise ValueError("reprocessing is not available: the webhook module is not installed")
     kwargs = _with_operator(module.reprocess, {"assigned_user_id": assigned_user_id}, operator)
+    log.warning("operator %s reprocesses event %s (assigned user %s)", operator, event_id, assigned_user_id)
     return _describe(module.reprocess(event_id, **kwargs))
 
 
@@ -48,4 +53,5 @@ def replay_failed_events(*, operator: str) -> str:
     module = _events()
     if module is None or not hasattr(module, "replay_failed"):
         raise ValueError("replay is not available: the webhook module is not installed")
+    log.warning("operator %s replays failed events", operator)
     return _describe(module.replay_failed(**_with_operator(module.replay_failed, {}, operator)))

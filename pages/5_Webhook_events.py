@@ -45,7 +45,8 @@ for event in queue:
                 st.error(str(exc))
             else:
                 data.clear_cached_aggregates()
-                st.session_state["events_done"] = f"Reprocessed {event['id']}: {outcome}"
+                level = "success" if outcome.startswith(("processed", "ignored")) else "warning"
+                st.session_state["events_done"] = (level, f"Reprocessed {event['id']}: {outcome}")
                 st.rerun()
 if not identity.is_admin:
     st.caption("Only an admin may reprocess or replay events.")
@@ -60,10 +61,11 @@ if st.button(f"Replay {failed:,} failed event(s)", disabled=not (identity.is_adm
         st.error(str(exc))
     else:
         data.clear_cached_aggregates()
-        st.session_state["events_done"] = f"Replayed failed events: {outcome}"
+        st.session_state["events_done"] = ("success", f"Replayed failed events: {outcome}")
         st.rerun()
 if st.session_state.get("events_done"):
-    st.success(st.session_state.pop("events_done"))
+    level, message = st.session_state.pop("events_done")
+    (st.success if level == "success" else st.warning)(message)
 
 st.markdown("#### All events")
 cols = st.columns([1.2, 2, 1.5, 2])

@@ -1,0 +1,163 @@
+"""The dashboard's writes through AppTest: adjustments (with the operator recorded, support's limit),
+checkout links against the Stripe double, and reprocessing an event that needs attention."""
+import pytest
+from sqlalchemy import select
+
+from billing_core import db, events, ledger
+from billing_core.models import CheckoutLink, LedgerEntry, StripeEvent
+from dashboard_helpers import (ADMIN, SUPPORT, add_operators, seeded_db, seeded_template,  # noqa: F401
+                               signed_in, texts)
+from stripe_events import checkout_completed, encode
+
+
+def open_customer(credentials, user_id):
+    at = signed_in(credentials, "customers")
+    at.text_input(key="customer_query").input(user_id).run()
+    assert at.subheader[0].value == user_id
+    return at
+
+
+def submit_adjustment(at, *, credits, reason, confirm=True):
+    at.number_input(key="adjust_credits").set_value(credits)
+    at.text_input(key="adjust_reason").input(reason)
+    at.checkbox(key="adjust_confirm").set_value(confirm)
+    next(b for b in at.button if b.label == "Apply adjustment").click()
+    return at.run()
+
+
+def adjustments(url, user_id):
+    with db.read_session(db.get_engine(url)) as session:
+        return session.execute(select(LedgerEntry.credits, LedgerEntry.operator, LedgerEntry.reason)
+                               .where(LedgerEntry.user_id == user_id, LedgerEntry.kind == "adjustment")
+                               .order_by(LedgerEntry.id)).all()
+
+
+def balance_of(url, user_id):
+    with db.read_session(db.get_engine(url)) as session:
+        return ledger.balance(session, user_id)
+
+
+@pytest.fixture
+def customer(database_url):
+    add_operators(database_url)
+    with db.write_session() as session:
+        ledger.grant_pack(session, user_id="cust_1", credits=1000, source_key="seed:cust_1")
+    return "cust_1"
+
+
+def test_adjustment_writes_a_ledger_entry_with_the_operator(database_url, customer):
+    at = open_customer(ADMIN, customer)
+    at = submit_adjustment(at, credits=750, reason="goodwill after the outage")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("balance is now 1,750" in s.value for s in at.success)
+    assert adjustments(database_url, customer) == [(750, "alice", "goodwill after the outage")]
+    assert {m.label: m.value for m in at.metric}["Balance"] == "1,750 credits"
+    assert "goodwill after the outage" in at.dataframe[-1].value["Detail"].tolist()
+
+
+def test_adjustment_needs_confirmation_and_a_reason(database_url, customer):
+    at = open_customer(ADMIN, customer)
+    at = submit_adjustment(at, credits=10, reason="forgot to confirm", confirm=False)
+    assert "Tick the confirmation box" in at.error[0].value
+    at = submit_adjustment(at, credits=10, reason="  ")
+    assert "a reason is required" in at.error[0].value
+    at = submit_adjustment(at, credits=0, reason="nothing")
+    assert "must not be zero" in at.error[0].value
+    assert adjustments(database_url, customer) == []
+
+
+def test_negative_adjustment_below_zero_is_refused(database_url, customer):
+    at = open_customer(ADMIN, customer)
+    at = submit_adjustment(at, credits=-1500, reason="chargeback")
+    assert "below zero" in at.error[0].value
+    assert balance_of(database_url, customer) == 1000
+
+
+def test_support_cannot_exceed_its_limit(database_url, customer, monkeypatch):
+    from billing_core.settings import reset_settings_cache
+
+    monkeypatch.setenv("SUPPORT_ADJUSTMENT_LIMIT", "200")
+    reset_settings_cache()
+    at = open_customer(SUPPORT, customer)
+    assert "at most 200 credits" in texts(at)
+    at = submit_adjustment(at, credits=201, reason="too generous")
+    assert "at most 200 credits" in at.error[0].value
+    at = submit_adjustment(at, credits=-201, reason="too harsh")
+    assert "at most 200 credits" in at.error[0].value
+    assert adjustments(database_url, customer) == []
+    at = submit_adjustment(at, credits=-200, reason="double grant")
+    assert not at.error
+    assert adjustments(database_url, customer) == [(-200, "sam", "double grant")]
+    assert balance_of(database_url, customer) == 800
+
+
+def test_link_flow_creates_a_recorded_link(database_url, fake_stripe, stripe_prices):
+    add_operators(database_url)
+    at = signed_in(ADMIN, "links")
+    assert "Stripe is not configured" not in texts(at)
+    at.text_input(key="link_query").input("new_user_7").run()
+    at.text_input(key="link_email").input("new7@example.com").run()
+    at.radio(key="link_item").set_value("pack_250").run()
+    at.button(key="link_generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with db.read_session() as session:
+        link = session.execute(select(CheckoutLink)).scalars().one()
+    assert (link.user_id, link.item, link.operator, link.status) == ("new_user_7", "pack_250", "alice", "open")
+    assert at.code[0].value == link.url
+    assert link.url.startswith("http")
+    assert any("Expires" in c.value for c in at.caption)
+    created = fake_stripe.state.requests_to("POST", "/v1/checkout/sessions")
+    assert len(created) == 1
+    recent = at.dataframe[-1].value
+    assert recent["User"].tolist() == ["new_user_7"] and recent["Operator"].tolist() == ["alice"]
+
+
+def test_link_page_without_stripe_says_so(database_url):
+    add_operators(database_url)
+    at = signed_in(SUPPORT, "links")
+    assert "Stripe is not configured" in texts(at)
+    at.text_input(key="link_query").input("someone").run()
+    assert at.button(key="link_generate").disabled
+
+
+def needs_attention_event(database_url):
+    evt = checkout_completed(user_id="ignored", item="pack_100")
+    del evt["data"]["object"]["metadata"]["user_id"]
+    evt["data"]["object"]["client_reference_id"] = None
+    result = events.ingest(evt, raw_payload=encode(evt))
+    assert result.status == "needs_attention"
+    return evt["id"]
+
+
+def test_reprocess_flow_assigns_the_user_and_grants(database_url):
+    add_operators(database_url)
+    event_id = needs_attention_event(database_url)
+    at = signed_in(ADMIN, "events")
+    assert {m.label: m.value for m in at.metric}["Needs attention"] == "1"
+    at.text_input(key=f"assign_{event_id}").input("rescued_user")
+    next(b for b in at.button if b.label == "Assign and reprocess").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(f"Reprocessed {event_id}: processed" in s.value for s in at.success)
+    with db.read_session() as session:
+        row = session.get(StripeEvent, event_id)
+        assert (row.status, row.assigned_user_id, row.user_id) == ("processed", "rescued_user", "rescued_user")
+        assert ledger.balance(session, "rescued_user") == 100
+
+
+def test_support_cannot_reprocess(database_url):
+    add_operators(database_url)
+    event_id = needs_attention_event(database_url)
+    at = signed_in(SUPPORT, "events")
+    button = next(b for b in at.button if b.label == "Assign and reprocess")
+    assert button.disabled
+    with db.read_session() as session:
+        assert session.get(StripeEvent, event_id).status == "needs_attention"
+
+
+def test_events_page_shows_the_payload(database_url):
+    add_operators(database_url)
+    event_id = needs_attention_event(database_url)
+    at = signed_in(ADMIN, "events")
+    assert at.dataframe[-1].value["Event"].tolist() == [event_id]
+    assert at.json[0].value and event_id in at.json[0].value
