@@ -108,7 +108,8 @@ class ReconcileReport:
 # --- 1. fetch ---------------------------------------------------------------------------------
 
 def _as_dict(obj) -> dict:
-    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    # for_json: decimal strings Stripe sent (e.g. unit_amount_decimal) stay strings, as on the wire
+    return obj.to_dict(for_json=True) if hasattr(obj, "to_dict") else dict(obj)
 
 
 def fetch_events(client, *, created_gte: int, progress: Progress | None = None) -> list[dict]:

@@ -15,57 +15,44 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select
+from starlette.testclient import TestClient
 
 from billing_core import cli, db, ledger
 from billing_core.models import LedgerEntry, Payment, StripeEvent
 from billing_core.reconcile import ReconcileError, check_since, parse_duration, reconcile
 from billing_core.reconcile_cli import ProgressBar
 from billing_core.settings import reset_settings_cache
+from live_server import running_server
 
 events_module = pytest.importorskip("billing_core.events")
+stripe_events = pytest.importorskip("stripe_events")
+from billing_core.webapp import create_app  # noqa: E402 - after the skip for a tree without the sidecar
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400
 
 
-# --- minimal event objects, shaped like the current API ---------------------------------------
+# --- events, built with the webhook tests' builders (tests/stripe_events.py) -------------------
 
-def pack_session(*, session_id: str, user_id: str | None, item: str = "pack_100", amount: int = 1000,
-                 payment_status: str = "paid") -> dict:
-    return {"id": session_id, "object": "checkout.session", "mode": "payment", "status": "complete",
-            "payment_status": payment_status, "amount_total": amount, "currency": "usd",
-            "customer": None, "payment_intent": f"pi_{session_id[3:]}", "created": int(time.time()) - 600,
-            "client_reference_id": user_id, "metadata": {"user_id": user_id, "item": item} if user_id else {}}
+def pack_session(*, session_id: str, user_id: str | None, item: str = "pack_100") -> dict:
+    return stripe_events.checkout_session(session_id=session_id, user_id=user_id, item=item,
+                                          created=int(time.time()) - 600)
 
 
-def subscription_invoice(*, invoice_id: str, user_id: str, subscription_id: str, price_id: str, amount: int,
-                         period_end: int, reason: str = "subscription_create") -> dict:
-    period_start = period_end - 30 * DAY
-    return {
-        "id": invoice_id, "object": "invoice", "status": "paid", "billing_reason": reason,
-        "amount_paid": amount, "amount_due": amount, "currency": "usd", "customer": f"cus_{user_id}",
-        "created": period_start, "period_start": period_start, "period_end": period_start,
-        "parent": {"type": "subscription_details", "quote_details": None,
-                   "subscription_details": {"subscription": subscription_id, "metadata": {"user_id": user_id}}},
-        "lines": {"object": "list", "has_more": False, "data": [{
-            "id": f"il_{invoice_id[3:]}", "object": "line_item", "amount": amount, "currency": "usd",
-            "period": {"start": period_start, "end": period_end},
-            "pricing": {"type": "price_details", "price_details": {"price": price_id, "product": "prod_x"}},
-            "parent": {"type": "subscription_item_details",
-                       "subscription_item_details": {"subscription": subscription_id, "proration": False,
-                                                     "subscription_item": "si_1"}},
-        }]},
-    }
+def starter_invoice(*, invoice_id: str, user_id: str, subscription_id: str, prices: dict, period_end: int) -> dict:
+    return stripe_events.subscription_invoice(
+        invoice_id=invoice_id, customer=f"cus_{user_id}", subscription_id=subscription_id, user_id=user_id,
+        price=prices["starter"], period_start=period_end - 30 * DAY, period_end=period_end, amount=999,
+        billing_reason="subscription_create", created=period_end - 30 * DAY)
 
 
-def ingest_as_webhook(event: dict) -> None:
-    events_module.ingest(event, raw_payload=json.dumps(event), source="webhook")
-
-
-def balance_of(user_id: str) -> int:
-    with db.read_session() as session:
-        return ledger.balance(session, user_id)
+def deliver_to_sidecar(events: list[dict]) -> None:
+    """What the sidecar did receive: real signed deliveries to the webhook endpoint."""
+    with TestClient(create_app()) as sidecar:
+        for event in events:
+            assert stripe_events.deliver(sidecar, event).status_code == 200
 
 
 def ledger_size() -> int:
@@ -85,11 +72,17 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def stripe_account(database_url, stripe_server, stripe_prices, stripe_state):
-    """A Stripe account with a month of history: some events the sidecar got, some it missed."""
+def stripe_account(database_url, stripe_server, stripe_prices, stripe_state, monkeypatch):
+    """A Stripe account with a few days of history: some events the sidecar got, some it missed."""
+    stripe_events.configure_webhooks(monkeypatch, prices=stripe_prices)
     now = int(time.time())
     state = stripe_state
     period_end = now + 20 * DAY
+    carol_invoice = starter_invoice(invoice_id="in_carol1", user_id="carol", subscription_id="sub_carol",
+                                    prices=stripe_prices, period_end=period_end)
+    carol_subscription = stripe_events.subscription_object(
+        subscription_id="sub_carol", customer="cus_carol", price=stripe_prices["starter"], user_id="carol",
+        period_start=period_end - 30 * DAY, period_end=period_end)
 
     received = [
         state.add_event("checkout.session.completed", pack_session(session_id="cs_test_alice1", user_id="alice"),
@@ -98,25 +91,29 @@ def stripe_account(database_url, stripe_server, stripe_prices, stripe_state):
     ]
     missed = [
         state.add_event("checkout.session.completed",
-                        pack_session(session_id="cs_test_bob1", user_id="bob", item="pack_250", amount=2000),
-                        created=now - DAY),
-        state.add_event("invoice.paid", subscription_invoice(
-            invoice_id="in_carol1", user_id="carol", subscription_id="sub_carol", price_id=stripe_prices["starter"],
-            amount=999, period_end=period_end), created=now - 3600),
+                        pack_session(session_id="cs_test_bob1", user_id="bob", item="pack_250"), created=now - DAY),
+        state.add_event("customer.subscription.created", carol_subscription, created=now - 3600),
+        state.add_event("invoice.paid", carol_invoice, created=now - 3600),
         # the same payment under its second type: applied once
-        state.add_event("invoice.payment_succeeded", subscription_invoice(
-            invoice_id="in_carol1", user_id="carol", subscription_id="sub_carol", price_id=stripe_prices["starter"],
-            amount=999, period_end=period_end), created=now - 3600),
+        state.add_event("invoice.payment_succeeded", carol_invoice, created=now - 3600),
     ]
     # enough other events that the list needs more than one page of 100
     filler = [state.add_event("customer.updated", {"id": f"cus_f{n}", "object": "customer"}, created=now - 7200 - n)
-              for n in range(110)]
-    too_old = state.add_event("checkout.session.completed",
-                              pack_session(session_id="cs_test_old", user_id="dave"), created=now - 5 * DAY)
-    for event in received:
-        ingest_as_webhook(event)
+              for n in range(109)]
+    too_old = state.add_event("checkout.session.completed", pack_session(session_id="cs_test_old", user_id="dave"),
+                              created=now - 5 * DAY)
+    deliver_to_sidecar(received)
     return {"state": state, "received": received, "missed": missed, "filler": filler, "too_old": too_old,
             "prices": stripe_prices}
+
+
+def tiers_and_balances() -> dict:
+    with db.read_session() as session:
+        return {user: (ledger.account_summary(session, user).tier, ledger.balance(session, user))
+                for user in ("alice", "bob", "carol", "dave")}
+
+
+EXPECTED = {"alice": ("none", 100), "bob": ("none", 250), "carol": ("starter", 100), "dave": ("none", 0)}
 
 
 # --- durations --------------------------------------------------------------------------------
@@ -161,7 +158,7 @@ def test_recovers_exactly_the_missed_events_and_the_second_run_changes_nothing(s
     assert stripe_account["too_old"]["id"] not in stored
     assert {eid for eid, row in stored.items() if row.source == "reconcile"} == missed_ids
     assert all(stored[e["id"]].source == "webhook" for e in stripe_account["received"])
-    assert (balance_of("alice"), balance_of("bob"), balance_of("carol")) == (100, 250, 100)
+    assert tiers_and_balances() == EXPECTED
 
     # Stripe's paging: created[gte] for the window, 100 a page, then starting_after the last one seen
     pages = state.requests_to("GET", "/v1/events")
@@ -179,7 +176,7 @@ def test_recovers_exactly_the_missed_events_and_the_second_run_changes_nothing(s
     assert again["events"] == {"seen": 115, "already_stored": 115, "recovered": 0, "arrived_meanwhile": 0,
                                "failed": 0}
     assert ledger_size() == entries_before
-    assert (balance_of("alice"), balance_of("bob"), balance_of("carol")) == (100, 250, 100)
+    assert tiers_and_balances() == EXPECTED
 
 
 def test_recovered_invoice_records_its_payment_once(stripe_account):
@@ -192,42 +189,45 @@ def test_recovered_invoice_records_its_payment_once(stripe_account):
 
 
 def test_safe_while_the_sidecar_receives_the_same_events(stripe_account):
-    """The webhook delivers the missed events while reconcile recovers them: each is stored and applied once."""
+    """Stripe redelivers the missed events to the running sidecar while reconcile recovers them:
+    each is stored and applied once."""
     late_deliveries = list(stripe_account["missed"]) + list(stripe_account["filler"][:20])
     start = threading.Barrier(3)
-    errors: list[Exception] = []
+    answers: list[int] = []
 
-    def sidecar(events):
+    def stripe_retrying(base_url: str, events: list[dict]) -> None:
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            start.wait()
+            for event in events:
+                body = stripe_events.encode(event)
+                answers.append(http.post("/api/stripe/webhook", content=body,
+                                         headers=stripe_events.signed_headers(body)).status_code)
+
+    with running_server(create_app()) as base_url:
+        threads = [threading.Thread(target=stripe_retrying, args=(base_url, late_deliveries)),
+                   threading.Thread(target=stripe_retrying, args=(base_url, list(reversed(late_deliveries))))]
+        for thread in threads:
+            thread.start()
         start.wait()
-        for event in events:
-            try:
-                ingest_as_webhook(event)
-            except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
-                errors.append(exc)
+        report = reconcile(since=timedelta(days=3))
+        for thread in threads:
+            thread.join()
 
-    threads = [threading.Thread(target=sidecar, args=(late_deliveries,)),
-               threading.Thread(target=sidecar, args=(list(reversed(late_deliveries)),))]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    report = reconcile(since=timedelta(days=3))
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert answers == [200] * (2 * len(late_deliveries))
     counts = report.as_dict()["events"]
     assert counts["failed"] == 0
     assert counts["already_stored"] + counts["recovered"] + counts["arrived_meanwhile"] == counts["seen"] == 115
-    stored = stored_events()
-    assert len([eid for eid in stored if eid.startswith("evt_")]) == 115
-    assert (balance_of("alice"), balance_of("bob"), balance_of("carol")) == (100, 250, 100)
+    assert len(stored_events()) == 115
+    assert tiers_and_balances() == EXPECTED
+    with db.read_session() as session:
+        assert session.execute(select(func.count()).select_from(Payment)).scalar_one() == 3
     assert reconcile(since=timedelta(days=3)).as_dict()["events"]["recovered"] == 0
 
 
 def test_narrow_window_leaves_older_missed_events_alone(stripe_account):
     report = reconcile(since=timedelta(minutes=90))
     assert {row["id"] for row in report.recovered} == {e["id"] for e in stripe_account["missed"][1:]}
-    assert balance_of("bob") == 0 and balance_of("carol") == 100
+    assert tiers_and_balances() == EXPECTED | {"bob": ("none", 0)}
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -249,11 +249,10 @@ def test_reports_paid_session_without_grant_and_the_event_needing_attention(stri
 
 def test_reports_paid_invoice_without_grant(stripe_account):
     """An invoice for a price that isn't configured can't be granted: it needs attention, and is reported."""
-    invoice = subscription_invoice(invoice_id="in_erin1", user_id="erin", subscription_id="sub_erin",
-                                   price_id="price_not_configured", amount=999,
-                                   period_end=int(time.time()) + 9 * DAY)
+    invoice = starter_invoice(invoice_id="in_erin1", user_id="erin", subscription_id="sub_erin",
+                              prices={"starter": "price_not_configured"}, period_end=int(time.time()) + 9 * DAY)
     event = stripe_account["state"].add_event("invoice.paid", invoice, created=int(time.time()) - 60)
-    ingest_as_webhook(event)
+    deliver_to_sidecar([event])
     report = reconcile(since=timedelta(days=3))
     assert [row["invoice_id"] for row in report.paid_invoices_without_grant] == ["in_erin1"]
     row = report.paid_invoices_without_grant[0]
