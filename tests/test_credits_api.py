@@ -252,6 +252,7 @@ def test_database_unavailable_is_503(api_token, monkeypatch, tmp_path):
     reset_settings_cache()
     with TestClient(Starlette(routes=credits_api.routes())) as test_client:
         response = test_client.get("/api/accounts/alice", headers=AUTH)
+    db._engines.pop(f"sqlite:///{tmp_path}/never-migrated.db").dispose()
     assert response.status_code == 503
     assert response.json() == {"error": "the billing database is unavailable; retry later"}
 
@@ -339,3 +340,25 @@ def test_unexpected_error_is_a_json_500_without_details(client, monkeypatch):
     response = client.get("/api/accounts/alice", headers=AUTH)
     assert response.status_code == 500
     assert response.json() == {"error": "internal error in the credits API"}
+
+
+def test_frozen_credits_of_a_past_due_subscription_are_not_spendable(client):
+    import time
+
+    from billing_core.models import Subscription
+
+    period_end = int(time.time()) + 86400 * 20
+    with db.write_session() as session:
+        ledger.lock_account(session, user_id="alice")
+        session.add(Subscription(id="sub_alice", user_id="alice", tier="starter", status="past_due",
+                                 current_period_end=period_end))
+        session.flush()
+        ledger.grant_subscription_period(session, user_id="alice", subscription_id="sub_alice",
+                                         period_end=period_end, tier="starter", source_key="invoice:in_alice")
+    give_credits("alice", 10)
+    account = client.get("/api/accounts/alice", headers=AUTH).json()
+    assert (account["balance"], account["spendable_balance"], account["subscription_status"]) == (110, 10, "past_due")
+    response = consume(client, "alice", {"credits": 11, "reference": "job-1"})
+    assert response.status_code == 402
+    assert response.json() == {"error": "insufficient credits: 11 requested, 10 spendable"}
+    assert consume(client, "alice", {"credits": 10, "reference": "job-2"}).json()["balance"] == 100
