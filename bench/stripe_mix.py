@@ -9,9 +9,9 @@ new subscriptions (checkout.session.completed, customer.subscription.created, in
 invoice.payment_succeeded, shuffled among themselves), renewals (customer.subscription.updated and the
 renewal invoice under both types), pack purchases, event types without a handler, and 10% redeliveries
 of events already in the stream (some immediately after the original, so copies race each other).
-A renewal is placed at least RENEWAL_GAP deliveries after its customer's first events: with at most 16
-in flight, the first period is then applied before the next one arrives, as with Stripe, which sends a
-renewal a month later.
+Half the new subscriptions started 31-50 days ago (their first period is over, and these are the ones
+that renew); the others started in the last 20 days. A renewal is placed at least RENEWAL_GAP deliveries
+after its customer's first events, as with Stripe, which sends it a month later.
 """
 from __future__ import annotations
 
@@ -192,8 +192,10 @@ class Customer:
     period_end: int = 0
     packs: list[str] = field(default_factory=list)
 
-    def expected_balance(self) -> int:
-        return (PLAN_CREDITS[self.tier] if self.tier else 0) + sum(PACK_CREDITS[p] for p in self.packs)
+    def expected_balance(self, now: int | None = None) -> int:
+        """The current period's allowance while it lasts (the previous period's credits expire), plus packs."""
+        current = self.tier and self.period_end > (now or time.time())
+        return (PLAN_CREDITS[self.tier] if current else 0) + sum(PACK_CREDITS[p] for p in self.packs)
 
 
 def new_customer(rng: random.Random, n: int, *, prefix: str = "bench") -> Customer:
@@ -281,12 +283,13 @@ def build_workload(*, events: int, seed: int = 1, duplicate_share: float = 0.10,
     renewed: set[str] = set()
     while len(stream) < originals_wanted:
         roll = rng.random()
-        renewable = [c for pos, c in subscribed_at if len(stream) - pos >= RENEWAL_GAP and c.user_id not in renewed]
+        renewable = [c for pos, c in subscribed_at
+                     if len(stream) - pos >= RENEWAL_GAP and c.user_id not in renewed and c.period_end <= now]
         if roll < 0.50 or not customers:
             c = new_customer(rng, len(customers), prefix=prefix)
             customers[c.user_id] = c
-            group = new_subscription_events(c, rng.choice(list(PLAN_PRICES)), now=now - rng.randint(0, 20 * DAY),
-                                            rng=rng)
+            started = now - (rng.randint(31 * DAY, 50 * DAY) if rng.random() < 0.5 else rng.randint(0, 20 * DAY))
+            group = new_subscription_events(c, rng.choice(list(PLAN_PRICES)), now=started, rng=rng)
             rng.shuffle(group)
             stream += group
             subscribed_at.append((len(stream), c))
