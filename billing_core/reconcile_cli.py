@@ -93,7 +93,12 @@ def cmd_reconcile(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("reconcile", help="recover events the webhooks missed and report what doesn't add up")
+    p = sub.add_parser("reconcile", help="recover events the webhooks missed and report what doesn't add up",
+                       description="Store and process every Stripe event of the period that the database doesn't "
+                                   "have (the same idempotent path as the webhook), then report missing grants, "
+                                   "grants without a payment and anything applied twice. Safe to repeat and to "
+                                   "run while the sidecar is receiving. Exit code 0: nothing needs attention; "
+                                   "3: problems listed; 1: refused or failed.")
     p.add_argument("--since", default="3d", help="how far back, at most 30d (Stripe keeps events 30 days): "
                                                  "e.g. 30m, 12h, 3d (default 3d)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
