@@ -446,7 +446,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     payment = _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id, item=item,
                                status="paid")
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
-    if row.status == "canceled":
+    if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
     written = []
     for line, plan, period_end in upgrades:  # proration for a move to a higher tier mid-period
@@ -466,14 +466,17 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
 
 
 def _subscription_after_payment(session: Session, ctx: EventContext, *, subscription_id: str, user_id: str,
-                                base: tuple[dict, CatalogItem, int] | None) -> Subscription:
-    """A paid invoice means an active subscription for the period it paid, unless newer state says otherwise."""
+                                base: tuple[dict, CatalogItem, int] | None) -> Subscription | None:
+    """A paid invoice for a period means an active subscription with that period's plan, unless newer state
+    says otherwise. Other invoices (prorations) leave the state to the subscription events."""
     row = session.get(Subscription, subscription_id)
     if row is not None:
         session.refresh(row)
+    elif base is None:
+        return None
     else:
         row = Subscription(id=subscription_id, user_id=user_id, status="incomplete", state_at=0)
-    if ctx.created < row.state_at:
+    if ctx.created < row.state_at or base is None:
         return row
     if base is not None:
         line, plan, period_end = base

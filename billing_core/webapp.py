@@ -115,11 +115,12 @@ def _item_name(checkout_session: dict) -> str:
 
 def make_success_page(settings: Settings):
     def fulfil(session_id: str):
-        from .stripe_client import StripeProblem, get_stripe_client, stripe_errors
+        from .stripe_client import StripeProblem, make_stripe_client, stripe_errors
 
         try:
             with stripe_errors("retrieving the checkout session", settings=settings):
-                checkout_session = get_stripe_client().v1.checkout.sessions.retrieve(session_id).to_dict()
+                client = make_stripe_client(settings)
+                checkout_session = client.v1.checkout.sessions.retrieve(session_id).to_dict()
         except StripeProblem as exc:
             return None, None, exc
         handled = None

@@ -379,3 +379,15 @@ def test_lost_dispute_on_credits_that_expired_while_held_takes_nothing_more(side
     data = summary("u1")
     assert (data["balance"], data["flagged"]) == (0, False)
     assert one(Payment, invoice_id="in_1").amount_disputed_lost == 999
+
+
+def test_proration_invoice_first_leaves_the_subscription_state_to_the_subscription_events(sidecar):
+    upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                old_price=STARTER, new_price=PRO, changed_at=NOW - 100, period_end=P1_END,
+                                credit=800, charge=2400, created=NOW - 90)
+    send(sidecar, event("invoice.paid", upgrade, created=NOW - 90))
+    assert one(Subscription, id="sub_1") is None
+    send(sidecar, sub_event("customer.subscription.updated", created=NOW - 100, price=PRO, previous_price=STARTER))
+    send(sidecar, first_invoice())
+    data = summary("u1")
+    assert (data["tier"], data["subscription_status"], data["balance"]) == ("professional", "active", 500)
