@@ -172,7 +172,7 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
             if only_statuses is not None and row.status not in only_statuses:
                 return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
             if assigned_user_id:
-                row.assigned_user_id = ledger.check_user_id(assigned_user_id)
+                row.assigned_user_id = assigned_user_id
             ctx = EventContext(event=json.loads(row.payload), settings=settings,
                                assigned_user_id=row.assigned_user_id, source=source)
             status, error, user_id = _run_handler(session, ctx)
@@ -235,6 +235,8 @@ def reprocess(event_id: str, *, assigned_user_id: str | None = None, engine: Eng
     """Run a stored event through its handler again (any status); the source keys make it safe."""
     settings = settings or get_settings()
     engine = engine or db.get_engine(settings.database_url)
+    if assigned_user_id is not None:
+        assigned_user_id = ledger.check_user_id(assigned_user_id)  # a bad id is refused, not recorded as a failure
     result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
                       assigned_user_id=assigned_user_id)
     if result.status == "processed":

@@ -16,8 +16,7 @@ from billing_core import cli, db, events, ledger
 from billing_core.models import Account, LedgerEntry, Payment, StripeEvent
 from billing_core.settings import get_settings, reset_settings_cache
 from billing_core.webapp import create_app
-from stripe_events import (WEBHOOK_SECRET, checkout_completed, configure_webhooks, deliver, encode, event,
-                           signed_headers)
+from stripe_events import checkout_completed, configure_webhooks, deliver, encode, signed_headers
 
 URL = "/api/stripe/webhook"
 
@@ -299,3 +298,15 @@ def test_checkout_pages_are_plain_and_the_cancel_page_says_nothing_was_charged(s
     assert response.headers["content-type"].startswith("text/html")
     bad = sidecar.get("/checkout/success", params={"session_id": "<script>x</script>"})
     assert bad.status_code == 400 and "<script>" not in bad.text
+
+
+def test_reprocess_refuses_a_bad_assigned_user_without_touching_the_event(sidecar):
+    orphan = checkout_completed(user_id="", item="pack_100", customer="cus_orphan")
+    orphan["data"]["object"]["metadata"] = {"item": "pack_100"}
+    deliver(sidecar, orphan)
+    with pytest.raises(ledger.LedgerError, match="longer than 200"):
+        events.reprocess(orphan["id"], assigned_user_id="x" * 201)
+    row = stored(orphan["id"])
+    assert (row.status, row.attempts, row.assigned_user_id) == ("needs_attention", 1, None)
+    with pytest.raises(events.UnknownEvent):
+        events.reprocess("evt_nope")

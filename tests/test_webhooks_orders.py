@@ -14,7 +14,7 @@ from billing_core import db, ledger
 from billing_core.models import Account, Dispute, Payment, StripeEvent, Subscription
 from billing_core.webapp import create_app
 from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
-                           dispute_event, event, invoice_paid, proration_invoice, subscription_event,
+                           dispute_event, event, proration_invoice, subscription_event,
                            subscription_invoice)
 
 STARTER, PRO = DEFAULT_PRICES["starter"], DEFAULT_PRICES["professional"]
