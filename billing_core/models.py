@@ -47,7 +47,12 @@ class Subscription(SQLModel, table=True):
 
 class Payment(SQLModel, table=True):
     """A paid (or failed) Checkout Session or invoice, and what it granted."""
-    __table_args__ = (Index("ix_payment_created_at_status", "created_at", "status"),)
+    __table_args__ = (
+        Index("ix_payment_created_at_status", "created_at", "status"),
+        # covers the dashboard's revenue sums by time range (no table lookups at 200,000 payments)
+        Index("ix_payment_revenue", "created_at", "status", "kind", "amount_cents", "amount_refunded",
+              "amount_disputed_lost"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     user_id: str | None = Field(default=None, foreign_key="account.user_id", index=True, max_length=200)
     source: str = Field(max_length=20)  # "checkout" or "invoice"
@@ -76,6 +81,9 @@ class LedgerEntry(SQLModel, table=True):
         Index("ix_ledger_user_lot", "user_id", "lot_key"),
         Index("ix_ledger_user_created", "user_id", "created_at"),
         Index("ix_ledger_kind_created", "kind", "created_at"),
+        # the dashboard: credit flows by time range (covering) and lots by expiry time
+        Index("ix_ledger_created_kind_credits", "created_at", "kind", "credits"),
+        Index("ix_ledger_expires_at", "expires_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="account.user_id", max_length=200)
