@@ -8,9 +8,10 @@
 3. An unexpected exception rolls back every effect; a separate transaction records status=failed with
    the error (keys masked) so the caller answers 500 and Stripe retries.
 4. A handler's NeedsAttention rolls back its effects (savepoint) and keeps the event with the reason
-   (answered 200: retrying can't help). Such events are retried automatically after a later event
-   records something (a payment, a subscription, a customer link) that may resolve them, and an
-   operator can assign the user and `reprocess` them.
+   (answered 200: Stripe's retry can't help). Such an event is retried automatically when a later event
+   records something it mentions (its payment intent, customer, subscription, or the invoice Stripe
+   named for its charge), so a refund delivered before its payment still applies; an operator can
+   assign the user and `reprocess` the rest.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import stripe
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -157,12 +158,18 @@ def ingest(event: dict, *, raw_payload: str, source: str = "webhook", engine: En
     _store(engine, event, raw_payload, source)
     result = _process(engine, event["id"], settings=settings, only_statuses=PENDING_STATUSES, source=source)
     if result.status == "processed" and not result.duplicate:
-        retry_waiting(engine=engine, settings=settings, exclude=event["id"])
+        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(event["data"]["object"]),
+                      exclude=event["id"])
     return result
 
 
+class _StillWaiting(Exception):
+    """An automatic retry that resolved nothing: roll back so the stored row stays as it was."""
+
+
 def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses: tuple[str, ...] | None,
-             source: str = "webhook", assigned_user_id: str | None = None) -> IngestResult:
+             source: str = "webhook", assigned_user_id: str | None = None,
+             quiet_if_unresolved: bool = False) -> IngestResult:
     try:
         with db.write_session(engine) as session:
             row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
@@ -176,6 +183,8 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
             ctx = EventContext(event=json.loads(row.payload), settings=settings,
                                assigned_user_id=row.assigned_user_id, source=source)
             status, error, user_id = _run_handler(session, ctx)
+            if quiet_if_unresolved and status == "needs_attention":
+                raise _StillWaiting()
             row.status, row.error, row.user_id = status, error, user_id or row.user_id
             row.attempts += 1
             row.processed_at = utcnow()
@@ -187,6 +196,8 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
             return IngestResult(event_id, status, error=error, user_id=row.user_id)
     except UnknownEvent:
         raise
+    except _StillWaiting:
+        return IngestResult(event_id, "needs_attention", duplicate=True)
     except Exception as exc:  # anything unexpected: nothing of it stays, Stripe retries on our 500
         error = safe_error_text(exc, settings)
         log.error("event %s failed: %s", event_id, error, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -240,7 +251,8 @@ def reprocess(event_id: str, *, assigned_user_id: str | None = None, engine: Eng
     result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
                       assigned_user_id=assigned_user_id)
     if result.status == "processed":
-        retry_waiting(engine=engine, settings=settings, exclude=event_id)
+        retry_waiting(engine=engine, settings=settings, related_to=_related_to_stored([event_id], engine),
+                      exclude=event_id)
     return result
 
 
@@ -257,30 +269,44 @@ def replay_failed(*, engine: Engine | None = None, settings: Settings | None = N
             .order_by(StripeEvent.created, StripeEvent.id)).scalars())
     results = [_process(engine, event_id, settings=settings, only_statuses=PENDING_STATUSES, source="replay")
                for event_id in ids]
-    if any(r.status == "processed" for r in results):
-        retry_waiting(engine=engine, settings=settings)
+    processed = [r.event_id for r in results if r.status == "processed" and not r.duplicate]
+    if processed:
+        retry_waiting(engine=engine, settings=settings, related_to=_related_to_stored(processed, engine))
     return results
 
 
-def retry_waiting(*, engine: Engine, settings: Settings, exclude: str | None = None, rounds: int = 3) -> int:
-    """Retry recent needs-attention events: a payment or link recorded since may resolve them
-    (a refund delivered before its payment, an invoice before its customer link). Returns how many resolved."""
+def _related_to_stored(event_ids: list[str], engine: Engine) -> set[str]:
+    with db.read_session(engine) as session:
+        payloads = session.execute(select(StripeEvent.payload).where(StripeEvent.id.in_(event_ids))).scalars()
+        return set().union(*(handlers.related_ids(json.loads(p)["data"]["object"]) for p in payloads))
+
+
+def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], exclude: str | None = None,
+                  rounds: int = 3) -> int:
+    """Retry recent needs-attention events that mention one of `related_to` (ids of what was just recorded:
+    a customer, subscription, invoice, payment intent) in their payload or reason: a refund delivered before
+    its payment, an invoice before its customer link. Unrelated ones (a refund of a charge that isn't ours)
+    are left alone, and a retry that resolves nothing writes nothing. Returns how many were resolved."""
     resolved = 0
     for _ in range(rounds):
-        with db.read_session(engine) as session:
-            ids = list(session.execute(
-                select(StripeEvent.id).where(StripeEvent.status == "needs_attention",
-                                             StripeEvent.received_at >= utcnow() - WAITING_RETRY_WINDOW,
-                                             StripeEvent.id != (exclude or ""))
-                .order_by(StripeEvent.created, StripeEvent.id).limit(WAITING_RETRY_LIMIT)).scalars())
-        progress = 0
-        for event_id in ids:
-            result = _process(engine, event_id, settings=settings, only_statuses=("needs_attention",),
-                              source="replay")
-            progress += result.status in ("processed", "ignored") and not result.duplicate
-        resolved += progress
-        if not progress:
+        if not related_to:
             break
+        mentions = [StripeEvent.payload.contains(f'"{ident}"', autoescape=True) for ident in related_to]
+        mentions += [StripeEvent.error.contains(ident, autoescape=True) for ident in related_to]
+        with db.read_session(engine) as session:
+            rows = session.execute(
+                select(StripeEvent.id, StripeEvent.payload).where(
+                    StripeEvent.status == "needs_attention",
+                    StripeEvent.received_at >= utcnow() - WAITING_RETRY_WINDOW,
+                    StripeEvent.id != (exclude or ""), or_(*mentions))
+                .order_by(StripeEvent.created, StripeEvent.id).limit(WAITING_RETRY_LIMIT)).all()
+        related_to = set()
+        for event_id, payload in rows:
+            result = _process(engine, event_id, settings=settings, only_statuses=("needs_attention",),
+                              source="replay", quiet_if_unresolved=True)
+            if result.status in ("processed", "ignored") and not result.duplicate:
+                resolved += 1
+                related_to |= handlers.related_ids(json.loads(payload)["data"]["object"])
     return resolved
 
 
@@ -296,7 +322,7 @@ def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = No
     except NeedsAttention as exc:
         log.warning("success page could not apply %s: %s", checkout_session.get("id"), exc.reason)
         return None
-    retry_waiting(engine=engine, settings=settings)
+    retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(checkout_session))
     return handled
 
 

@@ -127,6 +127,16 @@ def plan_for_price(price_id: str | None, settings: Settings) -> CatalogItem | No
     return item if item and item.kind == "plan" else None
 
 
+def related_ids(obj: dict) -> set[str]:
+    """The Stripe ids an event's object records or links (itself, its customer, subscription, invoice,
+    payment intent, charge): a waiting event mentioning one of them may be resolvable now."""
+    found = {id_of(obj.get(name)) for name in ("id", "customer", "subscription", "payment_intent", "invoice",
+                                               "charge")}
+    if obj.get("object") == "invoice":
+        found.add(invoice_subscription_id(obj))
+    return {ident for ident in found if ident and "_" in ident.strip("_")}
+
+
 # --- finding the user ------------------------------------------------------------------------
 
 def user_for_customer(session: Session, customer_id: str | None) -> str | None:
@@ -534,8 +544,10 @@ def invoice_for_payment_intent(payment_intent_id: str, *, client=None) -> str | 
     return None
 
 
-def payment_for_charge(session: Session, *, charge_id: str | None, payment_intent_id: str | None) -> Payment | None:
-    """The Payment behind a charge: by PaymentIntent or charge id, else through the invoice it paid."""
+def payment_for_charge(session: Session, *, charge_id: str | None, payment_intent_id: str | None,
+                       looked_up: dict | None = None) -> Payment | None:
+    """The Payment behind a charge: by PaymentIntent or charge id, else through the invoice it paid
+    (`looked_up["invoice"]` tells the caller which invoice Stripe named)."""
     conditions = []
     if payment_intent_id:
         conditions.append(Payment.payment_intent_id == payment_intent_id)
@@ -550,15 +562,20 @@ def payment_for_charge(session: Session, *, charge_id: str | None, payment_inten
     invoice_id = invoice_for_payment_intent(payment_intent_id)
     if not invoice_id:
         return None
+    if looked_up is not None:
+        looked_up["invoice"] = invoice_id
     return session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
 
 
 def _locked_payment(session: Session, *, charge_id: str | None, payment_intent_id: str | None,
                     what: str) -> Payment:
-    payment = payment_for_charge(session, charge_id=charge_id, payment_intent_id=payment_intent_id)
+    looked_up: dict = {}
+    payment = payment_for_charge(session, charge_id=charge_id, payment_intent_id=payment_intent_id,
+                                 looked_up=looked_up)
     if payment is None or not payment.user_id:
+        invoice = f", invoice {looked_up['invoice']}" if looked_up.get("invoice") else ""
         raise NeedsAttention(f"no recorded payment matches {what} (charge {charge_id}, payment intent "
-                             f"{payment_intent_id}); reprocess once the payment is recorded")
+                             f"{payment_intent_id}{invoice}); it is retried when that payment is recorded")
     ledger.lock_account(session, user_id=payment.user_id)
     session.refresh(payment)
     changed = False

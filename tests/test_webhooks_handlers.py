@@ -391,3 +391,26 @@ def test_proration_invoice_first_leaves_the_subscription_state_to_the_subscripti
     send(sidecar, first_invoice())
     data = summary("u1")
     assert (data["tier"], data["subscription_status"], data["balance"]) == ("professional", "active", 500)
+
+
+def test_dispute_before_its_invoice_waits_and_applies_when_the_invoice_is_recorded(sidecar, fake_stripe):
+    fake_stripe.state.add_invoice_payment(invoice="in_1", payment_intent="pi_1", amount_paid=999)
+    opened = dispute_event("charge.dispute.created", dispute_id="dp_w", charge_id="ch_1", payment_intent="pi_1",
+                           amount=999)
+    assert send(sidecar, opened)["status"] == "needs_attention"
+    assert "invoice in_1" in stored_event(opened["id"]).error
+    send(sidecar, first_invoice())
+    assert stored_event(opened["id"]).status == "processed"
+    data = summary("u1")
+    assert data["flagged"] and data["balance"] == 0  # the invoice's 100 credits are held
+
+
+def test_unrelated_waiting_events_are_not_retried(sidecar, fake_stripe):
+    foreign = charge_refunded(charge_id="ch_foreign", payment_intent="pi_foreign", amount=500, amount_refunded=500)
+    assert send(sidecar, foreign)["status"] == "needs_attention"
+    lookups = len(fake_stripe.state.requests_to("GET", "/v1/invoice_payments"))
+    send(sidecar, checkout_completed(user_id="u1", item="pack_100", customer="cus_1", payment_intent="pi_mine"))
+    send(sidecar, first_invoice())
+    row = stored_event(foreign["id"])
+    assert (row.status, row.attempts) == ("needs_attention", 1)
+    assert len(fake_stripe.state.requests_to("GET", "/v1/invoice_payments")) == lookups
