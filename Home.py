@@ -22,7 +22,7 @@ row[1].metric("Revenue, last 30 days", money(revenue.net_cents),
                    f"{money(revenue.refunded_cents + revenue.disputed_lost_cents)} refunded or lost in disputes")
 row[2].metric("Credits outstanding", f"{outstanding:,}",
               help=f"Worth {money(reports.credits_worth_cents(outstanding))} at $0.06 per credit (the 1000-credit "
-                   "pack's price; up to $0.10 at the 100-credit pack's). Recomputed every minute.")
+                   "pack's price; up to $0.10 at the 100-credit pack's). Recomputed every five minutes.")
 row[3].metric("Outstanding credits worth", money(reports.credits_worth_cents(outstanding)),
               help="At $0.06 per credit, the lowest price a customer pays for pack credits")
 

@@ -51,7 +51,7 @@ class Payment(SQLModel, table=True):
         Index("ix_payment_created_at_status", "created_at", "status"),
         # covers the dashboard's revenue sums by time range (no table lookups at 200,000 payments)
         Index("ix_payment_revenue", "created_at", "status", "kind", "amount_cents", "amount_refunded",
-              "amount_disputed_lost"),
+              "amount_disputed_lost", "credits_granted"),
     )
     id: int | None = Field(default=None, primary_key=True)
     user_id: str | None = Field(default=None, foreign_key="account.user_id", index=True, max_length=200)
@@ -78,12 +78,12 @@ class LedgerEntry(SQLModel, table=True):
     or, when lot_key is NULL, stand alone (debt from a clawback beyond what was left)."""
     __tablename__ = "ledger_entry"
     __table_args__ = (
-        Index("ix_ledger_user_lot", "user_id", "lot_key"),
+        Index("ix_ledger_user_lot", "user_id", "lot_key", "credits"),  # credits: lot sums read the index only
         Index("ix_ledger_user_created", "user_id", "created_at"),
         Index("ix_ledger_kind_created", "kind", "created_at"),
         # the dashboard: credit flows by time range (covering) and lots by expiry time
         Index("ix_ledger_created_kind_credits", "created_at", "kind", "credits"),
-        Index("ix_ledger_expires_at", "expires_at"),
+        Index("ix_ledger_expires_at", "expires_at", "user_id", "source_key"),
     )
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="account.user_id", max_length=200)

@@ -19,6 +19,7 @@ import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 from sqlalchemy import and_, case, cast, func, literal, null, or_, select, String, union_all
 from sqlalchemy.orm import aliased
@@ -26,7 +27,7 @@ from sqlmodel import Session
 
 from . import ledger
 from .catalog import CATALOG, PLANS
-from .formatting import as_utc, local_time
+from .formatting import as_utc, local_time, zone
 from .models import Account, CheckoutLink, Dispute, LedgerEntry, Payment, StripeEvent, Subscription, utcnow
 from .settings import Settings
 
@@ -52,14 +53,29 @@ def _dialect(session: Session) -> str:
 
 
 def _hour_key(session: Session, column):
-    """'YYYY-MM-DD HH' of a stored (UTC) time, in SQL."""
+    """'YYYY-MM-DD HH' of a stored (UTC) time, in SQL. SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff' text,
+    so a prefix is the hour (much cheaper than strftime at a million rows)."""
     if _dialect(session) == "postgresql":
         return func.to_char(func.date_trunc("hour", column), "YYYY-MM-DD HH24")
-    return func.strftime("%Y-%m-%d %H", column)
+    return func.substr(column, 1, 13)
 
 
+def local_month_starts(*, since: datetime, until: datetime, tz_name: str) -> list[datetime]:
+    """The first instants (UTC) of the operator's months from the one holding `since` up to past `until`."""
+    tz = zone(tz_name)
+    local = as_utc(since).astimezone(tz)
+    month = datetime(local.year, local.month, 1, tzinfo=tz)
+    starts = []
+    while True:
+        starts.append(month.astimezone(timezone.utc))
+        if month.astimezone(timezone.utc) > until:
+            return starts
+        month = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=tz)
+
+
+@lru_cache(maxsize=65_536)
 def _local_period(hour_key: str, tz_name: str, granularity: str) -> str:
-    start = datetime.strptime(hour_key, "%Y-%m-%d %H").replace(tzinfo=timezone.utc)
+    start = datetime.fromisoformat(f"{hour_key}:00:00+00:00")
     local = local_time(start, tz_name)
     return local.strftime("%Y-%m" if granularity == "month" else "%Y-%m-%d")
 
@@ -129,12 +145,24 @@ def _live_entries(now: datetime):
     return join, condition
 
 
-def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
-    """The sum of all balances: one aggregate over the ledger (cache it in the page layer)."""
-    now = now or utcnow()
-    join, condition = _live_entries(now)
-    stmt = select(func.coalesce(func.sum(LedgerEntry.credits), 0)).select_from(join).where(condition)
+def _lapsed(session: Session, *, after: datetime | None, until: datetime) -> int:
+    """Credits left in lots whose expiry time fell in (after, until]: they stopped counting then."""
+    grant = aliased(LedgerEntry)
+    conditions = [grant.expires_at <= until]  # only grants carry an expiry
+    if after is not None:
+        conditions.append(grant.expires_at > after)
+    stmt = (select(func.coalesce(func.sum(LedgerEntry.credits), 0)).select_from(grant)
+            .join(LedgerEntry, and_(LedgerEntry.user_id == grant.user_id, LedgerEntry.lot_key == grant.source_key))
+            .where(*conditions))
     return int(session.execute(stmt).scalar_one())
+
+
+def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
+    """The sum of all balances: every entry, less what is left in lots past their expiry time.
+    Two aggregates over the ledger (cache the result in the page layer)."""
+    now = now or utcnow()
+    total = int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0))).scalar_one())
+    return total - _lapsed(session, after=None, until=now)
 
 
 def credits_worth_cents(credits: int) -> int:
@@ -452,27 +480,23 @@ CREDIT_FLOW_KINDS = {
 def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
     """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
 
-    Expired counts both explicit expiries (cancellation, next period's grant) and lots whose expiry
-    time passed with credits left, dated by that time."""
-    hour = _hour_key(session, LedgerEntry.created_at)
-    flow_of = {kind: flow for flow, kinds in CREDIT_FLOW_KINDS.items() for kind in kinds}
-    kinds = tuple(flow_of)
-    stmt = (select(hour, LedgerEntry.kind, func.sum(LedgerEntry.credits))
-            .where(LedgerEntry.kind.in_(kinds), LedgerEntry.created_at >= since, LedgerEntry.created_at < now)
-            .group_by(hour, LedgerEntry.kind))
-    totals: dict[tuple[str, str], int] = defaultdict(int)
-    for key, kind, total in session.execute(stmt).all():
-        totals[(_local_period(key, tz_name, "month"), flow_of[kind])] += abs(int(total or 0))
-    grant = aliased(LedgerEntry)
-    expiry_hour = _hour_key(session, grant.expires_at)
-    lapsed = (select(expiry_hour, func.sum(LedgerEntry.credits))
-              .select_from(grant).join(LedgerEntry, LedgerEntry.lot_key == grant.source_key)
-              .where(grant.lot_source.is_not(None), grant.expires_at >= since, grant.expires_at <= now)
-              .group_by(expiry_hour))
-    for key, remaining in session.execute(lapsed).all():
-        if remaining and remaining > 0:
-            totals[(_local_period(key, tz_name, "month"), "expired")] += int(remaining)
-    return [{"period": p, "flow": f, "credits": c} for (p, f), c in sorted(totals.items())]
+    Expired counts both explicit expiries (cancellation, next period's grant) and what was left in lots
+    whose expiry time passed, dated by that time. One range query per month over a covering index
+    (created_at, kind, credits): no per-row date arithmetic, exact local month boundaries."""
+    sums = [func.coalesce(func.sum(case((LedgerEntry.kind.in_(kinds), LedgerEntry.credits), else_=0)), 0)
+            for kinds in CREDIT_FLOW_KINDS.values()]
+    starts = local_month_starts(since=since, until=now, tz_name=tz_name)
+    found = []
+    for start, end in zip(starts, starts[1:]):
+        low, high = max(start, since), min(end, now)
+        if low >= high:
+            continue
+        period = local_time(start, tz_name).strftime("%Y-%m")
+        row = session.execute(select(*sums).where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high)).one()
+        totals = dict(zip(CREDIT_FLOW_KINDS, (abs(int(v)) for v in row)))
+        totals["expired"] += max(0, _lapsed(session, after=low, until=high))
+        found += [{"period": period, "flow": flow, "credits": credits} for flow, credits in totals.items() if credits]
+    return found
 
 
 def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:

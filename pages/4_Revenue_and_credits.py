@@ -7,13 +7,12 @@ import streamlit as st
 
 from billing_core import reports
 from billing_core.catalog import PLANS
-from billing_core.models import utcnow
 from dashboard_ui import data
 from dashboard_ui.common import money, start_page
 
 identity, settings = start_page("Revenue & credits", icon="📈")
 url, tz_name = settings.database_url, settings.operator_timezone
-now = utcnow()
+now = data.this_minute()
 days = st.segmented_control("Daily revenue over", (30, 90, 365), default=90, format_func=lambda d: f"{d} days",
                             key="rev_days") or 90
 
@@ -30,12 +29,9 @@ def dollars(rows: list[dict], column: str = "net_cents") -> pd.DataFrame:
     return frame
 
 
-with data.read(url) as session:
-    daily = reports.revenue_series(session, since=now - timedelta(days=days), until=now, tz_name=tz_name)
-    monthly = reports.revenue_series(session, since=now - timedelta(days=365), until=now, tz_name=tz_name,
-                                     granularity="month")
-    subs = reports.subscription_stats(session)
-flows = data.credit_flows(url, (now - timedelta(days=365)).replace(minute=0, second=0, microsecond=0), tz_name)
+series = data.revenue(url, days, tz_name, now)
+daily, monthly, subs = series["daily"], series["monthly"], series["subscriptions"]
+flows = data.credit_flows(url, (now - timedelta(days=365)).replace(minute=0), tz_name)
 distribution = data.balance_distribution(url)
 outstanding, _ = data.credits_outstanding(url)
 
@@ -88,5 +84,5 @@ with right:
 
 st.metric("Outstanding credit liability", f"{outstanding:,} credits",
           delta=f"worth {money(reports.credits_worth_cents(outstanding))} at $0.06/credit", delta_color="off")
-st.caption(f"Months and days in {tz_name}. Credit flows, balances and the liability are recomputed at most "
-           "once a minute.")
+st.caption(f"Months and days in {tz_name}. Revenue is recomputed every minute; credit flows, balances and "
+           "the liability every five minutes (at once after an adjustment made here).")

@@ -127,7 +127,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_payment_charge_id'), ['charge_id'], unique=False)
         batch_op.create_index('ix_payment_created_at_status', ['created_at', 'status'], unique=False)
         batch_op.create_index(batch_op.f('ix_payment_payment_intent_id'), ['payment_intent_id'], unique=False)
-        batch_op.create_index('ix_payment_revenue', ['created_at', 'status', 'kind', 'amount_cents', 'amount_refunded', 'amount_disputed_lost'], unique=False)
+        batch_op.create_index('ix_payment_revenue', ['created_at', 'status', 'kind', 'amount_cents', 'amount_refunded', 'amount_disputed_lost', 'credits_granted'], unique=False)
         batch_op.create_index(batch_op.f('ix_payment_subscription_id'), ['subscription_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_payment_user_id'), ['user_id'], unique=False)
 
@@ -188,10 +188,10 @@ def upgrade() -> None:
     with op.batch_alter_table('ledger_entry', schema=None) as batch_op:
         batch_op.create_index('ix_ledger_created_kind_credits', ['created_at', 'kind', 'credits'], unique=False)
         batch_op.create_index(batch_op.f('ix_ledger_entry_payment_id'), ['payment_id'], unique=False)
-        batch_op.create_index('ix_ledger_expires_at', ['expires_at'], unique=False)
+        batch_op.create_index('ix_ledger_expires_at', ['expires_at', 'user_id', 'source_key'], unique=False)
         batch_op.create_index('ix_ledger_kind_created', ['kind', 'created_at'], unique=False)
         batch_op.create_index('ix_ledger_user_created', ['user_id', 'created_at'], unique=False)
-        batch_op.create_index('ix_ledger_user_lot', ['user_id', 'lot_key'], unique=False)
+        batch_op.create_index('ix_ledger_user_lot', ['user_id', 'lot_key', 'credits'], unique=False)
 
     # ### end Alembic commands ###
 
