@@ -199,9 +199,14 @@ def current_subscription(session: Session, user_id: str) -> Subscription | None:
 
 # --- reading ------------------------------------------------------------------------------
 
+# Built once: a fresh aliased() per call makes SQLAlchemy re-adapt every column it touches, which
+# cost ~10 ms per lots() call, several times per spend and per webhook event (see docs/BENCHMARKS.md).
+_GRANT = aliased(LedgerEntry, name="grant")
+_ENTRY = aliased(LedgerEntry, name="entry")
+
+
 def lots(session: Session, user_id: str) -> list[Lot]:
-    grant = aliased(LedgerEntry)
-    entry = aliased(LedgerEntry)
+    grant, entry = _GRANT, _ENTRY
     stmt = (
         select(grant.source_key, grant.lot_source, grant.credits, func.sum(entry.credits), grant.expires_at,
                grant.subscription_id, grant.period_end, grant.payment_id, grant.created_at,
@@ -225,7 +230,7 @@ def unlotted_total(session: Session, user_id: str) -> int:
 def balance(session: Session, user_id: str, *, now: datetime | None = None) -> int:
     """Credits held now: every entry, except those in lots whose expiry time has passed."""
     now = now or utcnow()
-    grant = aliased(LedgerEntry)
+    grant = _GRANT
     stmt = (select(func.coalesce(func.sum(LedgerEntry.credits), 0))
             .select_from(LedgerEntry)
             .outerjoin(grant, and_(grant.user_id == LedgerEntry.user_id, grant.source_key == LedgerEntry.lot_key))
