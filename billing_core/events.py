@@ -213,7 +213,11 @@ def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | Non
         return "needs_attention", exc.reason[:MAX_ERROR_CHARS], None
     except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
         return "needs_attention", safe_error_text(exc, ctx.settings), None
-    return ("ignored" if handled.ignored else "processed"), handled.note, handled.user_id
+    if handled.ignored:
+        return "ignored", handled.note, handled.user_id
+    if handled.note:
+        log.info("event %s: %s", ctx.id, handled.note)
+    return "processed", None, handled.user_id
 
 
 def _record_failure(engine: Engine, event_id: str, error: str) -> None:
