@@ -310,3 +310,35 @@ def test_reprocess_refuses_a_bad_assigned_user_without_touching_the_event(sideca
     assert (row.status, row.attempts, row.assigned_user_id) == ("needs_attention", 1, None)
     with pytest.raises(events.UnknownEvent):
         events.reprocess("evt_nope")
+
+
+def test_a_real_uvicorn_server_takes_signed_deliveries(database_url, monkeypatch):
+    import httpx
+
+    from live_server import running_server
+
+    configure_webhooks(monkeypatch)
+    evt = checkout_completed(user_id="u1", item="pack_100")
+    body = encode(evt)
+    with running_server(create_app()) as base:
+        first = httpx.post(base + URL, content=body, headers=signed_headers(body))
+        again = httpx.post(base + URL, content=body, headers=signed_headers(body))
+        health = httpx.get(base + "/healthz")
+    assert (first.status_code, first.json()["status"]) == (200, "processed")
+    assert again.json()["duplicate"] is True and health.json()["last_event_at"]
+    assert balance("u1") == 100
+
+
+def test_replay_failed_also_picks_up_an_event_left_received_by_a_crash(database_url, monkeypatch):
+    from datetime import timedelta
+
+    from billing_core.models import utcnow
+
+    configure_webhooks(monkeypatch)
+    evt = checkout_completed(user_id="u1", item="pack_100")
+    events._store(db.get_engine(), evt, encode(evt), "webhook")  # stored, then the process died
+    assert [r.event_id for r in events.replay_failed()] == []  # too fresh: may still be in progress
+    with db.write_session() as session:
+        session.get(StripeEvent, evt["id"]).received_at = utcnow() - timedelta(minutes=5)
+    assert [(r.event_id, r.status) for r in events.replay_failed()] == [(evt["id"], "processed")]
+    assert balance("u1") == 100
