@@ -47,7 +47,7 @@ else:
     st.write(f"Last event from Stripe: **{when(health.last_received_at, settings)}** "
              f"({age(health.last_received_at, now=overview.now)}).")
 if health.warning:
-    st.warning(health.warning, icon="⚠️")
+    st.warning(health.warning, icon=":material/warning:")
 elif not settings.stripe_configured:
     st.caption("Stripe is not configured, so no events are expected.")
 

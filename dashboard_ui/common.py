@@ -13,7 +13,7 @@ from .auth import require_operator, sign_out
 _checked_schemas: set[str] = set()
 
 
-def start_page(title: str, *, icon: str = "💳") -> tuple[Identity, Settings]:
+def start_page(title: str, *, icon: str = ":material/payments:") -> tuple[Identity, Settings]:
     """Page config, schema check, mode banner and the sign-in gate; returns the signed-in operator."""
     st.set_page_config(page_title=f"{title} · Billing console", page_icon=icon, layout="wide")
     settings = get_settings()
@@ -47,13 +47,13 @@ def mode_banner(settings: Settings) -> None:
     mode = settings.stripe_mode
     if settings.demo_mode:
         st.info("**DEMO MODE** · sample data in data/demo.db · Stripe is not configured, no real money moves",
-                icon="🧪")
+                icon=":material/science:")
     elif mode == "test":
-        st.warning("**TEST MODE** · Stripe test keys · no real money moves", icon="🛠️")
+        st.warning("**TEST MODE** · Stripe test keys · no real money moves", icon=":material/build:")
     elif mode == "live":
-        st.error("**LIVE MODE** · real customers and real money", icon="🔴")
+        st.error("**LIVE MODE** · real customers and real money", icon=":material/error:")
     else:
-        st.warning("**NO STRIPE KEY** · Stripe actions are off", icon="⚠️")
+        st.warning("**NO STRIPE KEY** · Stripe actions are off", icon=":material/warning:")
 
 
 def money(cents: int | None, currency: str = "usd") -> str:

@@ -8,14 +8,14 @@ from billing_core.stripe_client import StripeProblem
 from dashboard_ui import data
 from dashboard_ui.common import money, start_page, table, when
 
-identity, settings = start_page("Checkout links", icon="🔗")
+identity, settings = start_page("Checkout links")
 url = settings.database_url
 
 if not settings.stripe_configured:
     st.info("Stripe is not configured, so no links can be made here"
             + (" in demo mode" if settings.demo_mode else "")
             + ". Set STRIPE_SECRET_KEY (a test key sk_test_…) and the price IDs in config/.env, "
-              "then run `python -m billing_core check-config`.", icon="🔌")
+              "then run `python -m billing_core check-config`.", icon=":material/power_off:")
 
 st.markdown("#### Who pays")
 query = st.text_input("User id or email", key="link_query", placeholder="user_123 or someone@example.com")

@@ -7,7 +7,7 @@ from dashboard_ui import data
 from dashboard_ui.common import money, pager, start_page, table, when
 
 TIMELINE_PAGE = 50
-identity, settings = start_page("Customers", icon="👤")
+identity, settings = start_page("Customers")
 url = settings.database_url
 
 query = st.text_input("Search by user id, email or Stripe customer id", value=st.query_params.get("user", ""),
@@ -32,7 +32,7 @@ with data.read(url) as session:
 
 st.subheader(user_id)
 if overview["flagged"]:
-    st.error(f"Flagged: {overview['flag_reason']}. Spending is paused until this is resolved.", icon="🚩")
+    st.error(f"Flagged: {overview['flag_reason']}. Spending is paused until this is resolved.", icon=":material/flag:")
 cols = st.columns(5)
 cols[0].metric("Balance", f"{overview['balance']:,} credits")
 cols[1].metric("Spendable now", f"{overview['spendable_balance']:,} credits")
@@ -74,7 +74,7 @@ def describe(row: dict) -> str:
 table([{"When": when(r["at"], settings), "What": describe(r),
         "Credits": f"{r['credits']:+,}" if r["credits"] is not None else "",
         "Amount": money(r["amount_cents"]) if r["amount_cents"] is not None else "",
-        "Detail": r["detail"] if r["category"] == "ledger" else (r["ref"] or ""),
+        "Detail": (r["detail"] if r["category"] == "ledger" else r["ref"]) or "",
         "Expires": when(r["expires_at"], settings) if r["expires_at"] else "",
         "Operator": r["operator"] or ""} for r in rows], key="timeline")
 

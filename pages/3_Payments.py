@@ -11,7 +11,7 @@ from dashboard_ui.common import money, pager, start_page, table, when
 
 PAGE_SIZE = 50
 STATUSES = ("paid", "partially_refunded", "refunded", "disputed", "unpaid", "failed")
-identity, settings = start_page("Payments", icon="💵")
+identity, settings = start_page("Payments")
 url = settings.database_url
 tz = zone(settings.operator_timezone)
 today = datetime.now(tz).date()

@@ -10,11 +10,15 @@ from billing_core.catalog import PLANS
 from dashboard_ui import data
 from dashboard_ui.common import money, start_page
 
-identity, settings = start_page("Revenue & credits", icon="📈")
+identity, settings = start_page("Revenue & credits")
 url, tz_name = settings.database_url, settings.operator_timezone
 now = data.this_minute()
 days = st.segmented_control("Daily revenue over", (30, 90, 365), default=90, format_func=lambda d: f"{d} days",
                             key="rev_days") or 90
+
+
+KIND_COLORS = {"plan": "#2563eb", "pack": "#93c5fd", "other": "#9ca3af"}
+FLOW_COLORS = {"granted": "#16a34a", "spent": "#2563eb", "expired": "#f59e0b", "clawed back": "#dc2626"}
 
 
 def chart(figure, key: str) -> None:
@@ -42,6 +46,7 @@ with left:
         st.info("No revenue in this period.")
     else:
         chart(px.bar(frame, x="period", y="USD", color="kind", title=f"Net revenue by day, last {days} days",
+                     color_discrete_map=KIND_COLORS, category_orders={"kind": ["plan", "pack", "other"]},
                      labels={"period": "day"}), "rev_daily")
 with right:
     frame = dollars(monthly)
@@ -49,6 +54,7 @@ with right:
         st.info("No revenue in the last 12 months.")
     else:
         chart(px.bar(frame, x="period", y="USD", color="kind", title="Net revenue by month",
+                     color_discrete_map=KIND_COLORS, category_orders={"kind": ["plan", "pack", "other"]},
                      labels={"period": "month"}), "rev_monthly")
 
 left, right = st.columns(2)
@@ -75,7 +81,7 @@ with left:
     if frame.empty:
         st.info("No credit movements in the last 12 months.")
     else:
-        chart(px.bar(frame, x="period", y="credits", color="flow", barmode="group",
+        chart(px.bar(frame, x="period", y="credits", color="flow", barmode="group", color_discrete_map=FLOW_COLORS,
                      title="Credits granted, spent, expired and clawed back per month",
                      labels={"period": "month"}), "flows")
 with right:

@@ -12,7 +12,7 @@ from dashboard_ui.common import pager, start_page, table, when
 from dashboard_ui.actions import event_actions_available, replay_failed_events, reprocess_event
 
 PAGE_SIZE = 50
-identity, settings = start_page("Webhook events", icon="📬")
+identity, settings = start_page("Webhook events")
 url = settings.database_url
 
 with data.read(url) as session:

@@ -9,7 +9,7 @@ from dashboard_ui import data
 from dashboard_ui.common import money, start_page, table, when
 
 WEBHOOK_PATH = "/api/stripe/webhook"
-identity, settings = start_page("Settings", icon="⚙️")
+identity, settings = start_page("Settings")
 
 st.markdown("#### Configuration")
 mode = "demo (no Stripe key, data/demo.db)" if settings.demo_mode else settings.stripe_mode
