@@ -41,6 +41,7 @@ def fill_demo_database(*, database_url: str | None = None, scale: str = "small",
     db.migrate(url)
     existing = _check_target(url)
     if existing and if_empty:
+        _create_demo_operator(db.get_engine(url))  # a demo database filled before operators existed
         return f"demo database already has {existing} demo accounts; left as it is"
     if scale == "large":
         from .demo_large import fill_large

@@ -150,3 +150,15 @@ def test_add_operator_prompts_twice_on_a_terminal(sqlite_url, monkeypatch, capsy
     assert cli.main(["add-operator", "gina", "--role", "admin"]) == 0
     with db.read_session() as session:
         assert authenticate(session, name="gina", password="same-password") is not None
+
+
+def test_demo_data_if_empty_still_creates_the_demo_operator(sqlite_url):
+    from billing_core.demo import DEMO_OPERATOR, fill_demo_database
+    from billing_core.models import Operator as OperatorRow
+
+    fill_demo_database(database_url=sqlite_url)
+    with db.write_session() as session:
+        session.execute(OperatorRow.__table__.delete())
+    assert "left as it is" in fill_demo_database(database_url=sqlite_url, if_empty=True)
+    with db.read_session() as session:
+        assert authenticate(session, name=DEMO_OPERATOR[0], password=DEMO_OPERATOR[1]).role == "admin"
