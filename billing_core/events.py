@@ -171,17 +171,23 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
              source: str = "webhook", assigned_user_id: str | None = None,
              quiet_if_unresolved: bool = False) -> IngestResult:
     try:
-        with db.write_session(engine) as session:
-            row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
-                                                session)).scalars().first()
+        with db.read_session(engine) as session:
+            row = session.get(StripeEvent, event_id)
             if row is None:
                 raise UnknownEvent(f"no stored event {event_id}")
             if only_statuses is not None and row.status not in only_statuses:
                 return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
+            event = json.loads(row.payload)
+        facts = handlers.prefetch(event, read_session=lambda: db.read_session(engine))  # Stripe, outside any lock
+        with db.write_session(engine) as session:
+            row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
+                                                session)).scalars().first()
+            if only_statuses is not None and row.status not in only_statuses:  # a concurrent copy finished it
+                return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
             if assigned_user_id:
                 row.assigned_user_id = assigned_user_id
-            ctx = EventContext(event=json.loads(row.payload), settings=settings,
-                               assigned_user_id=row.assigned_user_id, source=source)
+            ctx = EventContext(event=event, settings=settings, assigned_user_id=row.assigned_user_id,
+                               source=source, facts=facts)
             status, error, user_id = _run_handler(session, ctx)
             if quiet_if_unresolved and status == "needs_attention":
                 raise _StillWaiting()

@@ -5,10 +5,11 @@ effects and its status commit together or not at all. Every effect has a determi
 (`checkout:{session}`, `invoice:{invoice}:...`, `upgrade:{sub}:{period_end}:{tier}`), so redelivery,
 the same payment arriving as two event types, and the checkout success page all apply it once.
 
-Handlers read what the event says and never ask Stripe for it. The one exception is
-`invoice_for_payment_intent`: a charge or dispute of an invoice payment names only its PaymentIntent,
-and the current API's invoice no longer names its PaymentIntent, so Stripe's invoice payments list is
-the only link between the two.
+Handlers read what the event says and never ask Stripe for it. The one thing an event can't say:
+a charge or dispute of an invoice payment names only its PaymentIntent, and the current API's invoice
+no longer names its PaymentIntent, so Stripe's invoice payments list is the only link between the two.
+`prefetch` asks it (`invoice_for_payment_intent`) before the write transaction opens, so no database
+lock is held during the HTTP call, and hands the answer to the handler in `EventContext.facts`.
 
 A handler raises NeedsAttention when the event's user or price can't be determined: the event is
 kept with the reason (its effects rolled back) and an operator can assign the user and reprocess it.
@@ -16,7 +17,7 @@ kept with the reason (its effects rolled back) and an operator can assign the us
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -54,6 +55,8 @@ class EventContext:
     settings: Settings
     assigned_user_id: str | None = None
     source: str = "webhook"
+    # What `prefetch` learned from Stripe before the write transaction: {"invoices": {payment_intent: invoice}}
+    facts: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -544,10 +547,9 @@ def invoice_for_payment_intent(payment_intent_id: str, *, client=None) -> str | 
     return None
 
 
-def payment_for_charge(session: Session, *, charge_id: str | None, payment_intent_id: str | None,
-                       looked_up: dict | None = None) -> Payment | None:
-    """The Payment behind a charge: by PaymentIntent or charge id, else through the invoice it paid
-    (`looked_up["invoice"]` tells the caller which invoice Stripe named)."""
+def recorded_payment_for_charge(session: Session, *, charge_id: str | None,
+                                payment_intent_id: str | None) -> Payment | None:
+    """The Payment behind a charge as far as the database knows: by PaymentIntent, then charge id."""
     conditions = []
     if payment_intent_id:
         conditions.append(Payment.payment_intent_id == payment_intent_id)
@@ -557,23 +559,39 @@ def payment_for_charge(session: Session, *, charge_id: str | None, payment_inten
         payment = session.execute(select(Payment).where(condition).order_by(Payment.id)).scalars().first()
         if payment is not None:
             return payment
+    return None
+
+
+def charge_refs(event: dict) -> tuple[str | None, str | None]:
+    """(charge id, payment intent id) of a charge.* event's object (a charge or a dispute)."""
+    obj = dig(event, "data", "object") or {}
+    charge_id = id_of(obj) if obj.get("object") == "charge" else id_of(obj.get("charge"))
+    return charge_id, id_of(obj.get("payment_intent"))
+
+
+def prefetch(event: dict, *, read_session) -> dict:
+    """Facts a handler needs that the event doesn't carry, asked of Stripe BEFORE the write transaction,
+    so no database lock is held during an HTTP call: for a charge or dispute whose payment we haven't
+    recorded by PaymentIntent or charge, the invoice that its PaymentIntent paid."""
+    if not str(event.get("type", "")).startswith("charge."):
+        return {}
+    charge_id, payment_intent_id = charge_refs(event)
     if not payment_intent_id:
-        return None
-    invoice_id = invoice_for_payment_intent(payment_intent_id)
-    if not invoice_id:
-        return None
-    if looked_up is not None:
-        looked_up["invoice"] = invoice_id
-    return session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
+        return {}
+    with read_session() as session:
+        if recorded_payment_for_charge(session, charge_id=charge_id, payment_intent_id=payment_intent_id):
+            return {}
+    return {"invoices": {payment_intent_id: invoice_for_payment_intent(payment_intent_id)}}
 
 
-def _locked_payment(session: Session, *, charge_id: str | None, payment_intent_id: str | None,
+def _locked_payment(session: Session, *, charge_id: str | None, payment_intent_id: str | None, facts: dict,
                     what: str) -> Payment:
-    looked_up: dict = {}
-    payment = payment_for_charge(session, charge_id=charge_id, payment_intent_id=payment_intent_id,
-                                 looked_up=looked_up)
+    payment = recorded_payment_for_charge(session, charge_id=charge_id, payment_intent_id=payment_intent_id)
+    invoice_id = (facts.get("invoices") or {}).get(payment_intent_id) if payment_intent_id else None
+    if payment is None and invoice_id:
+        payment = session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
     if payment is None or not payment.user_id:
-        invoice = f", invoice {looked_up['invoice']}" if looked_up.get("invoice") else ""
+        invoice = f", invoice {invoice_id}" if invoice_id else ""
         raise NeedsAttention(f"no recorded payment matches {what} (charge {charge_id}, payment intent "
                              f"{payment_intent_id}{invoice}); it is retried when that payment is recorded")
     ledger.lock_account(session, user_id=payment.user_id)
@@ -606,14 +624,15 @@ def on_charge_refunded(session: Session, ctx: EventContext) -> Handled:
     if not charge_id:
         raise NeedsAttention("refunded charge has no id")
     payment = _locked_payment(session, charge_id=charge_id, payment_intent_id=id_of(charge.get("payment_intent")),
-                              what=f"refunded charge {charge_id}")
+                              facts=ctx.facts, what=f"refunded charge {charge_id}")
     payment.amount_refunded = max(payment.amount_refunded or 0, as_int(charge.get("amount_refunded")))
     _reverse(session, payment)
     return Handled(user_id=payment.user_id)
 
 
-def _dispute_payment(session: Session, dispute: dict) -> Payment:
-    return _locked_payment(session, charge_id=id_of(dispute.get("charge")),
+def _dispute_payment(session: Session, ctx: EventContext) -> Payment:
+    dispute = ctx.obj
+    return _locked_payment(session, charge_id=id_of(dispute.get("charge")), facts=ctx.facts,
                            payment_intent_id=id_of(dispute.get("payment_intent")), what=f"dispute {dispute['id']}")
 
 
@@ -622,7 +641,7 @@ def on_dispute_created(session: Session, ctx: EventContext) -> Handled:
     dispute_id = id_of(dispute)
     if not dispute_id:
         raise NeedsAttention("dispute has no id")
-    payment = _dispute_payment(session, dispute)
+    payment = _dispute_payment(session, ctx)
     if session.get(Dispute, dispute_id) is not None:
         return Handled(user_id=payment.user_id, note="dispute already recorded")
     account = ledger.lock_account(session, user_id=payment.user_id)
@@ -643,7 +662,7 @@ def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
     dispute_id = id_of(dispute)
     if not dispute_id:
         raise NeedsAttention("dispute has no id")
-    payment = _dispute_payment(session, dispute)
+    payment = _dispute_payment(session, ctx)
     account = ledger.lock_account(session, user_id=payment.user_id)
     row = session.get(Dispute, dispute_id)
     if row is not None:

@@ -106,3 +106,29 @@ def test_invoice_lookup_failure_answers_500_so_stripe_retries(sidecar, stripe_st
     with db.read_session() as session:
         row = session.get(StripeEvent, evt["id"])
     assert row.status == "failed" and "looking up the invoice paid by pi_9" in row.error
+
+
+def test_the_stripe_lookup_happens_while_no_database_lock_is_held(sidecar, stripe_state, monkeypatch):
+    """A slow Stripe answer must not stall other writers (credits API spends) on the same account."""
+    import threading
+
+    with db.write_session() as s:
+        ledger.adjust(s, user_id="u1", credits=10, reason="seed", operator="t")
+    real_lookup = handlers.invoice_for_payment_intent
+    finished = []
+
+    def lookup_while_someone_writes(payment_intent_id, **kwargs):
+        def write():
+            with db.write_session() as s:
+                ledger.adjust(s, user_id="u1", credits=5, reason="meanwhile", operator="t")
+            finished.append(True)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(timeout=60)  # a deadlock guard: with a lock held here the writer could never finish
+        return real_lookup(payment_intent_id, **kwargs)
+
+    monkeypatch.setattr(handlers, "invoice_for_payment_intent", lookup_while_someone_writes)
+    evt = charge_refunded(charge_id="ch_l", payment_intent="pi_l", amount=999, amount_refunded=999)
+    assert deliver(sidecar, evt).json()["status"] == "needs_attention"
+    assert finished == [True] and balance("u1") == 15
