@@ -485,11 +485,47 @@ def clawback_for_payment(session: Session, *, payment: Payment, reversed_cents: 
     if delta <= 0:
         return 0
     open_lots = sorted((lot for lot in payment_lots if lot.remaining > 0 and not lot.closed(now)), key=_spend_order)
+    free = sum(lot.remaining for lot in open_lots)
+    if delta > free:  # a dispute holds the credits being reversed: take them from the hold, not as debt
+        _unhold(session, account, payment_lots=payment_lots, credits=delta - free, now=now,
+                key_suffix=f"clawback:{payment.id}:{target}")
+        open_lots = sorted((lot for lot in _payment_lots(session, payment) if lot.remaining > 0 and not lot.closed(now)),
+                           key=_spend_order)
     _draw(session, account, credits=delta, kind="clawback", key_prefix=f"clawback:{payment.id}:{target}",
           open_lots=open_lots, allow_debt=True, payment_id=payment.id,
           reason=f"{reversed_cents} of {payment.amount_cents} {payment.currency} reversed")
     refresh_flag(session, account, now=now)
     return delta
+
+
+def _held(session: Session, *, user_id: str, lot_keys: list[str]) -> list[tuple[str, str, int, int | None]]:
+    """(dispute id, lot key, credits still held, payment id) for every hold not yet given back."""
+    if not lot_keys:
+        return []
+    rows = session.execute(
+        select(LedgerEntry.reference, LedgerEntry.lot_key, func.sum(LedgerEntry.credits), func.max(LedgerEntry.payment_id))
+        .where(LedgerEntry.user_id == user_id, LedgerEntry.kind.in_(("dispute_hold", "dispute_release")),
+               LedgerEntry.lot_key.in_(lot_keys))
+        .group_by(LedgerEntry.reference, LedgerEntry.lot_key)
+        .order_by(LedgerEntry.reference, LedgerEntry.lot_key)).all()
+    return [(dispute_id, lot_key, -int(net), payment_id) for dispute_id, lot_key, net, payment_id in rows if net < 0]
+
+
+def _unhold(session: Session, account: Account, *, payment_lots: list[Lot], credits: int, now: datetime,
+            key_suffix: str) -> None:
+    """Give back up to `credits` of what open disputes hold in these lots, so a reversal can take them.
+
+    A refund delivered after a dispute opened on the rest of the payment must end as if it had come first
+    (the dispute then held only what the refund left): the clawback takes from the hold, not as debt."""
+    open_keys = [lot.key for lot in payment_lots if not lot.closed(now)]
+    for dispute_id, lot_key, held, payment_id in _held(session, user_id=account.user_id, lot_keys=open_keys):
+        if credits <= 0:
+            break
+        take = min(held, credits)
+        _write(session, user_id=account.user_id, credits=take, kind="dispute_release", lot_key=lot_key,
+               source_key=f"dispute_release:{dispute_id}:{lot_key}:{key_suffix}", payment_id=payment_id,
+               reference=dispute_id, reason="reversed while held: taken from the hold")
+        credits -= take
 
 
 def hold_for_dispute(session: Session, *, dispute_id: str, payment: Payment, now: datetime | None = None) -> int:
@@ -511,15 +547,14 @@ def release_dispute_hold(session: Session, *, dispute_id: str, user_id: str, now
     account = lock_account(session, user_id=user_id)
     now = now or utcnow()
     open_keys = {lot.key for lot in lots(session, user_id) if not lot.closed(now)}
-    holds = session.exec(select(LedgerEntry).where(LedgerEntry.user_id == user_id, LedgerEntry.kind == "dispute_hold",
-                                                   LedgerEntry.reference == dispute_id)).scalars().all()
+    held = [row for row in _held(session, user_id=user_id, lot_keys=sorted(open_keys)) if row[0] == dispute_id]
     released = 0
-    for hold in holds:
-        key = f"dispute_release:{dispute_id}:{hold.lot_key}"
-        if hold.lot_key in open_keys and not _key_exists(session, key):
-            _write(session, user_id=user_id, credits=-hold.credits, kind="dispute_release", source_key=key,
-                   lot_key=hold.lot_key, payment_id=hold.payment_id, reference=dispute_id)
-            released += -hold.credits
+    for _dispute_id, lot_key, credits, payment_id in held:  # net of what a reversal already took from the hold
+        key = f"dispute_release:{dispute_id}:{lot_key}"
+        if not _key_exists(session, key):
+            _write(session, user_id=user_id, credits=credits, kind="dispute_release", source_key=key,
+                   lot_key=lot_key, payment_id=payment_id, reference=dispute_id)
+            released += credits
     return released
 
 

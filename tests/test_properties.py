@@ -273,3 +273,21 @@ def test_signed_events_with_garbage_inside_never_get_a_5xx_nor_touch_the_ledger(
         stored = session.get(StripeEvent, evt["id"])
     assert stored is not None and stored.status in ("needs_attention", "ignored", "processed")
     assert row_counts()["LedgerEntry"] == entries_before
+
+
+# --- cases the properties found, kept as plain tests ---------------------------------------------
+
+@pytest.mark.parametrize("closed", [None, "won", "lost"])
+def test_a_refund_delivered_after_a_dispute_opened_on_the_rest_ends_as_in_order(sidecar, closed):
+    """Pack bought, a quarter refunded, then a dispute on the rest; the dispute's event arrives first and
+    holds the whole pack. The refund must then take its credits from the hold, not leave a debt."""
+    life = {"tier": "business", "renewal": False, "upgrade": None, "pack": "pack_100", "refund_share": 0.25,
+            "dispute": closed or "open", "cancel": False}
+    now = int(time.time())
+    deliver_all(sidecar, life_events(life, tag="regA", now=now))
+    expected = ledger_state("user_regA")
+    assert expected["balance"] == 2000 + (75 if closed == "won" else 0)
+    evts = life_events(life, tag="regB", now=now)
+    refund = next(e for e in evts if e["type"] == "charge.refunded")
+    deliver_all(sidecar, [e for e in evts if e is not refund] + [refund])
+    assert ledger_state("user_regB") == expected
