@@ -92,7 +92,7 @@ def verify_and_parse(raw_body: bytes, signature_header: str | None, settings: Se
     _verify_signature(text, signature_header, secrets)
     try:
         event = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise IngressRejected(400, "body is not JSON") from None
     problem = event_shape_problem(event)
     if problem:

@@ -342,3 +342,9 @@ def test_replay_failed_also_picks_up_an_event_left_received_by_a_crash(database_
         session.get(StripeEvent, evt["id"]).received_at = utcnow() - timedelta(minutes=5)
     assert [(r.event_id, r.status) for r in events.replay_failed()] == [(evt["id"], "processed")]
     assert balance("u1") == 100
+
+
+def test_signed_but_absurdly_nested_json_is_a_400_not_a_crash(sidecar):
+    body = "[" * 100_000 + "]" * 100_000
+    response = post_raw(sidecar, body, signed_headers(body))
+    assert response.status_code == 400 and response.json()["error"] == "body is not JSON"
