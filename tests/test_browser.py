@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium: `streamlit run Home.py` on a seeded database with Stripe
 pointed at the local Stripe double; sign in, visit every page, make a link and an adjustment, and save
-a screenshot of each page (artifacts/screenshots/, and docs/screenshots/ for the README)."""
+a screenshot of each page (artifacts/screenshots/; `UPDATE_DOCS_SCREENSHOTS=1` refreshes the README's
+docs/screenshots/)."""
 from __future__ import annotations
 
 import os
@@ -100,11 +101,15 @@ def settle(page) -> None:
 
 
 def screenshot(page, name: str) -> None:
+    """Into artifacts/screenshots/; into docs/screenshots/ (the README's) when missing there or when
+    UPDATE_DOCS_SCREENSHOTS=1, so a test run doesn't leave changed images in the working tree."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    DOCS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    shutil.copy(path, DOCS / f"{name}.png")
+    docs = DOCS / f"{name}.png"
+    if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1" or not docs.exists():
+        DOCS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, docs)
 
 
 def visit(page, link_text: str, heading: str) -> None:
