@@ -6,6 +6,8 @@ local operator account (name + password, salted scrypt hash) in the database in 
 """
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from billing_core import db
@@ -14,6 +16,9 @@ from billing_core.operators import Identity, active_identity, authenticate, role
 from billing_core.settings import Settings
 
 SESSION_KEY = "operator_identity"
+FAILURES_KEY = "sign_in_failures"
+MAX_FAILURES = 5
+FAILURE_WINDOW_SECONDS = 300
 
 
 def oidc_configured() -> bool:
@@ -85,11 +90,18 @@ def _sign_in_form(settings: Settings) -> None:
     if not submitted:
         st.caption("Operators are created with `python -m billing_core add-operator NAME --role admin|support`.")
         return
+    now = time.monotonic()
+    failures = [t for t in st.session_state.get(FAILURES_KEY, []) if now - t < FAILURE_WINDOW_SECONDS]
+    if len(failures) >= MAX_FAILURES:
+        st.error("Too many failed sign-ins; wait a few minutes and try again.")
+        return
     with db.read_session() as session:
         operator = authenticate(session, name=name, password=password)
         identity = Identity(name=operator.name, role=operator.role) if operator else None
     if identity is None:
+        st.session_state[FAILURES_KEY] = failures + [now]
         st.error("Wrong user name or password.")
         return
+    st.session_state.pop(FAILURES_KEY, None)
     st.session_state[SESSION_KEY] = identity
     st.rerun()

@@ -49,6 +49,21 @@ def test_wrong_password_is_refused(demo_db):
     assert "Wrong user name or password." in [e.value for e in at.error]
 
 
+def test_repeated_failures_are_throttled(demo_db):
+    at = open_app().run()
+    for _ in range(5):
+        at.text_input(key="sign_in_name").input(ADMIN[0])
+        at.text_input(key="sign_in_password").input("guess")
+        next(b for b in at.button if b.label == "Sign in").click()
+        at.run()
+        assert at.error[0].value == "Wrong user name or password."
+    at.text_input(key="sign_in_password").input(ADMIN[1])  # right, but too late for this session
+    next(b for b in at.button if b.label == "Sign in").click()
+    at.run()
+    assert "Too many failed sign-ins" in at.error[0].value
+    assert_sign_in_page_only_but_error(at)
+
+
 def assert_sign_in_page_only_but_error(at):
     assert [t.value for t in at.title] == ["Sign in"]
     assert len(at.metric) == 0 and len(at.dataframe) == 0
