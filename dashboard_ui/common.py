@@ -77,6 +77,8 @@ def table(rows: list[dict], *, columns: dict[str, str] | None = None, key: str |
 def pager(key: str, *, total: int | None, page_size: int) -> int:
     """A page-number input; returns the offset."""
     pages = max(1, -(-total // page_size)) if total is not None else 10_000
-    page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1, key=key,
-                           help=f"{total:,} rows" if total is not None else None)
+    left, right = st.columns([1, 5], vertical_alignment="bottom")
+    page = left.number_input("Page", min_value=1, max_value=pages, value=1, step=1, key=key)
+    if total is not None:
+        right.caption(f"of {pages:,} · {total:,} rows, {page_size} a page")
     return (int(page) - 1) * page_size
