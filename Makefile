@@ -42,3 +42,11 @@ test: $(DEV_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks (figures in docs/BENCHMARKS.md); one JSON line per figure. BENCH_DB=postgresql for PostgreSQL.
+.PHONY: bench
+BENCH_DB ?= sqlite
+bench: $(DEV_STAMP)
+	$(PY) bench/webhooks.py --database $(BENCH_DB)
+	$(PY) bench/consume.py --database $(BENCH_DB)
+	$(PY) bench/dashboard.py
