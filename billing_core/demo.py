@@ -64,49 +64,69 @@ def _fill_small(url: str, *, seed: int, start: int, accounts: int = 40) -> str:
 
 
 def _demo_customer(session, rng: random.Random, user_id: str, n: int, now) -> None:
+    """One customer's history, played in time order so the timeline reads like a real one."""
     ledger.lock_account(session, user_id=user_id, email=f"user{n:04d}@example.com",
-                                  stripe_customer_id=f"cus_demo{n:06d}")
+                        stripe_customer_id=f"cus_demo{n:06d}")
+    happenings = []  # (when, what, details)
     plan = rng.choice(PLANS + (None,))
+    status = None
     if plan is not None:
         sub_id = f"sub_demo{n:06d}"
-        months = rng.randint(1, 6)
         status = rng.choices(["active", "past_due", "canceled"], weights=[8, 1, 1])[0]
-        period_end = int((now + timedelta(days=rng.randint(1, 29))).timestamp())
-        session.add(Subscription(id=sub_id, user_id=user_id, tier=plan.key, status=status,
-                                 current_period_end=period_end, state_at=int(now.timestamp())))
-        for month in range(months, 0, -1):
-            paid_at = now - timedelta(days=30 * month - rng.randint(0, 3))
-            payment = Payment(user_id=user_id, source="invoice", invoice_id=f"in_demo{n:06d}_{month}",
-                              subscription_id=sub_id, item=plan.key, kind="plan", amount_cents=plan.amount_cents,
-                              status="paid", credits_granted=plan.credits, created_at=paid_at, updated_at=paid_at)
-            session.add(payment)
-            session.flush()
-            pe = period_end - 30 * 86400 * (month - 1)
-            ledger.grant_subscription_period(session, user_id=user_id, subscription_id=sub_id, period_end=pe,
-                                             tier=plan.key, source_key=f"invoice:{payment.invoice_id}",
-                                             payment_id=payment.id)
+        current_end = now + timedelta(days=rng.randint(1, 29))
+        for month in range(rng.randint(1, 6)):
+            period_end = current_end - timedelta(days=30 * month)
+            happenings.append((period_end - timedelta(days=30), "renewal", (sub_id, plan, period_end, month)))
         if status == "canceled":
-            ledger.expire_subscription_credits(session, user_id=user_id, subscription_id=sub_id,
-                                               reason="subscription canceled")
-    for k in range(rng.randint(0, 2)):
-        pack = rng.choice(PACKS)
-        paid_at = now - timedelta(days=rng.randint(0, 90))
-        payment = Payment(user_id=user_id, source="checkout", checkout_session_id=f"cs_demo{n:06d}_{k}",
-                          item=pack.key, kind="pack", amount_cents=pack.amount_cents, status="paid",
-                          credits_granted=pack.credits, created_at=paid_at, updated_at=paid_at)
-        session.add(payment)
+            happenings.append((now - timedelta(hours=rng.randint(1, 72)), "cancel", sub_id))
+        session.add(Subscription(id=sub_id, user_id=user_id, tier=plan.key, status=status,
+                                 current_period_end=int(current_end.timestamp()), state_at=int(now.timestamp())))
         session.flush()
-        ledger.grant_pack(session, user_id=user_id, credits=pack.credits,
-                          source_key=f"checkout:{payment.checkout_session_id}", payment_id=payment.id)
+    for k in range(rng.randint(0, 2)):
+        happenings.append((now - timedelta(days=rng.randint(0, 90), hours=rng.randint(0, 23)), "pack",
+                           (rng.choice(PACKS), k)))
     for k in range(rng.randint(0, 6)):
-        available = ledger.spendable_balance(session, user_id)
-        if available <= 0:
-            break
-        ledger.consume(session, user_id=user_id, credits=rng.randint(1, max(1, available // 3)),
-                       reference=f"demo-run-{k}")
+        happenings.append((now - timedelta(days=rng.randint(0, 60), minutes=rng.randint(0, 1440)), "spend", k))
     if n % 17 == 5:
+        happenings.append((now - timedelta(days=rng.randint(0, 20)), "goodwill", None))
+    for when, what, details in sorted(happenings, key=lambda h: h[0]):
+        with ledger.recorded_at(when):
+            _play(session, rng, user_id, n, when, what, details)
+
+
+def _play(session, rng: random.Random, user_id: str, n: int, when, what: str, details) -> None:
+    if what == "renewal":
+        sub_id, plan, period_end, month = details
+        payment = _demo_payment(session, user_id=user_id, when=when, item=plan, source="invoice",
+                                invoice_id=f"in_demo{n:06d}_{month}", subscription_id=sub_id)
+        ledger.grant_subscription_period(session, user_id=user_id, subscription_id=sub_id,
+                                         period_end=int(period_end.timestamp()), tier=plan.key,
+                                         source_key=f"invoice:{payment.invoice_id}", payment_id=payment.id, now=when)
+    elif what == "cancel":
+        ledger.expire_subscription_credits(session, user_id=user_id, subscription_id=details,
+                                           reason="subscription canceled", now=when)
+    elif what == "pack":
+        pack, k = details
+        payment = _demo_payment(session, user_id=user_id, when=when, item=pack, source="checkout",
+                                checkout_session_id=f"cs_demo{n:06d}_{k}")
+        ledger.grant_pack(session, user_id=user_id, credits=pack.credits,
+                          source_key=f"checkout:{payment.checkout_session_id}", payment_id=payment.id, now=when)
+    elif what == "spend":
+        available = ledger.spendable_balance(session, user_id, now=when)
+        if available > 0:
+            ledger.consume(session, user_id=user_id, credits=rng.randint(1, max(1, available // 3)),
+                           reference=f"agent-run-{details}", now=when)
+    elif what == "goodwill":
         ledger.adjust(session, user_id=user_id, credits=25, reason="goodwill after an agent outage",
-                      operator="demo")
+                      operator="demo", now=when)
+
+
+def _demo_payment(session, *, user_id: str, when, item, source: str, **ids) -> Payment:
+    payment = Payment(user_id=user_id, source=source, item=item.key, kind=item.kind, amount_cents=item.amount_cents,
+                      status="paid", credits_granted=item.credits, created_at=when, updated_at=when, **ids)
+    session.add(payment)
+    session.flush()
+    return payment
 
 
 def _create_demo_operator(engine) -> None:

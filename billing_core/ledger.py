@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -325,8 +327,22 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
+_recording_time: ContextVar[datetime | None] = ContextVar("ledger_recording_time", default=None)
+
+
+@contextmanager
+def recorded_at(when: datetime):
+    """Entries written inside this block carry `when` as their creation time (demo data and backfills
+    of past history); everywhere else an entry records the moment it was written."""
+    token = _recording_time.set(when)
+    try:
+        yield
+    finally:
+        _recording_time.reset(token)
+
+
 def _write(session: Session, **values) -> LedgerEntry:
-    entry = LedgerEntry(created_at=utcnow(), **values)
+    entry = LedgerEntry(created_at=_recording_time.get() or utcnow(), **values)
     session.add(entry)
     session.flush()
     return entry
