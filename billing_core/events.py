@@ -169,7 +169,7 @@ class _StillWaiting(Exception):
 
 def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses: tuple[str, ...] | None,
              source: str = "webhook", assigned_user_id: str | None = None,
-             quiet_if_unresolved: bool = False) -> IngestResult:
+             quiet_if_unresolved: bool = False, operator: str | None = None) -> IngestResult:
     try:
         with db.read_session(engine) as session:
             row = session.get(StripeEvent, event_id)
@@ -186,6 +186,8 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
                 return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
             if assigned_user_id:
                 row.assigned_user_id = assigned_user_id
+            if operator:
+                row.reprocessed_by = operator
             ctx = EventContext(event=event, settings=settings, assigned_user_id=row.assigned_user_id,
                                source=source, facts=facts)
             status, error, user_id = _run_handler(session, ctx)
@@ -251,22 +253,23 @@ def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
 
 # --- replay ----------------------------------------------------------------------------------
 
-def reprocess(event_id: str, *, assigned_user_id: str | None = None, engine: Engine | None = None,
-              settings: Settings | None = None) -> IngestResult:
-    """Run a stored event through its handler again (any status); the source keys make it safe."""
+def reprocess(event_id: str, *, assigned_user_id: str | None = None, operator: str | None = None,
+              engine: Engine | None = None, settings: Settings | None = None) -> IngestResult:
+    """Run a stored event through its handler again (any status); the source keys make it safe.
+    `operator` is recorded on the event as the person who reprocessed it."""
     settings = settings or get_settings()
     engine = engine or db.get_engine(settings.database_url)
     if assigned_user_id is not None:
         assigned_user_id = ledger.check_user_id(assigned_user_id)  # a bad id is refused, not recorded as a failure
     result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
-                      assigned_user_id=assigned_user_id)
+                      assigned_user_id=assigned_user_id, operator=operator)
     if result.status == "processed":
         retry_waiting(engine=engine, settings=settings, related_to=_related_to_stored([event_id], engine),
                       exclude=event_id)
     return result
 
 
-def replay_failed(*, engine: Engine | None = None, settings: Settings | None = None,
+def replay_failed(*, operator: str | None = None, engine: Engine | None = None, settings: Settings | None = None,
                   stuck_after: timedelta = timedelta(minutes=1)) -> list[IngestResult]:
     """Reprocess every failed event, and every one left `received` (a crash mid-processing), oldest first."""
     settings = settings or get_settings()
@@ -277,8 +280,8 @@ def replay_failed(*, engine: Engine | None = None, settings: Settings | None = N
             select(StripeEvent.id).where((StripeEvent.status == "failed")
                                          | ((StripeEvent.status == "received") & (StripeEvent.received_at < stuck_before)))
             .order_by(StripeEvent.created, StripeEvent.id)).scalars())
-    results = [_process(engine, event_id, settings=settings, only_statuses=PENDING_STATUSES, source="replay")
-               for event_id in ids]
+    results = [_process(engine, event_id, settings=settings, only_statuses=PENDING_STATUSES, source="replay",
+                        operator=operator) for event_id in ids]
     processed = [r.event_id for r in results if r.status == "processed" and not r.duplicate]
     if processed:
         retry_waiting(engine=engine, settings=settings, related_to=_related_to_stored(processed, engine))

@@ -160,6 +160,7 @@ class StripeEvent(SQLModel, table=True):
     processed_at: datetime | None = None
     source: str = Field(default="webhook", max_length=20)  # webhook, reconcile, success_page, replay
     assigned_user_id: str | None = Field(default=None, max_length=200)
+    reprocessed_by: str | None = Field(default=None, max_length=200)  # the operator who last reprocessed it
     user_id: str | None = Field(default=None, index=True, max_length=200)
 
 

@@ -1,6 +1,7 @@
 """`serve-webhooks [--host] [--port]`, `replay EVENT_ID... [--user USER]`, `replay --failed`."""
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 
@@ -42,18 +43,19 @@ def cmd_replay(args) -> int:
     if args.user and args.failed:
         raise CommandError("--user assigns a user to named events; it can't be combined with --failed")
     if args.failed:
-        results = events.replay_failed(settings=settings)
+        results = events.replay_failed(settings=settings, operator=args.operator)
         if not results and not args.json:
             print("no failed events to replay")
     else:
         results = []
         for event_id in args.event_ids:
             try:
-                results.append(events.reprocess(event_id.strip(), assigned_user_id=args.user, settings=settings))
+                results.append(events.reprocess(event_id.strip(), assigned_user_id=args.user, settings=settings,
+                                                operator=args.operator))
             except events.UnknownEvent as exc:
                 raise CommandError(str(exc)) from None
     if args.json:
-        sys.stdout.write(json.dumps([r.as_dict() for r in results], sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps({"results": [r.as_dict() for r in results]}, sort_keys=True) + "\n")
     else:
         for result in results:
             _print_result(result, False)
@@ -70,5 +72,7 @@ def register(sub) -> None:
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
     p.add_argument("--failed", action="store_true", help="every event that failed (or was left unprocessed)")
     p.add_argument("--user", help="assign this user to the named events (for events kept as needs-attention)")
-    p.add_argument("--json", action="store_true", help="print one JSON list of results")
+    p.add_argument("--operator", default=getpass.getuser(), help="who is replaying (recorded on each event; "
+                                                                 "default: the login name)")
+    p.add_argument("--json", action="store_true", help='print one JSON object: {"results": [...]}')
     p.set_defaults(func=cmd_replay)

@@ -142,6 +142,7 @@ def test_reprocess_flow_assigns_the_user_and_grants(database_url):
     with db.read_session() as session:
         row = session.get(StripeEvent, event_id)
         assert (row.status, row.assigned_user_id, row.user_id) == ("processed", "rescued_user", "rescued_user")
+        assert row.reprocessed_by == ADMIN[0]
         assert ledger.balance(session, "rescued_user") == 100
 
 

@@ -255,11 +255,13 @@ def test_replay_named_events_is_idempotent_and_can_assign_a_user(sidecar, capsys
     orphan["data"]["object"]["metadata"] = {"item": "pack_250"}
     assert deliver(sidecar, orphan).json()["status"] == "needs_attention"
     assert cli.main(["replay", done["id"]]) == 0
-    assert cli.main(["replay", orphan["id"], "--user", "u7", "--json"]) == 0
+    assert cli.main(["replay", orphan["id"], "--user", "u7", "--operator", "carol", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert f"{done['id']}: processed (user u1)" == lines[0]
-    assert json.loads(lines[1])[0]["status"] == "processed"
+    assert json.loads(lines[1])["results"][0]["status"] == "processed"
     assert balance("u1") == 100 and balance("u7") == 250
+    with db.read_session() as session:
+        assert session.get(StripeEvent, orphan["id"]).reprocessed_by == "carol"
     assert cli.main(["replay", "evt_missing"]) == 1
     assert "no stored event evt_missing" in capsys.readouterr().err
     assert cli.main(["replay"]) == 1

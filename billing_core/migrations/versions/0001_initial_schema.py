@@ -57,6 +57,7 @@ def upgrade() -> None:
     sa.Column('processed_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('source', sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
     sa.Column('assigned_user_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+    sa.Column('reprocessed_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('user_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
