@@ -118,6 +118,14 @@ class Server:
     def port(self) -> int:
         return int(self.base_url.rsplit(":", 1)[1])
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
@@ -190,6 +198,8 @@ class LoadResult:
     latencies: list[float]  # seconds, per request, in the order they were sent
     elapsed: float
     bodies: list[bytes]
+    client_cpu: float = 0.0  # seconds of CPU the load generator itself used
+    server_cpu: float = 0.0  # seconds of CPU the server process used during the run
 
     @property
     def rate(self) -> float:
@@ -264,11 +274,17 @@ async def _run(base_url: str, requests: list[Request], concurrency: int) -> Load
         finally:
             writer.close()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return LoadResult(statuses, latencies, time.perf_counter() - started, bodies)
+    return LoadResult(statuses, latencies, time.perf_counter() - started, bodies,
+                      client_cpu=time.process_time() - cpu_started)
 
 
-def run_load(base_url: str, requests: list[Request], *, concurrency: int = 16) -> LoadResult:
-    """Send every request over `concurrency` keep-alive connections, each taking the next unsent request."""
-    return asyncio.run(_run(base_url, requests, concurrency))
+def run_load(base_url: str, requests: list[Request], *, concurrency: int = 16,
+             server: Server | None = None) -> LoadResult:
+    """Send every request over `concurrency` keep-alive connections, each taking the next unsent request.
+    With `server`, also measure the CPU time it spent (`server_cpu`)."""
+    cpu_before = server.cpu_seconds() if server else 0.0
+    result = asyncio.run(_run(base_url, requests, concurrency))
+    result.server_cpu = server.cpu_seconds() - cpu_before if server else 0.0
+    return result

@@ -111,14 +111,14 @@ def scenario(name: str, *, kind: str, url_option: str | None, tmp: Path, account
         with running(sidecar_command(port), env=env, log_path=tmp / f"{name}.log", port=port) as server:
             run_load(server.base_url, requests_for(warm), concurrency=concurrency)
             initial = balances(url, users)  # after the warm-up's spends
-            result = run_load(server.base_url, requests_for(spends), concurrency=concurrency)
+            result = run_load(server.base_url, requests_for(spends), concurrency=concurrency, server=server)
         problems = ledger_problems(url, spends, result, initial=initial)
         db.dispose_engines()
     counts = result.status_counts()
     emit({"benchmark": "consume", "scenario": name, "database": kind, "requests": len(spends),
           "accounts": accounts, "concurrency": concurrency, "spends_per_s": round(result.rate, 1),
           "p50_ms": result.percentile_ms(50), "p99_ms": result.percentile_ms(99), "seconds": round(result.elapsed, 2),
-          "statuses": counts, "machine": machine()})
+          "server_cpu_ms_per_spend": round(result.server_cpu / len(spends) * 1000, 2), "statuses": counts, "machine": machine()})
     emit({"benchmark": "consume", "figure": "ledger_check", "scenario": name, "database": kind,
           "exact": not problems, "problems": problems[:10]})
     return not problems

@@ -46,6 +46,8 @@ def figure(result, *, receiver: str, database_kind: str, events: int, concurrenc
     return {"benchmark": "webhooks", "receiver": receiver, "database": database_kind, "events": events,
             "concurrency": concurrency, "events_per_s": round(result.rate, 1), "p50_ms": result.percentile_ms(50),
             "p99_ms": result.percentile_ms(99), "seconds": round(result.elapsed, 2),
+            "server_cpu_ms_per_event": round(result.server_cpu / events * 1000, 2),
+            "client_cpu_ms_per_event": round(result.client_cpu / events * 1000, 2),
             "statuses": result.status_counts()}
 
 
@@ -55,7 +57,7 @@ def bench_bare(requests: list[Request], warmup: list[Request], *, tmp: Path, con
     command = [PYTHON, str(ROOT / "bench" / "bare_receiver.py"), "--host", "127.0.0.1", "--port", str(port)]
     with running(command, env=env, log_path=tmp / "bare.log", port=port) as server:
         run_load(server.base_url, warmup, concurrency=concurrency)
-        result = run_load(server.base_url, requests, concurrency=concurrency)
+        result = run_load(server.base_url, requests, concurrency=concurrency, server=server)
     return result, figure(result, receiver="bare", database_kind="sqlite", events=events, concurrency=concurrency)
 
 
@@ -68,7 +70,7 @@ def bench_sidecar(requests: list[Request], warmup: list[Request], workload, *, t
         env = sidecar_environment(database_url)
         with running(sidecar_command(port), env=env, log_path=tmp / "sidecar.log", port=port) as server:
             run_load(server.base_url, warmup, concurrency=concurrency)
-            result = run_load(server.base_url, requests, concurrency=concurrency)
+            result = run_load(server.base_url, requests, concurrency=concurrency, server=server)
         problems = ledger_mismatches(db.get_engine(database_url), workload)
         db.dispose_engines()
     found = figure(result, receiver="sidecar", database_kind=kind, events=events, concurrency=concurrency)
