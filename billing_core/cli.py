@@ -149,25 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consume)
 
-    for register in _extra_commands():
-        register(sub)
+    from . import checkout_cli, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+
+    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
+        module.register(sub)
     return parser
-
-
-def _extra_commands():
-    """Commands defined next to the code they drive (checkout, webhooks, reconcile, operators)."""
-    import importlib
-
-    registers = []
-    for module_name in ("checkout_cli", "webhooks_cli", "reconcile_cli", "operators_cli"):
-        try:
-            module = importlib.import_module(f"billing_core.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"billing_core.{module_name}":
-                continue
-            raise
-        registers.append(module.register)
-    return registers
 
 
 def main(argv: list[str] | None = None) -> int:

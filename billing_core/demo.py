@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from . import db, ledger
 from .catalog import PACKS, PLANS
 from .models import Account, Payment, Subscription, utcnow
+from .operators import OperatorExists, create_operator
 from .settings import DEMO_DATABASE_URL, resolve_sqlite_path
 
 DEMO_PREFIX = "demo_"
@@ -130,10 +131,6 @@ def _demo_payment(session, *, user_id: str, when, item, source: str, **ids) -> P
 
 
 def _create_demo_operator(engine) -> None:
-    try:
-        from .operators import create_operator, OperatorExists
-    except ModuleNotFoundError:
-        return
     try:
         with db.write_session(engine) as session:
             create_operator(session, name=DEMO_OPERATOR[0], role="admin", password=DEMO_OPERATOR[1])

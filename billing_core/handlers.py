@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from . import ledger
+from .checkout import mark_link_status
 from .catalog import CatalogItem, allowance, find_item_for_price, get_item, UnknownItem
 from .models import Account, CheckoutLink, Dispute, Payment, Subscription, from_epoch, utcnow
 from .settings import Settings, get_settings
@@ -199,10 +200,6 @@ def _checkout_user(session: Session, checkout_session: dict, assigned_user_id: s
 
 
 def mark_link(session: Session, session_id: str, status: str) -> None:
-    try:
-        from .checkout import mark_link_status
-    except ImportError:  # checkout links not installed: nothing was issued to mark
-        return
     mark_link_status(session, session_id=session_id, status=status)
 
 

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from . import db, events, ledger
+from . import credits_api, db, events, ledger
 from .catalog import CATALOG
 from .settings import Settings, get_settings
 
@@ -176,11 +176,6 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
         Route("/healthz", make_healthz(settings), methods=["GET"]),
         Route("/checkout/success", make_success_page(settings), methods=["GET"]),
         Route("/checkout/cancel", cancel, methods=["GET"]),
+        *credits_api.routes(settings),
     ]
-    try:
-        from .credits_api import routes as api_routes
-    except ImportError:
-        api_routes = None
-    if api_routes is not None:
-        routes += api_routes(settings)
     return Starlette(routes=routes)
