@@ -162,18 +162,24 @@ def _insert_ignore(session: Session, values: dict) -> None:
     session.execute(insert(Account).values(**values).on_conflict_do_nothing(index_elements=["user_id"]))
 
 
+def _select_locked(session: Session, user_id: str) -> Account | None:
+    """The account row as the database has it now (not a stale copy from the session), locked."""
+    stmt = for_update(select(Account).where(Account.user_id == user_id), session)
+    return session.exec(stmt.execution_options(populate_existing=True)).scalars().first()
+
+
 def lock_account(session: Session, *, user_id: str, create: bool = True, email: str | None = None,
                  stripe_customer_id: str | None = None) -> Account | None:
     """The account row, locked for this transaction; created first when missing and `create`."""
     user_id = check_user_id(user_id)
-    if create:
+    account = _select_locked(session, user_id)
+    if account is None and create:  # only a new account pays for the insert (most calls find it)
         now = utcnow()
         _insert_ignore(session, {"user_id": user_id, "email": email, "flagged": False, "open_disputes": 0,
                                  "created_at": now, "updated_at": now})
-    account = session.exec(for_update(select(Account).where(Account.user_id == user_id), session)).scalars().first()
+        account = _select_locked(session, user_id)
     if account is None:
         return None
-    session.refresh(account)
     changed = False
     if email and not account.email:
         account.email = email.strip()
