@@ -467,11 +467,9 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         written.append(ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
             kind="subscription_grant", payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}"))
-    granted = sum(entry.credits for entry in written if entry is not None)
-    if granted:
-        payment.credits_granted += granted
-        session.add(payment)
-        session.flush()
+    payment.credits_granted = ledger.credits_paid_by(session, payment)
+    session.add(payment)
+    session.flush()
     return Handled(user_id=user_id)
 
 

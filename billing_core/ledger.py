@@ -431,6 +431,9 @@ def grant_subscription_period(session: Session, *, user_id: str, subscription_id
     now = now or utcnow()
     if _key_exists(session, source_key):
         return None
+    if payment_id is not None:
+        _attribute_unpaid_lots(session, account, subscription_id=subscription_id, period_end=period_end,
+                               payment_id=payment_id)
     missing = allowance(tier) - granted_for_period(session, user_id=user_id, subscription_id=subscription_id,
                                                    period_end=period_end)
     if missing <= 0:
@@ -471,8 +474,32 @@ def expire_subscription_credits(session: Session, *, user_id: str, subscription_
     return total
 
 
+def _attribute_unpaid_lots(session: Session, account: Account, *, subscription_id: str, period_end: int,
+                           payment_id: int) -> None:
+    """A subscription event granted this period's credits (an upgrade reported before its invoice) with no
+    payment to tie them to; the invoice that now pays for the period claims them, so refunding or disputing
+    that invoice takes them back. The link is a zero-credit entry in the lot, written once per lot."""
+    for lot in lots(session, account.user_id):
+        key = f"paid-by:{lot.key}"
+        if (lot.source == "subscription" and lot.payment_id is None and lot.subscription_id == subscription_id
+                and lot.period_end == period_end and not _key_exists(session, key)):
+            _write(session, user_id=account.user_id, credits=0, kind="payment_link", source_key=key,
+                   lot_key=lot.key, payment_id=payment_id, subscription_id=subscription_id, period_end=period_end)
+
+
 def _payment_lots(session: Session, payment: Payment) -> list[Lot]:
-    return [lot for lot in lots(session, payment.user_id) if lot.payment_id == payment.id]
+    """The lots a payment paid for: granted with it, or claimed by it later (`payment_link`)."""
+    claimed = set(session.execute(select(LedgerEntry.lot_key).where(
+        LedgerEntry.user_id == payment.user_id, LedgerEntry.kind == "payment_link",
+        LedgerEntry.payment_id == payment.id)).scalars())
+    return [lot for lot in lots(session, payment.user_id) if lot.payment_id == payment.id or lot.key in claimed]
+
+
+def credits_paid_by(session: Session, payment: Payment) -> int:
+    """What a payment granted, counting lots it claimed after a subscription event granted them."""
+    if not payment.user_id:
+        return 0
+    return sum(lot.granted for lot in _payment_lots(session, payment))
 
 
 def clawback_for_payment(session: Session, *, payment: Payment, reversed_cents: int,

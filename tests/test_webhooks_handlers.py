@@ -414,3 +414,24 @@ def test_unrelated_waiting_events_are_not_retried(sidecar, fake_stripe):
     row = stored_event(foreign["id"])
     assert (row.status, row.attempts) == ("needs_attention", 1)
     assert len(fake_stripe.state.requests_to("GET", "/v1/invoice_payments")) == lookups
+
+
+@pytest.mark.parametrize("subscription_event_first", [True, False], ids=["update-first", "invoice-first"])
+def test_refunding_an_upgrade_takes_back_its_top_up_whichever_event_granted_it(sidecar, fake_stripe,
+                                                                               subscription_event_first):
+    """Stripe usually sends customer.subscription.updated before the proration invoice; the top-up it grants
+    has no payment yet, so the invoice must claim it, or a refund of the upgrade would take nothing back."""
+    fake_stripe.state.add_invoice_payment(invoice="in_up", payment_intent="pi_up", amount_paid=1600)
+    send(sidecar, first_invoice())
+    upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                old_price=STARTER, new_price=PRO, changed_at=NOW, period_end=P1_END,
+                                credit=800, charge=2400)
+    updated = sub_event("customer.subscription.updated", created=NOW, price=PRO, previous_price=STARTER)
+    for evt in ([updated, event("invoice.paid", upgrade)] if subscription_event_first
+                else [event("invoice.paid", upgrade), updated]):
+        send(sidecar, evt)
+    assert summary("u1")["balance"] == 500
+    assert one(Payment, invoice_id="in_up").credits_granted == 400
+    send(sidecar, charge_refunded(charge_id="ch_up", payment_intent="pi_up", amount=1600, amount_refunded=1600))
+    assert summary("u1")["balance"] == 100  # the starter allowance the first invoice paid for stays
+    assert one(Payment, invoice_id="in_up").status == "refunded"
