@@ -27,6 +27,7 @@ from stripe_events import (DEFAULT_PRICES, PACK_AMOUNTS, PLAN_AMOUNTS, WEBHOOK_S
                            checkout_completed, configure_webhooks, deliver, dispute_event, encode, event,
                            proration_invoice, signed_headers, subscription_event, subscription_invoice)
 
+pytestmark = [pytest.mark.timeout(90)]  # a hang fails the test; 40 examples take ~15 s
 URL = "/api/stripe/webhook"
 DAY = 86_400
 TIERS = ("starter", "professional", "business")
