@@ -52,9 +52,11 @@ def lives(draw) -> dict:
     tier = draw(st.sampled_from(TIERS))
     higher = [t for t in TIERS if TIERS.index(t) > TIERS.index(tier)]
     pack = draw(st.sampled_from((None, "pack_100", "pack_250", "pack_500", "pack_1000")))
+    renewal = draw(st.booleans())
     return {
         "tier": tier,
-        "renewal": draw(st.booleans()),
+        "renewal": renewal,
+        "renewal_retry": renewal and draw(st.booleans()),  # the renewal charge fails once, then succeeds
         "upgrade": draw(st.sampled_from([None, *higher])),
         "pack": pack,
         "refund_share": draw(st.sampled_from((0, 0.25, 0.5, 1))) if pack else 0,
@@ -86,13 +88,31 @@ def life_events(life: dict, *, tag: str, now: int) -> list[dict]:
         renewal = subscription_invoice(invoice_id=f"in_{tag}_2", price=price, period_start=period_start,
                                        period_end=period_end, amount=PLAN_AMOUNTS[life["tier"]],
                                        billing_reason="subscription_cycle", created=p1_end + 60, **ids)
+        evts.append(subscription_event(
+            "customer.subscription.updated", created=p1_end, price=price, period_start=period_start,
+            period_end=period_end, event_id=f"evt_{tag}_renew_sub",
+            previous_attributes={"items": {"data": [{"current_period_end": p1_end}]}}, **ids))
+        paid_at = p1_end + 61
+        if life.get("renewal_retry"):
+            unpaid = subscription_invoice(invoice_id=f"in_{tag}_2", price=price, period_start=period_start,
+                                          period_end=period_end, amount=PLAN_AMOUNTS[life["tier"]], status="open",
+                                          billing_reason="subscription_cycle", created=p1_end + 60, **ids)
+            paid_at = p1_end + 2 * DAY
+            evts += [
+                event("invoice.payment_failed", unpaid, created=p1_end + 61, id=f"evt_{tag}_inv2_failed"),
+                subscription_event("customer.subscription.updated", created=p1_end + 62, price=price,
+                                   period_start=period_start, period_end=period_end, status="past_due",
+                                   previous_attributes={"status": "active"}, event_id=f"evt_{tag}_past_due", **ids),
+            ]
         evts += [
-            subscription_event("customer.subscription.updated", created=p1_end, price=price,
-                               period_start=period_start, period_end=period_end, event_id=f"evt_{tag}_renew_sub",
-                               previous_attributes={"items": {"data": [{"current_period_end": p1_end}]}}, **ids),
-            event("invoice.paid", renewal, created=p1_end + 61, id=f"evt_{tag}_inv2_paid"),
-            event("invoice.payment_succeeded", renewal, created=p1_end + 61, id=f"evt_{tag}_inv2_succeeded"),
+            event("invoice.paid", renewal, created=paid_at, id=f"evt_{tag}_inv2_paid"),
+            event("invoice.payment_succeeded", renewal, created=paid_at, id=f"evt_{tag}_inv2_succeeded"),
         ]
+        if life.get("renewal_retry"):
+            evts.append(subscription_event("customer.subscription.updated", created=paid_at + 1, price=price,
+                                           period_start=period_start, period_end=period_end,
+                                           previous_attributes={"status": "past_due"},
+                                           event_id=f"evt_{tag}_active_again", **ids))
     current_price = price
     if life["upgrade"]:
         new_price, at = DEFAULT_PRICES[life["upgrade"]], now - 5 * DAY
