@@ -72,7 +72,7 @@ def parse_consume_body(body: bytes) -> tuple[int, str]:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(422, 'request body must be JSON: {"credits": N, "reference": "..."}') from None
     if not isinstance(data, dict):
         raise ApiError(422, 'request body must be a JSON object: {"credits": N, "reference": "..."}')

@@ -13,6 +13,8 @@ PostgreSQL by SELECT ... FOR UPDATE on the account row.
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
 import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,6 +38,9 @@ FROZEN_STATUSES = ("past_due", "unpaid")
 LIVE_STATUSES = ("active", "trialing", "past_due", "unpaid")
 MAX_CREDITS = 1_000_000_000
 MAX_REFERENCE_LENGTH = 200
+MAX_REASON_LENGTH = 500
+MAX_OPERATOR_LENGTH = 200
+INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
 
 
 class LedgerError(ValueError):
@@ -123,14 +128,31 @@ class AccountSummary:
 
 # --- input checks -------------------------------------------------------------------------
 
+def _has_invisible_characters(text: str, *, allow_newlines: bool = False) -> bool:
+    """Control, format (zero-width, bidi) and line/paragraph separator characters."""
+    return any(unicodedata.category(c) in INVISIBLE_CATEGORIES and not (allow_newlines and c == "\n") for c in text)
+
+
+def check_text(value, *, what: str, max_length: int, allow_newlines: bool = False) -> str:
+    """A person's or a caller's text (reason, operator, reference): non-empty, bounded, printable."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        raise LedgerError(f"{what} is required")
+    if len(text) > max_length:
+        raise LedgerError(f"{what} is longer than {max_length} characters")
+    if _has_invisible_characters(text, allow_newlines=allow_newlines):
+        raise LedgerError(f"{what} contains control or invisible characters")
+    return text
+
+
 def check_user_id(user_id) -> str:
     if not isinstance(user_id, str) or not user_id.strip():
         raise LedgerError("user id must be a non-empty string")
     user_id = user_id.strip()
     if len(user_id) > 200:
         raise LedgerError("user id is longer than 200 characters")
-    if any(ord(c) < 32 for c in user_id):
-        raise LedgerError("user id contains control characters")
+    if _has_invisible_characters(user_id):
+        raise LedgerError("user id contains control or invisible characters")
     return user_id
 
 
@@ -149,7 +171,7 @@ def check_credits(credits, *, allow_negative: bool) -> int:
 def parse_credits(text: str, *, allow_negative: bool) -> int:
     """A credits amount typed by a person: a whole number, e.g. '250' or '-40'."""
     raw = str(text).strip().replace("_", "")
-    if not raw.lstrip("+-").isdigit():
+    if not re.fullmatch(r"[+-]?[0-9]+", raw):
         raise LedgerError(f"credits must be a whole number, not {text!r}")
     return check_credits(int(raw), allow_negative=allow_negative)
 
@@ -612,12 +634,12 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
     """A person's correction. Positive adjustments never expire; negative ones draw like a spend and may
     only take the balance below zero when explicitly allowed."""
     credits = check_credits(credits, allow_negative=True)
-    reason = (reason or "").strip()
-    operator = (operator or "").strip()
-    if not reason:
+    if not (isinstance(reason, str) and reason.strip()):
         raise LedgerError("a reason is required for every adjustment")
-    if not operator:
+    reason = check_text(reason, what="the reason", max_length=MAX_REASON_LENGTH, allow_newlines=True)
+    if not (isinstance(operator, str) and operator.strip()):
         raise LedgerError("the operator making the adjustment must be named")
+    operator = check_text(operator, what="the operator name", max_length=MAX_OPERATOR_LENGTH)
     now = now or utcnow()
     source_key = source_key or f"adjust:{uuid.uuid4()}"
     account = lock_account(session, user_id=user_id)
@@ -642,11 +664,9 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
             now: datetime | None = None) -> ConsumeResult:
     """The DevOps Agent spends credits: atomic, and once per (user, reference)."""
     credits = check_credits(credits, allow_negative=False)
-    reference = (reference or "").strip() if isinstance(reference, str) else ""
-    if not reference:
+    if not (isinstance(reference, str) and reference.strip()):
         raise LedgerError("a reference is required so a retried spend is not applied twice")
-    if len(reference) > MAX_REFERENCE_LENGTH:
-        raise LedgerError(f"reference is longer than {MAX_REFERENCE_LENGTH} characters")
+    reference = check_text(reference, what="the reference", max_length=MAX_REFERENCE_LENGTH)
     now = now or utcnow()
     account = lock_account(session, user_id=user_id, create=False)
     if account is None:

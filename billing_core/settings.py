@@ -35,6 +35,7 @@ KNOWN_NAMES = (
     "SUBSCRIPTION_CREDITS_ROLLOVER", "CHECKOUT_LINK_EXPIRY_HOURS", "SUPPORT_ADJUSTMENT_LIMIT",
     "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
 )
+SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -55,14 +56,14 @@ class Problem:
 
 @dataclass(frozen=True)
 class Settings:
-    stripe_secret_key: str = ""
+    stripe_secret_key: str = field(default="", repr=False)
     stripe_publishable_key: str = ""
-    stripe_webhook_secret: str = ""
+    stripe_webhook_secret: str = field(default="", repr=False)
     base_url: str = "http://localhost:5000"
     price_ids: dict[str, str] = field(default_factory=dict)
-    database_url_setting: str = ""
+    database_url_setting: str = field(default="", repr=False)  # may hold a password
     stripe_api_base: str = ""
-    billing_api_token: str = ""
+    billing_api_token: str = field(default="", repr=False)
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 5000
     subscription_credits_rollover: bool = False
@@ -91,10 +92,13 @@ class Settings:
 
     @property
     def stripe_mode(self) -> str:
-        """'live', 'test' or 'demo' (no key)."""
+        """'live' or 'test' by the secret key's prefix; 'demo' with no key; 'invalid' for anything else."""
         if not self.stripe_secret_key:
             return "demo"
-        return "live" if "_live_" in self.stripe_secret_key else "test"
+        for prefix, mode in SECRET_KEY_MODES.items():
+            if self.stripe_secret_key.startswith(prefix):
+                return mode
+        return "invalid"
 
     @property
     def livemode(self) -> bool:
@@ -219,11 +223,8 @@ def check_config(settings: Settings) -> list[Problem]:
     """Every problem in the configuration, errors and warnings, in plain words."""
     problems = list(settings.parse_problems)
     sk, pk = settings.stripe_secret_key, settings.stripe_publishable_key
-    key_mode = None
+    key_mode = settings.stripe_mode if settings.stripe_mode in ("test", "live") else None
     if sk:
-        for prefix in ("sk_test_", "sk_live_", "rk_test_", "rk_live_"):
-            if sk.startswith(prefix):
-                key_mode = "live" if "live" in prefix else "test"
         if key_mode is None:
             kind = "a publishable key" if sk.startswith("pk_") else f"not a Stripe secret key ({mask_secret(sk)})"
             problems.append(Problem("error", "STRIPE_SECRET_KEY",

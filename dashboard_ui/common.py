@@ -52,6 +52,9 @@ def mode_banner(settings: Settings) -> None:
         st.warning("**TEST MODE** · Stripe test keys · no real money moves", icon=":material/build:")
     elif mode == "live":
         st.error("**LIVE MODE** · real customers and real money", icon=":material/error:")
+    elif mode == "invalid":
+        st.error("**STRIPE KEY NOT RECOGNISED** · STRIPE_SECRET_KEY must start with sk_test_, sk_live_, rk_test_ or "
+                 "rk_live_ · see Settings", icon=":material/error:")
     else:
         st.warning("**NO STRIPE KEY** · Stripe actions are off", icon=":material/warning:")
 

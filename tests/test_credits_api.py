@@ -158,6 +158,7 @@ def test_consume_for_unknown_account_is_404_and_creates_nothing(client):
 BAD_BODIES = [
     (b"not json", "must be JSON"),
     (b"", "must be JSON"),
+    (b"[" * 4000, "must be JSON"),  # nesting deep enough to exhaust the JSON parser's recursion
     (b"[1, 2]", "must be a JSON object"),
     (b'"text"', "must be a JSON object"),
     (b'{"reference": "r"}', "missing field(s): credits"),
@@ -260,7 +261,8 @@ def test_database_unavailable_is_503(api_token, monkeypatch, tmp_path):
 # --- through the sidecar app --------------------------------------------------------------
 
 def test_routes_are_served_by_the_sidecar_app(database_url, api_token):
-    webapp = pytest.importorskip("billing_core.webapp")
+    from billing_core import webapp
+
     give_credits("alice", 100)
     with TestClient(webapp.create_app()) as test_client:
         assert test_client.get("/api/accounts/alice", headers=AUTH).json()["balance"] == 100

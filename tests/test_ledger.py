@@ -380,3 +380,46 @@ def test_concurrent_mixed_writers_keep_the_balance_exact(database_url):
     errors = run_threads(8, work)
     assert errors == []
     assert bal() == 1000 + 4 * 5 * 10 + 4 * 5 * 7 - 8 * 5 * 2
+
+
+@pytest.mark.parametrize("user_id", ["a\x7fb", "a\u200bb", "a\u2028b", "bidi\u202e", "tab\there", "x" * 201])
+def test_user_ids_with_invisible_characters_or_too_long_are_refused(database_url, user_id):
+    with pytest.raises(ledger.LedgerError, match="user id"):
+        with db.write_session() as s:
+            ledger.adjust(s, user_id=user_id, credits=5, reason="r", operator="o")
+    with db.read_session() as s:
+        assert s.execute(select(Account)).first() is None
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("reason", "x" * 501, "longer than 500"),
+    ("operator", "o" * 201, "longer than 200"),
+    ("operator", "al\x00ice", "control or invisible"),
+    ("reason", "refund\x1b[31m", "control or invisible"),
+])
+def test_adjustment_text_is_bounded_and_printable_on_both_databases(database_url, field, value, message):
+    kwargs = {"credits": 5, "reason": "fine", "operator": "alice", field: value}
+    with pytest.raises(ledger.LedgerError, match=message):
+        with db.write_session() as s:
+            ledger.adjust(s, user_id="u1", **kwargs)
+    assert entries() == []
+
+
+def test_multi_line_reasons_are_kept(database_url):
+    with db.write_session() as s:
+        ledger.adjust(s, user_id="u1", credits=5, reason="line one\nline two", operator="alice")
+    assert entries()[0].reason == "line one\nline two"
+
+
+def test_spend_reference_with_control_characters_is_refused(database_url):
+    pack(credits=5)
+    with pytest.raises(ledger.LedgerError, match="reference"):
+        spend(1, "job\x00-1")
+    assert bal() == 5
+
+
+@pytest.mark.parametrize("text", ["２", "²", "1e3", "0x10", "", "+", "--5"])
+def test_typed_credits_must_be_ascii_whole_numbers(text):
+    with pytest.raises(ledger.LedgerError, match="whole number"):
+        ledger.parse_credits(text, allow_negative=True)
+    assert ledger.parse_credits(" -1_000 ", allow_negative=True) == -1000

@@ -27,9 +27,9 @@ from billing_core.reconcile_cli import ProgressBar
 from billing_core.settings import reset_settings_cache
 from live_server import running_server
 
-events_module = pytest.importorskip("billing_core.events")
-stripe_events = pytest.importorskip("stripe_events")
-from billing_core.webapp import create_app  # noqa: E402 - after the skip for a tree without the sidecar
+import billing_core.events as events_module  # noqa: E402
+import stripe_events  # noqa: E402
+from billing_core.webapp import create_app  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400
 

@@ -164,3 +164,16 @@ def test_check_config_cli_passes_on_good_config(tmp_path):
     result = run_cli("check-config", env_file=env_file)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "test mode" in result.stdout and SK_TEST not in result.stdout
+
+
+def test_settings_repr_never_shows_secrets(tmp_path):
+    s = settings_from(tmp_path, STRIPE_SECRET_KEY=SK_TEST, STRIPE_WEBHOOK_SECRET=WHSEC, BILLING_API_TOKEN="tok_secret_value",
+                      DATABASE_URL="postgresql://billing:hunter2@db/billing")
+    text = repr(s)
+    assert SK_TEST not in text and WHSEC not in text and "tok_secret_value" not in text and "hunter2" not in text
+
+
+def test_an_unrecognised_secret_key_is_neither_test_nor_live(tmp_path):
+    s = settings_from(tmp_path, STRIPE_SECRET_KEY="sk_prod_abcdefghijklmnop")
+    assert s.stripe_mode == "invalid" and not s.livemode
+    assert problems_by_setting(s)["STRIPE_SECRET_KEY"][0].level == "error"
