@@ -25,7 +25,7 @@ from sqlmodel import Session
 
 from . import ledger
 from .checkout import mark_link_status
-from .catalog import CatalogItem, allowance, find_item_for_price, get_item, UnknownItem
+from .catalog import CATALOG, CatalogItem, allowance, find_item_for_price, get_item, UnknownItem
 from .models import Account, CheckoutLink, Dispute, Payment, Subscription, from_epoch, utcnow
 from .settings import Settings, get_settings
 
@@ -129,6 +129,26 @@ def metadata_user(obj: Any) -> str | None:
 def plan_for_price(price_id: str | None, settings: Settings) -> CatalogItem | None:
     item = find_item_for_price(price_id, settings)
     return item if item and item.kind == "plan" else None
+
+
+PLANS_BY_LOOKUP_KEY = {item.lookup_key: item for item in CATALOG.values() if item.kind == "plan"}
+
+
+def plan_for_price_object(price: Any, settings: Settings) -> CatalogItem | None:
+    """The plan a price stands for: its configured id, else (a price replaced by sync-catalog, still on
+    existing subscriptions) the catalog lookup key it carries, else its `metadata.item`."""
+    plan = plan_for_price(id_of(price), settings)
+    if plan is not None or not isinstance(price, dict):
+        return plan
+    lookup_key = price.get("lookup_key")
+    if isinstance(lookup_key, str) and lookup_key in PLANS_BY_LOOKUP_KEY:
+        return PLANS_BY_LOOKUP_KEY[lookup_key]
+    return plan_named(dig(price, "metadata", "item"))
+
+
+def plan_named(key: Any) -> CatalogItem | None:
+    item = CATALOG.get(key) if isinstance(key, str) else None
+    return item if item is not None and item.kind == "plan" else None
 
 
 def related_ids(obj: dict) -> set[str]:
@@ -313,9 +333,9 @@ def _newer(row: Subscription, *, created: int, status: str) -> bool:
 
 def _subscription_facts(sub: dict, settings: Settings) -> tuple[str | None, CatalogItem | None, int | None]:
     first_item = dig(sub, "items", "data", 0)
-    price_id = id_of(dig(first_item, "price")) or id_of(dig(sub, "plan"))
+    price = dig(first_item, "price") or dig(sub, "plan")  # older APIs: top-level plan
     period_end = dig(first_item, "current_period_end") or sub.get("current_period_end")  # older APIs: top level
-    return price_id, plan_for_price(price_id, settings), (as_int(period_end) or None)
+    return id_of(price), plan_for_price_object(price, settings), (as_int(period_end) or None)
 
 
 def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
@@ -360,8 +380,7 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
 def _upgrade_topup(session: Session, ctx: EventContext, *, row: Subscription, plan: CatalogItem, status: str,
                    period_end: int | None, previous_tier: str | None) -> None:
     """A move to a higher tier mid-period tops the period up to the new allowance (once per period)."""
-    old_price = id_of(dig(ctx.previous_attributes, "items", "data", 0, "price"))
-    old_plan = plan_for_price(old_price, ctx.settings)
+    old_plan = plan_for_price_object(dig(ctx.previous_attributes, "items", "data", 0, "price"), ctx.settings)
     old_tier = old_plan.key if old_plan else previous_tier
     if (not period_end or not old_tier or allowance(old_tier) <= 0 or allowance(plan.key) <= allowance(old_tier)
             or status not in UPGRADABLE_STATUSES or row.status in ("canceled", "incomplete_expired")):
@@ -395,14 +414,34 @@ def line_is_proration(line: dict) -> bool:
                 or dig(line, "parent", "invoice_item_details", "proration"))
 
 
-def _plan_lines(invoice: dict, settings: Settings) -> list[tuple[dict, CatalogItem, int]]:
+def _plan_lines(session: Session, invoice: dict, settings: Settings,
+                subscription_id: str | None) -> list[tuple[dict, CatalogItem, int]]:
     found = []
     for line in dig(invoice, "lines", "data") or []:
-        plan = plan_for_price(line_price(line), settings)
+        plan = _line_plan(session, invoice, line, settings, subscription_id)
         period_end = as_int(dig(line, "period", "end"))
         if plan is not None and period_end:
             found.append((line, plan, period_end))
     return found
+
+
+def _line_plan(session: Session, invoice: dict, line: dict, settings: Settings,
+               subscription_id: str | None) -> CatalogItem | None:
+    """A line's plan by its configured price; for a price no longer configured (replaced by sync-catalog),
+    the stored subscription that a subscription event recorded with that price, then (regular lines
+    only: a proration's old-plan line must not pass for the new plan) the item our checkout put in the
+    subscription's metadata."""
+    price = dig(line, "pricing", "price_details", "price") or line.get("price") or dig(line, "plan")
+    plan = plan_for_price_object(price, settings)
+    price_id = id_of(price)
+    if plan is not None or not price_id:
+        return plan
+    row = session.get(Subscription, subscription_id) if subscription_id else None
+    if row is not None and row.price_id == price_id and plan_named(row.tier):
+        return plan_named(row.tier)
+    if line_is_proration(line):
+        return None
+    return plan_named(dig(invoice, "parent", "subscription_details", "metadata", "item"))
 
 
 def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscription_id: str, item: str | None,
@@ -442,7 +481,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
     ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
                         email=invoice.get("customer_email") if isinstance(invoice.get("customer_email"), str) else None)
-    plan_lines = _plan_lines(invoice, ctx.settings)
+    plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
     base = None
     if reason in ("subscription_create", "subscription_cycle"):
@@ -507,7 +546,7 @@ def on_invoice_payment_failed(session: Session, ctx: EventContext) -> Handled:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
     ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")))
-    plan_lines = _plan_lines(invoice, ctx.settings)
+    plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id,
                      item=plan_lines[0][1].key if plan_lines else None, status="failed")
     row = session.get(Subscription, subscription_id)

@@ -435,3 +435,63 @@ def test_refunding_an_upgrade_takes_back_its_top_up_whichever_event_granted_it(s
     send(sidecar, charge_refunded(charge_id="ch_up", payment_intent="pi_up", amount=1600, amount_refunded=1600))
     assert summary("u1")["balance"] == 100  # the starter allowance the first invoice paid for stays
     assert one(Payment, invoice_id="in_up").status == "refunded"
+
+
+# --- a price replaced by sync-catalog (the old price stays on existing subscriptions) ---------
+
+OLD_STARTER = "price_replaced_starter_0000"
+
+
+def _with_price_details(evt: dict, **price_fields) -> dict:
+    evt["data"]["object"]["items"]["data"][0]["price"].update(price_fields)
+    return evt
+
+
+def _renewal(price: str, *, invoice_id="in_2", item: str | None = None, start=P1_END, end=P2_END) -> dict:
+    renewal = subscription_invoice(invoice_id=invoice_id, customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                   price=price, period_start=start, period_end=end, amount=999,
+                                   billing_reason="subscription_cycle")
+    if item is not None:
+        renewal["parent"]["subscription_details"]["metadata"]["item"] = item
+    return event("invoice.paid", renewal)
+
+
+def test_a_replaced_price_is_recognised_by_its_lookup_key_and_teaches_the_invoice_lines(sidecar):
+    sub = _with_price_details(sub_event(created=P1_START, price=OLD_STARTER), lookup_key="starter_monthly")
+    assert send(sidecar, sub)["status"] == "processed"
+    row = one(Subscription, id="sub_1")
+    assert (row.tier, row.price_id) == ("starter", OLD_STARTER)
+    # the renewal's line names only the old price id: the stored subscription says which plan it is
+    assert send(sidecar, _renewal(OLD_STARTER))["status"] == "processed"
+    data = summary("u1")
+    assert (data["balance"], data["tier"], data["current_period_end"]) == (100, "starter", P2_END)
+
+
+def test_a_replaced_price_is_recognised_by_its_metadata_item(sidecar):
+    sub = _with_price_details(sub_event(created=P1_START, price=OLD_STARTER), metadata={"item": "professional"})
+    assert send(sidecar, sub)["status"] == "processed"
+    assert one(Subscription, id="sub_1").tier == "professional"
+
+
+def test_an_invoice_of_a_replaced_price_falls_back_to_the_checkout_item_in_the_subscription_metadata(sidecar):
+    assert send(sidecar, _renewal(OLD_STARTER, item="starter"))["status"] == "processed"
+    assert (summary("u1")["balance"], summary("u1")["tier"]) == (100, "starter")
+
+
+def test_a_proration_line_of_an_unknown_price_is_not_taken_for_the_checkout_item(sidecar):
+    send(sidecar, first_invoice())
+    upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                old_price=STARTER, new_price="price_unknown_new", changed_at=NOW,
+                                period_end=P1_END, credit=800, charge=2400)
+    upgrade["parent"]["subscription_details"]["metadata"]["item"] = "business"
+    send(sidecar, event("invoice.paid", upgrade))
+    assert summary("u1")["balance"] == 100  # no top-up to a plan nobody can name
+
+
+def test_a_price_that_nothing_identifies_still_needs_attention(sidecar):
+    sub = _with_price_details(sub_event(created=P1_START, price="price_someone_elses"), lookup_key="other_monthly",
+                              metadata={"item": "pack_100"})
+    assert send(sidecar, sub)["status"] == "needs_attention"
+    assert send(sidecar, _renewal("price_someone_elses"))["status"] == "needs_attention"
+    assert summary("u1")["balance"] == 0
+    assert all_rows(Payment) == []
