@@ -326,17 +326,30 @@ def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], e
 def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = None,
                            settings: Settings | None = None) -> handlers.Handled | None:
     """The success page's fulfilment: the same function and source keys as the webhook's.
-    None when the session can't be applied without a person (the webhook will keep it for them)."""
+    None when the session can't be applied now: it needs a person (the webhook keeps it for them), its
+    data can't be used (a bad client_reference_id), or the database failed. Each is logged, keys masked;
+    the customer's page just says the payment is being confirmed."""
     settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     try:
+        engine = engine or db.get_engine(settings.database_url)
         with db.write_session(engine) as session:
             handled = handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
+        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(checkout_session))
     except NeedsAttention as exc:
-        log.warning("success page could not apply %s: %s", checkout_session.get("id"), exc.reason)
+        log.warning("success page could not apply %s: %s", printable(checkout_session.get("id")),
+                    printable(exc.reason))
         return None
-    retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(checkout_session))
+    except Exception as exc:  # LedgerError, UnknownItem, a database error: the webhook path records it
+        log.error("success page could not apply %s: %s", printable(checkout_session.get("id")),
+                  printable(safe_error_text(exc, settings)))
+        return None
     return handled
+
+
+def printable(value) -> str:
+    """Text safe for a log line: what a customer-controlled value can't forge lines or terminals with."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(c if c.isprintable() else "?" for c in text)[:MAX_ERROR_CHARS]
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -113,6 +113,9 @@ def _item_name(checkout_session: dict) -> str:
     return item.name + (" plan" if item.kind == "plan" else "") if item else "your purchase"
 
 
+NOT_APPLIED = object()  # the success page could not apply the paid session now (the webhook will)
+
+
 def make_success_page(settings: Settings):
     def fulfil(session_id: str):
         from .stripe_client import StripeProblem, make_stripe_client, stripe_errors
@@ -123,15 +126,17 @@ def make_success_page(settings: Settings):
                 checkout_session = client.v1.checkout.sessions.retrieve(session_id).to_dict()
         except StripeProblem as exc:
             return None, None, exc
-        handled = None
-        if checkout_session.get("payment_status") in ("paid", "no_payment_required"):
-            handled = events.apply_checkout_session(checkout_session, settings=settings,
-                                                    engine=db.get_engine(settings.database_url))
-        summary = None
-        if handled is not None and handled.user_id:
+        if checkout_session.get("payment_status") not in ("paid", "no_payment_required"):
+            return checkout_session, None, None
+        handled = events.apply_checkout_session(checkout_session, settings=settings)  # never raises
+        if handled is None or not handled.user_id:
+            return checkout_session, NOT_APPLIED, None
+        try:
             with db.read_session(db.get_engine(settings.database_url)) as session:
-                summary = ledger.account_summary(session, handled.user_id)
-        return checkout_session, summary, None
+                return checkout_session, ledger.account_summary(session, handled.user_id), None
+        except Exception as exc:
+            log.error("success page could not read the balance: %s", events.safe_error_text(exc, settings))
+            return checkout_session, NOT_APPLIED, None
 
     async def success(request: Request):
         session_id = request.query_params.get("session_id", "").strip()
@@ -149,13 +154,14 @@ def make_success_page(settings: Settings):
             return page("Payment processing", [
                 f"Thank you for buying {what}. Your payment is still being processed; your credits will "
                 "appear as soon as it clears."])
+        if summary is NOT_APPLIED:
+            return page("Payment being confirmed", [
+                f"Thank you for buying {what}. We are confirming your payment; your credits will appear "
+                "shortly. You can close this page."])
         lines = [f"Thank you: your payment for {what} was received."]
-        if summary is not None:
-            if checkout_session.get("mode") == "subscription" and summary.tier == "none":
-                lines.append("Your subscription credits will appear in a moment, once the first invoice is recorded.")
-            lines.append(f"Your credit balance is now {summary.balance:,} credits.")
-        else:
-            lines.append("Your credits will appear in a moment.")
+        if checkout_session.get("mode") == "subscription" and summary.tier == "none":
+            lines.append("Your subscription credits will appear in a moment, once the first invoice is recorded.")
+        lines.append(f"Your credit balance is now {summary.balance:,} credits.")
         return page("Payment received", lines)
 
     return success

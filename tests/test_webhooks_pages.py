@@ -132,3 +132,31 @@ def test_the_stripe_lookup_happens_while_no_database_lock_is_held(sidecar, strip
     evt = charge_refunded(charge_id="ch_l", payment_intent="pi_l", amount=999, amount_refunded=999)
     assert deliver(sidecar, evt).json()["status"] == "needs_attention"
     assert finished == [True] and balance("u1") == 15
+
+
+@pytest.mark.parametrize("user_id", ["u" * 300, "user\x00with\x1bcontrol"], ids=["300-chars", "control-chars"])
+def test_success_page_with_an_unusable_user_id_says_the_payment_is_being_confirmed(sidecar, stripe_state,
+                                                                                  user_id, caplog):
+    session = paid_session(stripe_state, user_id=user_id)
+    page = sidecar.get("/checkout/success", params={"session_id": session["id"]})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Payment being confirmed" in page.text and "credits will appear shortly" in page.text
+    assert ledger_entries() == 0
+    assert "could not apply" in caplog.text and "\x00" not in caplog.text and "\x1b" not in caplog.text
+
+
+def test_success_page_when_the_database_fails_says_the_payment_is_being_confirmed(sidecar, stripe_state,
+                                                                                 monkeypatch, caplog):
+    from sqlalchemy.exc import OperationalError
+
+    secret = "sk_test_" + "9" * 24
+
+    def broken(*args, **kwargs):
+        raise OperationalError(f"INSERT ... key {secret}", {}, Exception("database is locked"))
+
+    monkeypatch.setenv("STRIPE_SECRET_KEY", secret)
+    monkeypatch.setattr(handlers, "fulfil_checkout_session", broken)
+    session = paid_session(stripe_state)
+    page = sidecar.get("/checkout/success", params={"session_id": session["id"]})
+    assert page.status_code == 200 and "Payment being confirmed" in page.text
+    assert "OperationalError" in caplog.text and secret not in caplog.text and secret not in page.text
