@@ -615,7 +615,7 @@ def hold_for_dispute(session: Session, *, dispute_id: str, payment: Payment, now
 
 def release_dispute_hold(session: Session, *, dispute_id: str, user_id: str, now: datetime | None = None) -> int:
     """Give back what a dispute held, into lots that are still open."""
-    account = lock_account(session, user_id=user_id)
+    lock_account(session, user_id=user_id)
     now = now or utcnow()
     open_keys = {lot.key for lot in lots(session, user_id) if not lot.closed(now)}
     held = [row for row in _held(session, user_id=user_id, lot_keys=sorted(open_keys)) if row[0] == dispute_id]

@@ -7,7 +7,6 @@ between tests. Every test starts with a clean environment: no config/.env, no St
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -16,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from billing_core import db
+from db_copies import configured_sqlite_copy
 from billing_core.settings import KNOWN_NAMES, reset_settings_cache
 
 pytest_plugins = ["stripe_fixtures"]  # Stripe double fixtures: fake_stripe, stripe_server, stripe_prices
@@ -77,33 +77,21 @@ def _empty_pg_tables(url: str) -> None:
 @pytest.fixture(params=BACKENDS)
 def database_url(request, tmp_path, monkeypatch, sqlite_template) -> str:
     if request.param == "sqlite":
-        path = tmp_path / "billing.db"
-        shutil.copy(sqlite_template, path)
-        url = f"sqlite:///{path}"
-    else:
-        url = request.getfixturevalue("pg_schema_url")
-        _empty_pg_tables(url)
+        with configured_sqlite_copy(sqlite_template, tmp_path / "billing.db", monkeypatch) as url:
+            yield url
+        return
+    url = request.getfixturevalue("pg_schema_url")
+    _empty_pg_tables(url)
     monkeypatch.setenv("DATABASE_URL", url)
     reset_settings_cache()
     yield url
-    if request.param == "sqlite":
-        engine = db._engines.pop(url, None)
-        if engine is not None:
-            engine.dispose()
 
 
 @pytest.fixture
 def sqlite_url(tmp_path, monkeypatch, sqlite_template) -> str:
     """SQLite only, for tests that don't need to run on both databases."""
-    path = tmp_path / "billing.db"
-    shutil.copy(sqlite_template, path)
-    url = f"sqlite:///{path}"
-    monkeypatch.setenv("DATABASE_URL", url)
-    reset_settings_cache()
-    yield url
-    engine = db._engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    with configured_sqlite_copy(sqlite_template, tmp_path / "billing.db", monkeypatch) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from billing_core import db
 from billing_core.demo import fill_demo_database
 from billing_core.operators import create_operator
-from billing_core.settings import reset_settings_cache
+from db_copies import configured_sqlite_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "Home.py"
@@ -78,12 +78,5 @@ def seeded_template(tmp_path_factory, sqlite_template) -> Path:
 @pytest.fixture
 def seeded_db(seeded_template, tmp_path, monkeypatch) -> str:
     """A fresh copy of the seeded database, configured as DATABASE_URL."""
-    path = tmp_path / "seeded.db"
-    shutil.copy(seeded_template, path)
-    url = f"sqlite:///{path}"
-    monkeypatch.setenv("DATABASE_URL", url)
-    reset_settings_cache()
-    yield url
-    engine = db._engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    with configured_sqlite_copy(seeded_template, tmp_path / "seeded.db", monkeypatch) as url:
+        yield url
