@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
-from .handlers import EventContext, NeedsAttention
+from .handlers import MAX_EPOCH, EventContext, NeedsAttention, printable
 from .models import StripeEvent, utcnow
 from .settings import Settings, get_settings
 
@@ -118,21 +118,33 @@ def _verify_signature(text: str, header: str, secrets: list[str]) -> None:
     raise IngressRejected(400, "invalid signature")
 
 
+def _ascii_token(value, max_len: int) -> bool:
+    """Printable ASCII without spaces, 1..max_len characters: fits its column on every database."""
+    return (isinstance(value, str) and 0 < len(value) <= max_len and value.isascii() and value.isprintable()
+            and " " not in value)
+
+
 def event_shape_problem(event) -> str | None:
     if not isinstance(event, dict):
         return "the body is not a JSON object"
     event_id = event.get("id")
-    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 100:
+    if not isinstance(event_id, str) or not event_id.startswith("evt_"):
         return "id must be a string starting with evt_"
-    if not isinstance(event.get("type"), str) or not event["type"] or len(event["type"]) > 100:
+    if not _ascii_token(event_id, 100):
+        return "id is not at most 100 printable ASCII characters"
+    if not isinstance(event.get("type"), str) or not event["type"]:
         return "type is missing"
+    if not _ascii_token(event["type"], 100):
+        return "type is not at most 100 printable ASCII characters"
     if not isinstance(handlers.dig(event, "data", "object"), dict):
         return "data.object is missing"
     created = event.get("created")
     if isinstance(created, bool) or not isinstance(created, int):
         return "created is missing"
+    if not 0 < created <= MAX_EPOCH:
+        return "created is not a Unix time"
     api_version = event.get("api_version")
-    if api_version is not None and (not isinstance(api_version, str) or len(api_version) > 40):
+    if api_version is not None and not _ascii_token(api_version, 40):
         return "api_version is not a version string"
     return None
 
@@ -218,11 +230,11 @@ def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | Non
         with session.begin_nested():  # a NeedsAttention undoes this event's effects, not the status row
             handled = handlers.handle(session, ctx)
     except NeedsAttention as exc:
-        return "needs_attention", exc.reason[:MAX_ERROR_CHARS], None
+        return "needs_attention", printable(exc.reason, MAX_ERROR_CHARS), None
     except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
         return "needs_attention", safe_error_text(exc, ctx.settings), None
     if handled.ignored:
-        return "ignored", handled.note, handled.user_id
+        return "ignored", handled.note and printable(handled.note, MAX_ERROR_CHARS), handled.user_id
     if handled.note:
         log.info("event %s: %s", ctx.id, handled.note)
     return "processed", None, handled.user_id
@@ -248,7 +260,7 @@ def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
     for secret in [settings.stripe_secret_key, settings.billing_api_token, *settings.webhook_secrets]:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "***")
-    return mask_keys(text)[:MAX_ERROR_CHARS]
+    return printable(mask_keys(text), MAX_ERROR_CHARS)
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -344,12 +356,6 @@ def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = No
                   printable(safe_error_text(exc, settings)))
         return None
     return handled
-
-
-def printable(value) -> str:
-    """Text safe for a log line: what a customer-controlled value can't forge lines or terminals with."""
-    text = value if isinstance(value, str) else repr(value)
-    return "".join(c if c.isprintable() else "?" for c in text)[:MAX_ERROR_CHARS]
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -101,17 +101,97 @@ def dig(obj: Any, *path: str | int) -> Any:
     return obj
 
 
+# Bounds that every stored value fits on SQLite and PostgreSQL alike (varchar lengths, BIGINT, datetime).
+MAX_ID_CHARS = 100
+MAX_AMOUNT = 10**12  # minor units: far above any real payment, far below BIGINT
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime holds
+
+
+def printable(value: Any, limit: int = 1000) -> str:
+    """Text safe for an error column or a log line: non-printable characters (NUL, lone surrogates,
+    escapes) replaced, so a customer-controlled value can't break the database or forge log lines."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def shown(value: Any) -> str:
+    """A short, safe rendering of a value for a needs-attention reason."""
+    text = printable(value, 40)
+    return text + "..." if len(value if isinstance(value, str) else repr(value)) > 40 else text
+
+
 def id_of(value: Any) -> str | None:
-    """A Stripe reference: either an id string or an expanded object carrying `id`."""
+    """A Stripe reference: either an id string or an expanded object carrying `id`. None when absent;
+    NeedsAttention when it is a string that can't be a Stripe id (too long, not printable ASCII)."""
     if isinstance(value, dict):
         value = value.get("id")
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    if len(value) > MAX_ID_CHARS or not (value.isascii() and value.isprintable()) or " " in value:
+        raise NeedsAttention(f"malformed Stripe id {shown(value)}: an id is at most {MAX_ID_CHARS} printable "
+                             "ASCII characters")
+    return value
+
+
+def lenient_id(value: Any) -> str | None:
+    """id_of for code outside a handler (prefetch, related ids): a malformed id is simply no id."""
+    try:
+        return id_of(value)
+    except NeedsAttention:
+        return None
 
 
 def as_int(value: Any, default: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A number only compared, never stored (a line's amount); anything else is `default`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
         return default
     return int(value)
+
+
+def as_amount(value: Any, *, what: str) -> int:
+    """An amount in minor units that will be stored: 0 when absent, NeedsAttention when not 0..MAX_AMOUNT."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT:
+        raise NeedsAttention(f"{what} {shown(value)} is not an amount in minor units (0 to {MAX_AMOUNT})")
+    return value
+
+
+def as_epoch(value: Any, *, what: str) -> int | None:
+    """A Unix time that will be stored or turned into a datetime: None when absent or 0."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_EPOCH:
+        raise NeedsAttention(f"{what} {shown(value)} is not a Unix time")
+    return value
+
+
+def moment_of(value: Any, *, what: str):
+    """A Stripe `created` as a datetime (now when absent)."""
+    return from_epoch(as_epoch(value, what=what)) or utcnow()
+
+
+def as_text(value: Any, *, what: str, max_len: int) -> str | None:
+    """A string that will be stored: None when absent or empty, NeedsAttention when not printable text
+    of at most `max_len` characters (the column's length on PostgreSQL)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > max_len or not value.isprintable():
+        raise NeedsAttention(f"{what} {shown(value)} is not text of at most {max_len} printable characters")
+    return value
+
+
+def as_currency(value: Any, *, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str) or len(value) != 3 or not value.isascii() or not value.isalpha():
+        raise NeedsAttention(f"currency {shown(value)} is not a three-letter currency code")
+    return value.lower()
+
+
+def dicts(value: Any) -> list[dict]:
+    """The objects of a list field (lines, line items); anything else in it, or a non-list, is skipped."""
+    return [found for found in value if isinstance(found, dict)] if isinstance(value, list) else []
 
 
 def required_id(obj: dict, prefix: str, what: str) -> str:
@@ -123,7 +203,9 @@ def required_id(obj: dict, prefix: str, what: str) -> str:
 
 def metadata_user(obj: Any) -> str | None:
     value = dig(obj, "metadata", "user_id")
-    return value.strip() if isinstance(value, str) and value.strip() else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return as_text(value.strip(), what="metadata.user_id", max_len=200)
 
 
 def plan_for_price(price_id: str | None, settings: Settings) -> CatalogItem | None:
@@ -154,10 +236,13 @@ def plan_named(key: Any) -> CatalogItem | None:
 def related_ids(obj: dict) -> set[str]:
     """The Stripe ids an event's object records or links (itself, its customer, subscription, invoice,
     payment intent, charge): a waiting event mentioning one of them may be resolvable now."""
-    found = {id_of(obj.get(name)) for name in ("id", "customer", "subscription", "payment_intent", "invoice",
-                                               "charge")}
+    found = {lenient_id(obj.get(name)) for name in ("id", "customer", "subscription", "payment_intent", "invoice",
+                                                    "charge")}
     if obj.get("object") == "invoice":
-        found.add(invoice_subscription_id(obj))
+        try:
+            found.add(invoice_subscription_id(obj))
+        except NeedsAttention:
+            pass
     return {ident for ident in found if ident and "_" in ident.strip("_")}
 
 
@@ -197,7 +282,7 @@ def _checkout_item(session: Session, checkout_session: dict, settings: Settings)
             return get_item(key)
         except UnknownItem:
             raise NeedsAttention(f"checkout session names unknown item {key!r}") from None
-    for line in dig(checkout_session, "line_items", "data") or []:
+    for line in dicts(dig(checkout_session, "line_items", "data")):
         item = find_item_for_price(id_of(dig(line, "price")), settings)
         if item:
             return item
@@ -206,7 +291,8 @@ def _checkout_item(session: Session, checkout_session: dict, settings: Settings)
 
 
 def _checkout_user(session: Session, checkout_session: dict, assigned_user_id: str | None) -> str:
-    explicit = metadata_user(checkout_session) or (checkout_session.get("client_reference_id") or None)
+    explicit = metadata_user(checkout_session) or as_text(checkout_session.get("client_reference_id"),
+                                                          what="client_reference_id", max_len=200)
     if explicit or assigned_user_id:
         return explicit or assigned_user_id
     link = session.execute(select(CheckoutLink).where(CheckoutLink.session_id == checkout_session["id"])).scalars().first()
@@ -228,9 +314,10 @@ def _checkout_payment(session: Session, checkout_session: dict, *, user_id: str,
     payment = session.execute(select(Payment).where(Payment.checkout_session_id == session_id)).scalars().first()
     if payment is None:
         payment = Payment(user_id=user_id, source="checkout", checkout_session_id=session_id, item=item.key,
-                          kind=item.kind, amount_cents=as_int(checkout_session.get("amount_total")),
-                          currency=(checkout_session.get("currency") or item.currency).lower()[:3],
-                          status="unpaid", created_at=from_epoch(checkout_session.get("created")) or utcnow())
+                          kind=item.kind, status="unpaid",
+                          amount_cents=as_amount(checkout_session.get("amount_total"), what="amount_total"),
+                          currency=as_currency(checkout_session.get("currency"), default=item.currency),
+                          created_at=moment_of(checkout_session.get("created"), what="checkout session created"))
     payment.payment_intent_id = payment.payment_intent_id or id_of(checkout_session.get("payment_intent"))
     payment.updated_at = utcnow()
     session.add(payment)
@@ -249,9 +336,9 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
     session_id = required_id(checkout_session, "cs_", "checkout session")
     user_id = _checkout_user(session, checkout_session, assigned_user_id)
     customer_id = id_of(checkout_session.get("customer"))
-    email = dig(checkout_session, "customer_details", "email") or checkout_session.get("customer_email")
-    ledger.lock_account(session, user_id=user_id, email=email if isinstance(email, str) else None,
-                        stripe_customer_id=customer_id)
+    email = as_text(dig(checkout_session, "customer_details", "email") or checkout_session.get("customer_email"),
+                    what="customer email", max_len=320)
+    ledger.lock_account(session, user_id=user_id, email=email, stripe_customer_id=customer_id)
     mode = checkout_session.get("mode")
     if mode == "payment":
         _fulfil_payment(session, checkout_session, user_id=user_id, settings=settings)
@@ -335,7 +422,7 @@ def _subscription_facts(sub: dict, settings: Settings) -> tuple[str | None, Cata
     first_item = dig(sub, "items", "data", 0)
     price = dig(first_item, "price") or dig(sub, "plan")  # older APIs: top-level plan
     period_end = dig(first_item, "current_period_end") or sub.get("current_period_end")  # older APIs: top level
-    return id_of(price), plan_for_price_object(price, settings), (as_int(period_end) or None)
+    return id_of(price), plan_for_price_object(price, settings), as_epoch(period_end, what="current_period_end")
 
 
 def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
@@ -350,7 +437,8 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     if plan is None and not deleted:
         raise NeedsAttention(f"subscription {subscription_id} has price {price_id!r}, which is not a configured "
                              "plan price")
-    status = "canceled" if deleted else str(sub.get("status") or "incomplete")
+    status = "canceled" if deleted else (as_text(sub.get("status"), what="subscription status", max_len=40)
+                                         or "incomplete")
     row = session.get(Subscription, subscription_id)
     if row is not None:
         session.refresh(row)
@@ -397,7 +485,7 @@ def invoice_subscription_id(invoice: dict) -> str | None:
              or id_of(invoice.get("subscription")))  # older APIs
     if found:
         return found
-    for line in dig(invoice, "lines", "data") or []:
+    for line in dicts(dig(invoice, "lines", "data")):
         found = id_of(dig(line, "parent", "subscription_item_details", "subscription")) or id_of(line.get("subscription"))
         if found:
             return found
@@ -417,9 +505,9 @@ def line_is_proration(line: dict) -> bool:
 def _plan_lines(session: Session, invoice: dict, settings: Settings,
                 subscription_id: str | None) -> list[tuple[dict, CatalogItem, int]]:
     found = []
-    for line in dig(invoice, "lines", "data") or []:
+    for line in dicts(dig(invoice, "lines", "data")):
         plan = _line_plan(session, invoice, line, settings, subscription_id)
-        period_end = as_int(dig(line, "period", "end"))
+        period_end = as_epoch(dig(line, "period", "end"), what="invoice line period end")
         if plan is not None and period_end:
             found.append((line, plan, period_end))
     return found
@@ -450,15 +538,15 @@ def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscript
     payment = session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
     if payment is None:
         payment = Payment(user_id=user_id, source="invoice", invoice_id=invoice_id, subscription_id=subscription_id,
-                          item=item, kind="plan", currency=(invoice.get("currency") or "usd").lower()[:3],
-                          status=status, created_at=from_epoch(invoice.get("created")) or utcnow())
+                          item=item, kind="plan", currency=as_currency(invoice.get("currency"), default="usd"),
+                          status=status, created_at=moment_of(invoice.get("created"), what="invoice created"))
     if status == "paid":
-        payment.amount_cents = max(payment.amount_cents or 0, as_int(invoice.get("amount_paid")))
+        payment.amount_cents = max(payment.amount_cents or 0, as_amount(invoice.get("amount_paid"), what="amount_paid"))
         if payment.status not in SETTLED_PAYMENT_STATUSES:
             payment.status = "paid"
     elif payment.status in ("unpaid", "failed"):
         payment.status = status
-        payment.amount_cents = payment.amount_cents or as_int(invoice.get("amount_due"))
+        payment.amount_cents = payment.amount_cents or as_amount(invoice.get("amount_due"), what="amount_due")
     payment.item = payment.item or item
     payment.updated_at = utcnow()
     session.add(payment)
@@ -480,7 +568,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
     ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
-                        email=invoice.get("customer_email") if isinstance(invoice.get("customer_email"), str) else None)
+                        email=as_text(invoice.get("customer_email"), what="customer email", max_len=320))
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
     base = None
@@ -488,7 +576,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         regular = [found for found in plan_lines if not line_is_proration(found[0]) and as_int(found[0].get("amount")) >= 0]
         base = max(regular or plan_lines, key=lambda found: found[2], default=None)
         if base is None:
-            prices = [line_price(line) for line in dig(invoice, "lines", "data") or []]
+            prices = [line_price(line) for line in dicts(dig(invoice, "lines", "data"))]
             raise NeedsAttention(f"invoice {invoice_id} has no line with a configured plan price (prices: {prices})")
     upgrades = [found for found in plan_lines if line_is_proration(found[0]) and as_int(found[0].get("amount")) > 0]
     item = base[1].key if base else (upgrades[0][1].key if upgrades else None)
@@ -575,7 +663,8 @@ def invoice_for_payment_intent(payment_intent_id: str, *, client=None) -> str | 
         found = client.v1.invoice_payments.list(
             params={"payment": {"type": "payment_intent", "payment_intent": payment_intent_id}, "limit": 10})
     for record in found.data:
-        invoice_id = id_of(record.to_dict().get("invoice") if hasattr(record, "to_dict") else record.get("invoice"))
+        fields = record.to_dict() if hasattr(record, "to_dict") else record
+        invoice_id = lenient_id(fields.get("invoice"))
         if invoice_id:
             return invoice_id
     return None
@@ -599,8 +688,8 @@ def recorded_payment_for_charge(session: Session, *, charge_id: str | None,
 def charge_refs(event: dict) -> tuple[str | None, str | None]:
     """(charge id, payment intent id) of a charge.* event's object (a charge or a dispute)."""
     obj = dig(event, "data", "object") or {}
-    charge_id = id_of(obj) if obj.get("object") == "charge" else id_of(obj.get("charge"))
-    return charge_id, id_of(obj.get("payment_intent"))
+    charge_id = lenient_id(obj) if obj.get("object") == "charge" else lenient_id(obj.get("charge"))
+    return charge_id, lenient_id(obj.get("payment_intent"))
 
 
 def prefetch(event: dict, *, read_session) -> dict:
@@ -659,7 +748,8 @@ def on_charge_refunded(session: Session, ctx: EventContext) -> Handled:
         raise NeedsAttention("refunded charge has no id")
     payment = _locked_payment(session, charge_id=charge_id, payment_intent_id=id_of(charge.get("payment_intent")),
                               facts=ctx.facts, what=f"refunded charge {charge_id}")
-    payment.amount_refunded = max(payment.amount_refunded or 0, as_int(charge.get("amount_refunded")))
+    refunded = as_amount(charge.get("amount_refunded"), what="amount_refunded")
+    payment.amount_refunded = max(payment.amount_refunded or 0, refunded)
     _reverse(session, payment)
     return Handled(user_id=payment.user_id)
 
@@ -668,6 +758,10 @@ def _dispute_payment(session: Session, ctx: EventContext) -> Payment:
     dispute = ctx.obj
     return _locked_payment(session, charge_id=id_of(dispute.get("charge")), facts=ctx.facts,
                            payment_intent_id=id_of(dispute.get("payment_intent")), what=f"dispute {dispute['id']}")
+
+
+def dispute_amount(dispute: dict) -> int:
+    return as_amount(dispute.get("amount"), what="dispute amount")
 
 
 def on_dispute_created(session: Session, ctx: EventContext) -> Handled:
@@ -680,8 +774,8 @@ def on_dispute_created(session: Session, ctx: EventContext) -> Handled:
         return Handled(user_id=payment.user_id, note="dispute already recorded")
     account = ledger.lock_account(session, user_id=payment.user_id)
     session.add(Dispute(id=dispute_id, user_id=payment.user_id, payment_id=payment.id,
-                        charge_id=id_of(dispute.get("charge")), amount_cents=as_int(dispute.get("amount")),
-                        status="open", created_at=from_epoch(dispute.get("created")) or utcnow()))
+                        charge_id=id_of(dispute.get("charge")), amount_cents=dispute_amount(dispute),
+                        status="open", created_at=moment_of(dispute.get("created"), what="dispute created")))
     account.open_disputes += 1
     account.updated_at = utcnow()
     session.add(account)
@@ -706,8 +800,8 @@ def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
     lost = dispute.get("status") == LOST_DISPUTE
     if row is None:  # the closing event came first: nothing was held or counted as open
         row = Dispute(id=dispute_id, user_id=payment.user_id, payment_id=payment.id,
-                      charge_id=id_of(dispute.get("charge")), amount_cents=as_int(dispute.get("amount")),
-                      created_at=from_epoch(dispute.get("created")) or utcnow())
+                      charge_id=id_of(dispute.get("charge")), amount_cents=dispute_amount(dispute),
+                      created_at=moment_of(dispute.get("created"), what="dispute created"))
     else:
         ledger.release_dispute_hold(session, dispute_id=dispute_id, user_id=payment.user_id)
         account.open_disputes = max(0, account.open_disputes - 1)
@@ -718,7 +812,7 @@ def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
     session.add(row)
     session.flush()
     if lost:
-        payment.amount_disputed_lost += as_int(dispute.get("amount")) or row.amount_cents
+        payment.amount_disputed_lost += dispute_amount(dispute) or row.amount_cents
         _reverse(session, payment)
     ledger.refresh_flag(session, account)
     return Handled(user_id=payment.user_id)

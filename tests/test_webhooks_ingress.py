@@ -350,3 +350,70 @@ def test_signed_but_absurdly_nested_json_is_a_400_not_a_crash(sidecar):
     body = "[" * 100_000 + "]" * 100_000
     response = post_raw(sidecar, body, signed_headers(body))
     assert response.status_code == 400 and response.json()["error"] == "body is not JSON"
+
+
+# --- validly signed events with odd values: a 400 or needs-attention, never a 500 -------------
+
+def _pack_checkout(**session_fields) -> dict:
+    evt = checkout_completed(user_id="u1", item="pack_100", customer="cus_odd", payment_intent="pi_odd")
+    evt["data"]["object"].update(session_fields)
+    return evt
+
+
+def _with(evt: dict, **fields) -> dict:
+    evt.update(fields)
+    return evt
+
+
+def _subscription(*, status="active", period_end=None) -> dict:
+    from stripe_events import DEFAULT_PRICES, subscription_event
+
+    now = int(time.time())
+    return subscription_event("customer.subscription.created", subscription_id="sub_odd", customer="cus_odd",
+                              price=DEFAULT_PRICES["starter"], user_id="u1", period_start=now,
+                              period_end=period_end or now + 30 * 86400, status=status)
+
+
+def _renewal(*, period_end) -> dict:
+    from stripe_events import DEFAULT_PRICES, event, subscription_invoice
+
+    now = int(time.time())
+    return event("invoice.paid", subscription_invoice(
+        invoice_id="in_odd", customer="cus_odd", subscription_id="sub_odd", user_id="u1",
+        price=DEFAULT_PRICES["starter"], period_start=now, period_end=period_end, amount=999,
+        billing_reason="subscription_cycle"))
+
+
+ODD_EVENTS = {
+    "event created 10**20": (lambda: _with(_pack_checkout(), created=10**20), 400),
+    "NUL in the event id": (lambda: _with(_pack_checkout(), id="evt_odd\u0000id"), 400),
+    "lone surrogate in the event id": (lambda: _with(_pack_checkout(), id="evt_odd\ud800id"), 400),
+    "amount_total 10**25": (lambda: _pack_checkout(amount_total=10**25), "needs_attention"),
+    "currency 5": (lambda: _pack_checkout(currency=5), "needs_attention"),
+    "session created 10**12": (lambda: _pack_checkout(created=10**12), "needs_attention"),
+    "subscription period_end 10**20": (lambda: _subscription(period_end=10**20), "needs_attention"),
+    "invoice line period end 10**20": (lambda: _renewal(period_end=10**20), "needs_attention"),
+    "subscription status of 100 chars": (lambda: _subscription(status="s" * 100), "needs_attention"),
+    "customer id of 500 chars": (lambda: _pack_checkout(customer="cus_" + "x" * 496), "needs_attention"),
+    "customer email of 400 chars": (lambda: _pack_checkout(customer_details={"email": "e" * 388 + "@example.com"}),
+                                    "needs_attention"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_EVENTS))
+def test_signed_events_with_odd_values_never_answer_500_and_write_only_the_event(sidecar, case):
+    from billing_core.models import CheckoutLink, Dispute, Subscription
+
+    build, expected = ODD_EVENTS[case]
+    evt = build()
+    response = deliver(sidecar, evt)
+    if expected == 400:
+        assert response.status_code == 400, response.text
+        assert count(StripeEvent) == 0
+    else:
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == expected
+        row = stored(evt["id"])
+        assert row.status == expected and row.error and row.error.isprintable()
+    for model in (Account, Payment, Subscription, LedgerEntry, Dispute, CheckoutLink):
+        assert count(model) == 0, model.__name__
