@@ -450,7 +450,9 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
         row.tier = "none" if deleted else plan.key
         row.price_id = price_id
         row.status = status
-        row.current_period_end = period_end
+        # Periods only move forward. A paid renewal invoice advances the period without advancing state_at
+        # (its other fields are not a snapshot), so an older snapshot applied after it must not move it back.
+        row.current_period_end = max(row.current_period_end or 0, period_end or 0) or None
         row.cancel_at_period_end = bool(sub.get("cancel_at_period_end"))
         row.state_at = max(row.state_at or 0, ctx.created)
         row.updated_at = utcnow()

@@ -495,3 +495,14 @@ def test_a_price_that_nothing_identifies_still_needs_attention(sidecar):
     assert send(sidecar, _renewal("price_someone_elses"))["status"] == "needs_attention"
     assert summary("u1")["balance"] == 0
     assert all_rows(Payment) == []
+
+
+def test_an_older_subscription_snapshot_processed_after_a_renewal_never_moves_the_period_back(sidecar):
+    send(sidecar, sub_event(created=P1_START))
+    send(sidecar, first_invoice())
+    send(sidecar, _renewal(STARTER, start=P1_END, end=P2_END))  # invoice created now: period 2 paid
+    # a customer.subscription.updated from before the renewal (newer than the stored snapshot) arrives late
+    send(sidecar, sub_event("customer.subscription.updated", created=P1_START + 100, cancel_at_period_end=True))
+    row = one(Subscription, id="sub_1")
+    assert (row.current_period_end, row.cancel_at_period_end, row.status) == (P2_END, True, "active")
+    assert summary("u1")["current_period_end"] == P2_END
