@@ -40,6 +40,7 @@ STATUS_RANK = {"incomplete": 0, "incomplete_expired": 1, "trialing": 2, "active"
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
 UPGRADABLE_STATUSES = ("active", "trialing")
 LOST_DISPUTE = "lost"
+DISPUTED = "disputed"  # a payment's status from its dispute's opening; stays after a lost one
 
 
 class NeedsAttention(Exception):
@@ -732,10 +733,16 @@ def _locked_payment(session: Session, *, charge_id: str | None, payment_intent_i
     return payment
 
 
+def _undisputed_status(payment: Payment) -> str:
+    if payment.amount_refunded <= 0:
+        return "paid"
+    return "refunded" if payment.amount_refunded >= payment.amount_cents else "partially_refunded"
+
+
 def _reverse(session: Session, payment: Payment) -> None:
     """Take back the payment's credits in proportion to everything reversed so far (refunds + lost disputes)."""
-    if payment.amount_refunded > 0 and payment.status not in ("failed",):
-        payment.status = "refunded" if payment.amount_refunded >= payment.amount_cents else "partially_refunded"
+    if payment.amount_refunded > 0 and payment.status not in ("failed", DISPUTED):
+        payment.status = _undisputed_status(payment)
     payment.updated_at = utcnow()
     session.add(payment)
     session.flush()
@@ -783,8 +790,16 @@ def on_dispute_created(session: Session, ctx: EventContext) -> Handled:
     session.add(account)
     session.flush()
     ledger.hold_for_dispute(session, dispute_id=dispute_id, payment=payment)
+    payment.status, payment.updated_at = DISPUTED, utcnow()
+    session.add(payment)
+    session.flush()
     ledger.refresh_flag(session, account)
     return Handled(user_id=payment.user_id)
+
+
+def _other_open_dispute(session: Session, payment: Payment, dispute_id: str) -> bool:
+    return session.execute(select(Dispute.id).where(Dispute.payment_id == payment.id, Dispute.status == "open",
+                                                    Dispute.id != dispute_id).limit(1)).first() is not None
 
 
 def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
@@ -813,9 +828,14 @@ def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
     row.closed_at = utcnow()
     session.add(row)
     session.flush()
-    if lost:
+    if lost:  # the payment stays "disputed": the money went back to the customer's bank
+        payment.status = DISPUTED
         payment.amount_disputed_lost += dispute_amount(dispute) or row.amount_cents
         _reverse(session, payment)
+    elif payment.status == DISPUTED and not _other_open_dispute(session, payment, dispute_id):
+        payment.status, payment.updated_at = _undisputed_status(payment), utcnow()
+        session.add(payment)
+        session.flush()
     ledger.refresh_flag(session, account)
     return Handled(user_id=payment.user_id)
 

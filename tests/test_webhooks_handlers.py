@@ -506,3 +506,45 @@ def test_an_older_subscription_snapshot_processed_after_a_renewal_never_moves_th
     row = one(Subscription, id="sub_1")
     assert (row.current_period_end, row.cancel_at_period_end, row.status) == (P2_END, True, "active")
     assert summary("u1")["current_period_end"] == P2_END
+
+
+# --- the payment's status through a dispute ---------------------------------------------------
+
+def _dispute(type, *, dispute_id="dp_s", status="needs_response"):
+    return dispute_event(type, dispute_id=dispute_id, charge_id="ch_p", payment_intent="pi_p", amount=3500,
+                         status=status)
+
+
+def payment_status() -> str:
+    return one(Payment, payment_intent_id="pi_p").status
+
+
+@pytest.mark.parametrize("refunded, after_won", [(0, "paid"), (1000, "partially_refunded")])
+def test_an_open_dispute_marks_the_payment_disputed_and_a_won_one_restores_its_status(sidecar, refunded, after_won):
+    _pack(sidecar)
+    if refunded:
+        send(sidecar, charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=refunded))
+    send(sidecar, _dispute("charge.dispute.created"))
+    assert payment_status() == "disputed"
+    send(sidecar, _dispute("charge.dispute.closed", status="won"))
+    assert payment_status() == after_won
+
+
+def test_a_refund_during_a_dispute_keeps_it_disputed_and_a_won_close_then_says_partially_refunded(sidecar):
+    _pack(sidecar)
+    send(sidecar, _dispute("charge.dispute.created"))
+    send(sidecar, charge_refunded(charge_id="ch_p", payment_intent="pi_p", amount=3500, amount_refunded=1000))
+    assert payment_status() == "disputed"
+    send(sidecar, _dispute("charge.dispute.closed", status="won"))
+    assert payment_status() == "partially_refunded"
+
+
+@pytest.mark.parametrize("opened_first", [True, False], ids=["opened-first", "closed-first"])
+def test_a_lost_dispute_leaves_the_payment_disputed(sidecar, opened_first):
+    _pack(sidecar)
+    if opened_first:
+        send(sidecar, _dispute("charge.dispute.created"))
+    send(sidecar, _dispute("charge.dispute.closed", status="lost"))
+    send(sidecar, _dispute("charge.dispute.created"))
+    assert payment_status() == "disputed"
+    assert summary("u1")["balance"] == 0
