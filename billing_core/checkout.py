@@ -3,7 +3,9 @@
 A link is one Stripe Checkout Session. Its idempotency key is derived from (user, item, customer or
 email, a 10-minute window), and every parameter, `expires_at` included, is derived from the same
 inputs, so a double click or a retry within the window sends identical parameters and gets the same
-session back from Stripe. A link already recorded for that key is returned without asking Stripe.
+session back from Stripe. A link already recorded for that key is returned without asking Stripe, and so
+is an open one recorded for the previous window's key less than a window ago (a double click across
+the window boundary), when it stays open at least 30 more minutes.
 
 The Stripe call happens outside any database write transaction (SQLite's write lock is never held
 during an HTTP request): read what we know, ask Stripe, then record the link.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
 from sqlmodel import Session
@@ -29,6 +31,8 @@ CANCEL_PATH = "/checkout/cancel"
 IDEMPOTENCY_WINDOW_SECONDS = 10 * 60
 # Stripe refuses an expires_at more than 24 h after *its* clock; stay clear of that limit when ours runs ahead.
 CLOCK_SKEW_MARGIN_SECONDS = 5 * 60
+# A link from the previous window is handed out again only when it stays open at least this long.
+REUSE_MIN_REMAINING = timedelta(minutes=30)
 LINK_STATUSES = ("open", "complete", "expired")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -116,12 +120,21 @@ def _live_subscription_refusal(session: Session, user_id: str) -> str | None:
             f"python -m billing_core portal-link {user_id}")
 
 
-def _recorded_link(session: Session, key: str, now: datetime) -> CheckoutLink | None:
+def _recorded_link(session: Session, key: str, now: datetime, *, previous_key: str) -> CheckoutLink | None:
+    """The open link recorded for this window's key; else one for the same (user, item, payer) from the
+    previous window issued less than a window ago (a double click across the boundary) that stays open
+    a while longer."""
     link = session.execute(select(CheckoutLink).where(CheckoutLink.idempotency_key == key)
                            .order_by(CheckoutLink.created_at.desc())).scalars().first()
-    if link is None or link.status != "open" or _aware(link.expires_at) <= now:
-        return None
-    return link
+    if link is not None and link.status == "open" and _aware(link.expires_at) > now:
+        return link
+    link = session.execute(select(CheckoutLink).where(CheckoutLink.idempotency_key == previous_key)
+                           .order_by(CheckoutLink.created_at.desc())).scalars().first()
+    if (link is not None and link.status == "open"
+            and _aware(link.created_at) > now - timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS)
+            and _aware(link.expires_at) > now + REUSE_MIN_REMAINING):
+        return link
+    return None
 
 
 def _aware(moment: datetime) -> datetime:
@@ -155,9 +168,11 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
         account = session.get(Account, user_id)
         customer_id = account.stripe_customer_id if account else None
         email = email or (account.email if account else None)
-        key = idempotency_key(user_id=user_id, item=catalog_item.key, payer=customer_id or email or "",
-                              window_start=window_start)
-        recorded = _recorded_link(session, key, now)
+        payer = customer_id or email or ""
+        key = idempotency_key(user_id=user_id, item=catalog_item.key, payer=payer, window_start=window_start)
+        previous_key = idempotency_key(user_id=user_id, item=catalog_item.key, payer=payer,
+                                       window_start=window_start - IDEMPOTENCY_WINDOW_SECONDS)
+        recorded = _recorded_link(session, key, now, previous_key=previous_key)
         if recorded is not None:
             return _issued(recorded, reused=True)
 

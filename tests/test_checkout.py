@@ -142,6 +142,31 @@ def test_a_new_window_or_another_item_gets_a_new_link(stripe_ready, database_url
     assert len(links(database_url)) == 3
 
 
+def test_double_click_across_a_window_boundary_returns_the_same_link(stripe_ready, database_url):
+    late = NOW + timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS - 5)
+    first = link_at(stripe_ready, late, user_id="agent-31", item="pack_100")
+    second = link_at(stripe_ready, late + timedelta(seconds=10), user_id="agent-31", item="pack_100")
+    assert (second.session_id, second.url, second.reused) == (first.session_id, first.url, True)
+    assert len(session_posts(stripe_ready)) == 1 and len(links(database_url)) == 1
+    # another payer, or a link issued more than a window ago, is not reused
+    other = link_at(stripe_ready, late + timedelta(seconds=10), user_id="agent-31", item="pack_100",
+                    email="someone@example.com")
+    much_later = link_at(stripe_ready, late + timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS + 10),
+                         user_id="agent-31", item="pack_100")
+    assert len({first.session_id, other.session_id, much_later.session_id}) == 3
+
+
+def test_a_link_from_the_previous_window_about_to_expire_is_not_reused(stripe_ready, database_url, monkeypatch):
+    monkeypatch.setenv("CHECKOUT_LINK_EXPIRY_HOURS", "1")
+    reset_settings_cache()
+    late = NOW + timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS - 5)
+    first = link_at(stripe_ready, late, user_id="agent-32", item="pack_100")
+    with db.write_session() as session:  # pretend it runs out in 20 minutes
+        session.execute(select(CheckoutLink)).scalars().one().expires_at = late + timedelta(minutes=20)
+    second = link_at(stripe_ready, late + timedelta(seconds=10), user_id="agent-32", item="pack_100")
+    assert second.session_id != first.session_id and not second.reused
+
+
 def test_expiry_setting_is_sent(stripe_ready, database_url, monkeypatch):
     monkeypatch.setenv("CHECKOUT_LINK_EXPIRY_HOURS", "2")
     reset_settings_cache()
