@@ -27,12 +27,12 @@ from stripe_events import (DEFAULT_PRICES, PACK_AMOUNTS, PLAN_AMOUNTS, WEBHOOK_S
                            checkout_completed, configure_webhooks, deliver, dispute_event, encode, event,
                            proration_invoice, signed_headers, subscription_event, subscription_invoice)
 
-pytestmark = [pytest.mark.timeout(90)]  # a hang fails the test; 40 examples take ~15 s
 URL = "/api/stripe/webhook"
 DAY = 86_400
 TIERS = ("starter", "professional", "business")
 # `make test` runs 40 fixed examples per property; PROPERTY_EXAMPLES=500 explores afresh (random seed).
 THOROUGH = int(os.environ.get("PROPERTY_EXAMPLES", "0"))
+pytestmark = [pytest.mark.timeout(3600 if THOROUGH else 90)]  # a hang fails the test; 40 examples take ~15 s
 PROPERTY_SETTINGS = settings(max_examples=THOROUGH or 40, deadline=None, derandomize=not THOROUGH, database=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 _example = itertools.count(1)
