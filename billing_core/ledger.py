@@ -263,7 +263,9 @@ def balance(session: Session, user_id: str, *, now: datetime | None = None) -> i
     grant = _GRANT
     stmt = (select(func.coalesce(func.sum(LedgerEntry.credits), 0))
             .select_from(LedgerEntry)
-            .outerjoin(grant, and_(grant.user_id == LedgerEntry.user_id, grant.source_key == LedgerEntry.lot_key))
+            # source keys are unique, so each entry finds its grant through that index; adding user_id here
+            # let PostgreSQL without table statistics scan all of the user's entries per entry (quadratic)
+            .outerjoin(grant, grant.source_key == LedgerEntry.lot_key)
             .where(LedgerEntry.user_id == user_id,
                    or_(LedgerEntry.lot_key.is_(None), grant.expires_at.is_(None), grant.expires_at > now)))
     return int(session.execute(stmt).scalar_one())
