@@ -53,15 +53,20 @@ def lives(draw) -> dict:
     higher = [t for t in TIERS if TIERS.index(t) > TIERS.index(tier)]
     pack = draw(st.sampled_from((None, "pack_100", "pack_250", "pack_500", "pack_1000")))
     renewal = draw(st.booleans())
+    upgrade = draw(st.sampled_from([None, *higher]))
+    reversals = (None, "refund_half", "refund_all", "dispute_open", "dispute_won", "dispute_lost")
     return {
         "tier": tier,
         "renewal": renewal,
         "renewal_retry": renewal and draw(st.booleans()),  # the renewal charge fails once, then succeeds
-        "upgrade": draw(st.sampled_from([None, *higher])),
+        "upgrade": upgrade,
         "pack": pack,
         "refund_share": draw(st.sampled_from((0, 0.25, 0.5, 1))) if pack else 0,
         "dispute": draw(st.sampled_from((None, "open", "won", "lost"))) if pack else None,
         "cancel": draw(st.booleans()),
+        # a refund or dispute of the latest subscription invoice's charge (linked through Stripe's invoice payments);
+        # not after an upgrade in the same period: see the xfail test at the end (a known order dependence)
+        "invoice_reversal": None if upgrade else draw(st.sampled_from(reversals)),
     }
 
 
@@ -144,11 +149,41 @@ def life_events(life: dict, *, tag: str, now: int) -> list[dict]:
             if life["dispute"] != "open":
                 evts.append(dispute_event("charge.dispute.closed", status=life["dispute"], created=now - 2 * DAY,
                                           event_id=f"evt_{tag}_dp2", **dispute))
+    if life.get("invoice_reversal"):
+        evts += invoice_reversal_events(life, tag=tag, now=now)
     if life["cancel"]:
         evts.append(subscription_event("customer.subscription.deleted", created=now - 60, price=current_price,
                                        period_start=period_start, period_end=period_end, status="canceled",
                                        event_id=f"evt_{tag}_deleted", **ids))
     return evts
+
+
+def reversed_invoice(life: dict, tag: str) -> tuple[str, str, int]:
+    """(invoice id, payment intent, amount) of the invoice a reversal concerns: the latest period's."""
+    return f"in_{tag}_{2 if life['renewal'] else 1}", f"pi_{tag}_inv", PLAN_AMOUNTS[life["tier"]]
+
+
+def invoice_reversal_events(life: dict, *, tag: str, now: int) -> list[dict]:
+    _invoice, payment_intent, amount = reversed_invoice(life, tag)
+    charge = dict(charge_id=f"ch_{tag}_inv", payment_intent=payment_intent)
+    kind = life["invoice_reversal"]
+    if kind.startswith("refund"):
+        refunded = amount if kind == "refund_all" else amount // 2
+        return [charge_refunded(amount=amount, amount_refunded=refunded, created=now - 3 * DAY - 600,
+                                event_id=f"evt_{tag}_inv_refund", **charge)]
+    dispute = dict(dispute_id=f"dp_{tag}_inv", amount=amount, **charge)
+    evts = [dispute_event("charge.dispute.created", created=now - 3 * DAY - 300, event_id=f"evt_{tag}_inv_dp1",
+                          **dispute)]
+    if kind != "dispute_open":
+        evts.append(dispute_event("charge.dispute.closed", status=kind.split("_")[1], created=now - 2 * DAY - 300,
+                                  event_id=f"evt_{tag}_inv_dp2", **dispute))
+    return evts
+
+
+def register_invoice_payment(fake_stripe, life: dict, tag: str) -> None:
+    """Stripe's invoice payments list links the invoice to the PaymentIntent its charge belongs to."""
+    invoice, payment_intent, amount = reversed_invoice(life, tag)
+    fake_stripe.state.add_invoice_payment(invoice=invoice, payment_intent=payment_intent, amount_paid=amount)
 
 
 def breakdown_by_source_and_expiry(rows: list[dict]) -> list[tuple]:
@@ -185,9 +220,11 @@ def retag(evts: list[dict], old: str, new: str) -> list[dict]:
 
 @PROPERTY_SETTINGS
 @given(life=lives(), data=st.data())
-def test_any_order_and_duplication_of_a_customers_events_gives_the_in_order_ledger(sidecar, life, data):
+def test_any_order_and_duplication_of_a_customers_events_gives_the_in_order_ledger(fake_stripe, sidecar, life, data):
     n = next(_example)
     now = int(time.time())
+    for tag in (f"ord{n}x", f"shf{n}x"):
+        register_invoice_payment(fake_stripe, life, tag)
     in_order = life_events(life, tag=f"ord{n}x", now=now)
     deliver_all(sidecar, in_order)
     expected = ledger_state(f"user_ord{n}x")
@@ -312,3 +349,22 @@ def test_a_refund_delivered_after_a_dispute_opened_on_the_rest_ends_as_in_order(
     refund = next(e for e in evts if e["type"] == "charge.refunded")
     deliver_all(sidecar, [e for e in evts if e is not refund] + [refund])
     assert ledger_state("user_regB") == expected
+
+
+@pytest.mark.xfail(strict=True, reason="known order dependence (handlers/ledger): when the upgrade's subscription "
+                   "event arrives before the first invoice, the period's whole allowance is granted as one top-up lot "
+                   "that the first invoice then claims, so refunding half of that invoice takes back half of the "
+                   "professional allowance (250) instead of half of the starter one (50)")
+def test_refunding_the_first_invoice_after_an_upgrade_reported_first_takes_back_only_its_share(fake_stripe, sidecar):
+    life = {"tier": "starter", "renewal": False, "renewal_retry": False, "upgrade": "professional", "pack": None,
+            "refund_share": 0, "dispute": None, "cancel": False, "invoice_reversal": "refund_half"}
+    now = int(time.time())
+    for tag in ("upgA", "upgB"):
+        register_invoice_payment(fake_stripe, life, tag)
+    deliver_all(sidecar, life_events(life, tag="upgA", now=now))
+    expected = ledger_state("user_upgA")
+    assert expected["balance"] == 450  # 100 + 400 top-up, less half of the first invoice's 100
+    evts = life_events(life, tag="upgB", now=now)
+    upgrade_first = [evts[0], evts[4], evts[2], evts[3], evts[1], *evts[5:]]
+    deliver_all(sidecar, upgrade_first)
+    assert ledger_state("user_upgB") == expected
