@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
 
 from billing_core import db
 from billing_core.models import LedgerEntry, Payment, StripeEvent
@@ -157,7 +158,8 @@ def test_database_held_by_a_long_write_transaction_deliveries_wait_or_fail_whole
     server = start_sidecar(sidecar_url, tmp_path / "sidecar.log")
     try:
         if is_postgresql(database_url):
-            holder = create_engine(db.normalize_url(database_url)).connect()
+            holder_engine = create_engine(db.normalize_url(database_url), poolclass=NullPool)
+            holder = holder_engine.connect()
             transaction = holder.begin()
             # no grant can be written while this is held; everything else can
             holder.execute(text("LOCK TABLE ledger_entry IN EXCLUSIVE MODE"))
