@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.database_url and args.database_url.startswith("postgres"):
+        args.database = "postgresql"  # a PostgreSQL URL means PostgreSQL
     note(f"{args.spends} spends per scenario at concurrency {args.concurrency}; machine {machine()}")
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-consume-") as tmp_name:

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.database_url and args.database_url.startswith("postgres"):
+        args.database = "postgresql"  # a PostgreSQL URL means PostgreSQL
 
     workload = build_workload(events=args.events, seed=args.seed)
     note(f"{len(workload.deliveries)} deliveries ({workload.unique_events} distinct events, "
