@@ -369,6 +369,19 @@ def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, s
         payment.credits_granted += entry.credits
     session.add(payment)
     session.flush()
+    apply_earlier_reversals(session, payment)
+
+
+def apply_earlier_reversals(session: Session, payment: Payment) -> None:
+    """A refund or dispute recorded before the payment's credits were granted (e.g. against the failed first
+    attempt of a renewal that was paid on retry) applies to them now; both are idempotent."""
+    reversed_cents = (payment.amount_refunded or 0) + (payment.amount_disputed_lost or 0)
+    if reversed_cents:
+        ledger.clawback_for_payment(session, payment=payment, reversed_cents=reversed_cents)
+    open_disputes = session.execute(select(Dispute.id).where(Dispute.payment_id == payment.id,
+                                                            Dispute.status == "open")).scalars().all()
+    for dispute_id in open_disputes:
+        ledger.hold_for_dispute(session, dispute_id=dispute_id, payment=payment)
 
 
 def _link_subscription(session: Session, checkout_session: dict, *, user_id: str, settings: Settings) -> None:
@@ -444,6 +457,7 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     if row is not None:
         session.refresh(row)
     previous_tier = row.tier if row is not None else None
+    previous_period_end = row.current_period_end if row is not None else None
     applied = row is None or deleted or _newer(row, created=ctx.created, status=status)
     if row is None:
         row = Subscription(id=subscription_id, user_id=user_id, state_at=0)
@@ -464,21 +478,24 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
                                            reason="subscription canceled")
     elif ctx.type == "customer.subscription.updated":
         _upgrade_topup(session, ctx, row=row, plan=plan, status=status, period_end=period_end,
-                       previous_tier=previous_tier if applied else None)
+                       previous_tier=previous_tier if applied else None, previous_period_end=previous_period_end)
     return Handled(user_id=row.user_id)
 
 
 def _upgrade_topup(session: Session, ctx: EventContext, *, row: Subscription, plan: CatalogItem, status: str,
-                   period_end: int | None, previous_tier: str | None) -> None:
-    """A move to a higher tier mid-period tops the period up to the new allowance (once per period)."""
+                   period_end: int | None, previous_tier: str | None, previous_period_end: int | None) -> None:
+    """A move to a higher tier mid-period tops the period up by the difference (once per period)."""
     old_plan = plan_for_price_object(dig(ctx.previous_attributes, "items", "data", 0, "price"), ctx.settings)
     old_tier = old_plan.key if old_plan else previous_tier
+    old_period_end = (as_int(dig(ctx.previous_attributes, "items", "data", 0, "current_period_end"))
+                      or previous_period_end)
+    if old_period_end and period_end and old_period_end < period_end:
+        return  # a plan change taking effect at renewal: the renewal invoice grants the new allowance
     if (not period_end or not old_tier or allowance(old_tier) <= 0 or allowance(plan.key) <= allowance(old_tier)
             or status not in UPGRADABLE_STATUSES or row.status in ("canceled", "incomplete_expired")):
         return
-    ledger.grant_subscription_period(session, user_id=row.user_id, subscription_id=row.id, period_end=period_end,
-                                     tier=plan.key, kind="upgrade_topup",
-                                     source_key=f"upgrade:{row.id}:{period_end}:{plan.key}")
+    ledger.grant_upgrade_topup(session, user_id=row.user_id, subscription_id=row.id, period_end=period_end,
+                               from_tier=old_tier, to_tier=plan.key, source_key=upgrade_key(row.id, period_end, plan.key))
 
 
 # --- invoices --------------------------------------------------------------------------------
@@ -503,6 +520,18 @@ def line_price(line: dict) -> str | None:
 def line_is_proration(line: dict) -> bool:
     return bool(dig(line, "parent", "subscription_item_details", "proration") or line.get("proration")
                 or dig(line, "parent", "invoice_item_details", "proration"))
+
+
+def _replaced_tier(plan_lines: list[tuple[dict, CatalogItem, int]], period_end: int) -> str:
+    """The plan a proration invoice credits back (its negative line for the same period), or 'none'."""
+    credited = [plan for line, plan, end in plan_lines
+                if end == period_end and line_is_proration(line) and as_int(line.get("amount")) < 0]
+    return max(credited, key=lambda plan: plan.credits).key if credited else "none"
+
+
+def upgrade_key(subscription_id: str, period_end: int, tier: str) -> str:
+    """The source key of an upgrade reported by a subscription event; its proration invoice claims that lot."""
+    return f"upgrade:{subscription_id}:{period_end}:{tier}"
 
 
 def _plan_lines(session: Session, invoice: dict, settings: Settings,
@@ -588,18 +617,20 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
-    written = []
     for line, plan, period_end in upgrades:  # proration for a move to a higher tier mid-period
-        written.append(ledger.grant_subscription_period(
-            session, user_id=user_id, subscription_id=subscription_id, period_end=period_end, tier=plan.key,
-            kind="upgrade_topup", payment_id=payment.id, source_key=f"invoice:{invoice_id}:upgrade:{period_end}"))
+        ledger.grant_upgrade_topup(
+            session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
+            from_tier=_replaced_tier(plan_lines, period_end), to_tier=plan.key, payment_id=payment.id,
+            source_key=f"invoice:{invoice_id}:upgrade:{period_end}",
+            claims_lot=upgrade_key(subscription_id, period_end, plan.key))
     if base is not None:
-        written.append(ledger.grant_subscription_period(
+        ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
-            kind="subscription_grant", payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}"))
+            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}")
     payment.credits_granted = ledger.credits_paid_by(session, payment)
     session.add(payment)
     session.flush()
+    apply_earlier_reversals(session, payment)
     return Handled(user_id=user_id)
 
 

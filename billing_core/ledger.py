@@ -436,41 +436,79 @@ def grant_pack(session: Session, *, user_id: str, credits: int, source_key: str,
                   lot_source="pack", payment_id=payment_id, now=now)
 
 
-def granted_for_period(session: Session, *, user_id: str, subscription_id: str, period_end: int) -> int:
-    stmt = select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
-        LedgerEntry.user_id == user_id, LedgerEntry.subscription_id == subscription_id,
-        LedgerEntry.period_end == period_end, LedgerEntry.kind.in_(SUBSCRIPTION_GRANT_KINDS))
-    return int(session.execute(stmt).scalar_one())
-
-
 def grant_subscription_period(session: Session, *, user_id: str, subscription_id: str, period_end: int, tier: str,
-                              source_key: str, kind: str = "subscription_grant", payment_id: int | None = None,
+                              source_key: str, payment_id: int | None = None,
                               now: datetime | None = None) -> LedgerEntry | None:
-    """Bring the credits granted for (subscription, period) up to the tier's allowance.
+    """A paid period's allowance for its tier, once per subscription and period.
 
-    The base grant and an upgrade's top-up both land here, so whichever order the invoice and the
-    subscription events arrive in, a period ends up with exactly the allowance of its highest tier.
+    Upgrades are separate lots (`grant_upgrade_topup`), so the base grant and the top-ups add up to the
+    highest tier's allowance whichever order the invoice and the subscription events arrive in.
     """
     account = lock_account(session, user_id=user_id)
-    now = now or utcnow()
     if _key_exists(session, source_key):
         return None
-    if payment_id is not None:
-        _attribute_unpaid_lots(session, account, subscription_id=subscription_id, period_end=period_end,
-                               payment_id=payment_id)
-    missing = allowance(tier) - granted_for_period(session, user_id=user_id, subscription_id=subscription_id,
-                                                   period_end=period_end)
-    if missing <= 0:
+    return _grant_for_period(session, account, slice_=(0, allowance(tier)), kind="subscription_grant",
+                             source_key=source_key, subscription_id=subscription_id, period_end=period_end,
+                             payment_id=payment_id, now=now)
+
+
+def grant_upgrade_topup(session: Session, *, user_id: str, subscription_id: str, period_end: int, from_tier: str,
+                        to_tier: str, source_key: str, payment_id: int | None = None, claims_lot: str | None = None,
+                        now: datetime | None = None) -> LedgerEntry | None:
+    """An upgrade mid-period: the difference between the new and the old allowance, once per subscription
+    and period, whichever event reports it (the subscription event or the proration invoice). Credits
+    already granted for the period count, so a second report, or a move back up after a downgrade, adds
+    nothing. A paying invoice names the lot a subscription event granted first (`claims_lot`) and claims
+    it, so refunding or disputing the upgrade takes those credits back."""
+    account = lock_account(session, user_id=user_id)
+    if _key_exists(session, source_key):
         return None
+    if payment_id is not None and claims_lot:
+        _claim_unpaid_lot(session, account, lot_key=claims_lot, payment_id=payment_id)
+    return _grant_for_period(session, account, slice_=(allowance(from_tier), allowance(to_tier)),
+                             kind="upgrade_topup", source_key=source_key, subscription_id=subscription_id,
+                             period_end=period_end, payment_id=payment_id, now=now)
+
+
+def _uncovered(slice_: tuple[int, int], covered: list[tuple[int, int]]) -> int:
+    """How many credits of [low, high) no earlier slice covers."""
+    low, high = slice_
+    missing, cursor = 0, low
+    for start, end in sorted(covered):
+        if end <= cursor or start >= high:
+            continue
+        if start > cursor:
+            missing += min(start, high) - cursor
+        cursor = max(cursor, end)
+        if cursor >= high:
+            break
+    return missing + max(0, high - cursor)
+
+
+def _grant_for_period(session: Session, account: Account, *, slice_: tuple[int, int], kind: str, source_key: str,
+                      subscription_id: str, period_end: int, payment_id: int | None,
+                      now: datetime | None) -> LedgerEntry | None:
+    """A subscription lot for the part of the allowance slice that no earlier grant of the period covers,
+    expiring with its period; it closes the subscription's earlier periods."""
+    covered = session.execute(select(LedgerEntry.allowance_from, LedgerEntry.allowance_to).where(
+        LedgerEntry.user_id == account.user_id, LedgerEntry.subscription_id == subscription_id,
+        LedgerEntry.period_end == period_end, LedgerEntry.kind.in_(SUBSCRIPTION_GRANT_KINDS),
+        LedgerEntry.allowance_from.is_not(None))).all()
+    credits = _uncovered(slice_, [(int(a), int(b)) for a, b in covered])
+    if credits <= 0:
+        return None
+    now = now or utcnow()
+    user_id = account.user_id
     rollover = get_settings().subscription_credits_rollover
     if not rollover:
         earlier = [lot for lot in lots(session, user_id)
                    if lot.source == "subscription" and lot.subscription_id == subscription_id
                    and lot.period_end is not None and lot.period_end < period_end and not lot.closed(now)]
         _expire(session, account, earlier, reason="next period's credits granted")
-    return _grant(session, account, credits=missing, kind=kind, source_key=source_key, lot_source="subscription",
+    return _grant(session, account, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
                   expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,
-                  period_end=period_end, payment_id=payment_id, now=now)
+                  period_end=period_end, payment_id=payment_id, now=now,
+                  allowance_from=slice_[0], allowance_to=slice_[1])
 
 
 def _expire(session: Session, account: Account, to_close: list[Lot], *, reason: str) -> int:
@@ -498,17 +536,16 @@ def expire_subscription_credits(session: Session, *, user_id: str, subscription_
     return total
 
 
-def _attribute_unpaid_lots(session: Session, account: Account, *, subscription_id: str, period_end: int,
-                           payment_id: int) -> None:
-    """A subscription event granted this period's credits (an upgrade reported before its invoice) with no
-    payment to tie them to; the invoice that now pays for the period claims them, so refunding or disputing
-    that invoice takes them back. The link is a zero-credit entry in the lot, written once per lot."""
-    for lot in lots(session, account.user_id):
-        key = f"paid-by:{lot.key}"
-        if (lot.source == "subscription" and lot.payment_id is None and lot.subscription_id == subscription_id
-                and lot.period_end == period_end and not _key_exists(session, key)):
-            _write(session, user_id=account.user_id, credits=0, kind="payment_link", source_key=key,
-                   lot_key=lot.key, payment_id=payment_id, subscription_id=subscription_id, period_end=period_end)
+def _claim_unpaid_lot(session: Session, account: Account, *, lot_key: str, payment_id: int) -> None:
+    """Tie a lot granted without a payment to the invoice that paid for it: a zero-credit entry in the lot,
+    written once per lot."""
+    key = f"paid-by:{lot_key}"
+    grant = session.execute(select(LedgerEntry).where(LedgerEntry.source_key == lot_key,
+                                                      LedgerEntry.user_id == account.user_id)).scalars().first()
+    if grant is None or grant.payment_id is not None or grant.lot_source != "subscription" or _key_exists(session, key):
+        return
+    _write(session, user_id=account.user_id, credits=0, kind="payment_link", source_key=key, lot_key=lot_key,
+           payment_id=payment_id, subscription_id=grant.subscription_id, period_end=grant.period_end)
 
 
 def _payment_lots(session: Session, payment: Payment) -> list[Lot]:

@@ -99,6 +99,10 @@ class LedgerEntry(SQLModel, table=True):
     reference: str | None = Field(default=None, max_length=200)
     operator: str | None = Field(default=None, max_length=200)
     reason: str | None = Field(default=None, max_length=500)
+    # Subscription grants: the slice of the period's allowance this grant stands for, [from, to) in credits
+    # (a base grant [0, plan), an upgrade [old plan, new plan)); grants cover the union of their slices once.
+    allowance_from: int | None = None
+    allowance_to: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -41,12 +41,18 @@ def pack(user="u1", credits=100, key="pack:1", payment_id=None):
         return ledger.grant_pack(s, user_id=user, credits=credits, source_key=key, payment_id=payment_id, now=T0)
 
 
-def sub_grant(user="u1", sub="sub_1", period_end=P1_END, tier="starter", key=None, kind="subscription_grant",
-              payment_id=None, now=T0):
+def sub_grant(user="u1", sub="sub_1", period_end=P1_END, tier="starter", key=None, payment_id=None, now=T0):
     with db.write_session() as s:
         return ledger.grant_subscription_period(s, user_id=user, subscription_id=sub, period_end=period_end, tier=tier,
-                                                source_key=key or f"grant:{sub}:{period_end}:{tier}", kind=kind,
+                                                source_key=key or f"grant:{sub}:{period_end}:{tier}",
                                                 payment_id=payment_id, now=now)
+
+
+def topup(from_tier, to_tier, key, user="u1", sub="sub_1", period_end=P1_END, payment_id=None, claims_lot=None):
+    with db.write_session() as s:
+        return ledger.grant_upgrade_topup(s, user_id=user, subscription_id=sub, period_end=period_end,
+                                          from_tier=from_tier, to_tier=to_tier, source_key=key, payment_id=payment_id,
+                                          claims_lot=claims_lot, now=T0)
 
 
 def spend(credits, reference, user="u1", now=T0):
@@ -140,25 +146,40 @@ def test_spending_takes_soonest_expiring_first_then_packs(database_url):
 
 def test_upgrade_tops_up_the_difference_once_per_period(database_url):
     sub_grant(tier="starter")
-    sub_grant(tier="professional", kind="upgrade_topup", key="upgrade:sub_1:p1:professional")
-    sub_grant(tier="professional", kind="upgrade_topup", key="upgrade-invoice:in_9")  # the other event reports it too
+    topup("starter", "professional", "upgrade:sub_1:p1:professional")
+    topup("starter", "professional", "invoice:in_9:upgrade")  # the proration invoice reports it too
     assert bal() == 500
-    sub_grant(tier="business", kind="upgrade_topup", key="upgrade:sub_1:p1:business")
+    topup("professional", "business", "upgrade:sub_1:p1:business")
     assert bal() == 2000
 
 
 def test_upgrade_before_base_grant_still_ends_at_the_higher_allowance(database_url):
-    sub_grant(tier="professional", kind="upgrade_topup", key="upgrade:first")
+    topup("starter", "professional", "upgrade:first")
     sub_grant(tier="starter", key="invoice:create")
     assert bal() == 500
+    assert [(r["credits"], r["lot"]) for r in summary().breakdown] == [(400, "upgrade:first"), (100, "invoice:create")] \
+        or sorted(r["credits"] for r in summary().breakdown) == [100, 400]
 
 
 def test_downgrade_takes_nothing_back_and_next_period_gets_the_lower_allowance(database_url):
     sub_grant(tier="business")
-    sub_grant(tier="starter", kind="upgrade_topup", key="downgrade")
+    topup("business", "starter", "downgrade")
+    topup("starter", "business", "back-up-again")  # moving back up within the period adds nothing
     assert bal() == 2000
     sub_grant(tier="starter", period_end=P2_END)
     assert bal(now=T0 + timedelta(days=31)) == 100
+
+
+def test_a_paying_invoice_claims_the_top_up_a_subscription_event_granted(database_url):
+    topup("starter", "professional", "upgrade:sub_1:p1:professional")
+    pid = make_payment(amount=1600, item="professional", kind="plan", key="cs_upgrade")
+    topup("starter", "professional", "invoice:in_up:upgrade", payment_id=pid,
+          claims_lot="upgrade:sub_1:p1:professional")
+    with db.write_session() as s:
+        payment = s.get(Payment, pid)
+        assert ledger.credits_paid_by(s, payment) == 400
+        assert ledger.clawback_for_payment(s, payment=payment, reversed_cents=800, now=T0) == 200
+    assert bal() == 200
 
 
 def test_cancellation_expires_subscription_credits_but_keeps_packs(database_url):

@@ -180,6 +180,8 @@ def upgrade() -> None:
     sa.Column('reference', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('operator', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('reason', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
+    sa.Column('allowance_from', sa.Integer(), nullable=True),
+    sa.Column('allowance_to', sa.Integer(), nullable=True),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['payment_id'], ['payment.id'], ),
     sa.ForeignKeyConstraint(['user_id'], ['account.user_id'], ),
