@@ -98,6 +98,15 @@ def half_applied(engine) -> list[str]:
     return problems + [f"grants for unknown payment {pid}" for pid in sorted(orphans)]
 
 
+def unapplied(engine, deliveries: list[dict], statuses: list[int | None]) -> list[str]:
+    """Events answered 200 that are not stored as processed or ignored."""
+    acknowledged = {evt["id"] for evt, status in zip(deliveries, statuses) if status == 200}
+    with db.read_session(engine) as session:
+        done = set(session.execute(select(StripeEvent.id).where(
+            StripeEvent.id.in_(acknowledged), StripeEvent.status.in_(("processed", "ignored")))).scalars())
+    return sorted(acknowledged - done)
+
+
 def stored_statuses(engine) -> dict[str, int]:
     with db.read_session(engine) as session:
         return dict(session.execute(select(StripeEvent.status, func.count()).group_by(StripeEvent.status)).all())
@@ -132,6 +141,8 @@ def test_sigkill_mid_stream_then_redelivery_applies_every_event_exactly_once(dat
         server.kill()
     answered_ok = sum(status == 200 for status in first)
     assert 0 < answered_ok < len(first), "the kill must land in the middle of the stream"
+    # Stripe never redelivers an event we answered 200: each of those must be stored and applied already
+    assert unapplied(engine, workload.deliveries, first) == []
     assert half_applied(engine) == []
     assert ledger_mismatches(engine, workload) != []  # not everything arrived yet
 
@@ -186,6 +197,7 @@ def test_database_held_by_a_long_write_transaction_deliveries_wait_or_fail_whole
         else:
             assert answered_while_held == 0  # SQLite writers queue for the lock (busy timeout 30 s)
         assert set(statuses) <= {200, 500}
+        assert unapplied(engine, workload.deliveries, statuses) == []
         assert half_applied(engine) == []
 
         retry = [workload.deliveries[i] for i, status in enumerate(statuses) if status != 200]
@@ -209,6 +221,7 @@ def test_postgresql_connections_dropped_the_sidecar_recovers_without_a_restart(d
     server = start_sidecar(with_pg_options(database_url, application_name=name), tmp_path / "sidecar.log")
     try:
         assert set(deliver(server.base_url, workload.deliveries[:half])) == {200}
+        assert unapplied(engine, workload.deliveries[:half], [200] * half) == []
         with engine.connect() as conn:
             dropped = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                         "WHERE application_name = :name"), {"name": name}).scalar_one()
