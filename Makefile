@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 APP_STAMP := $(VENV)/.installed-app
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install install-dev migrate demo-data sidecar dashboard clean
+.PHONY: run test install install-dev migrate demo-data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
