@@ -6,6 +6,7 @@ each problem, so `check-config` can report every problem at once.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -136,6 +137,20 @@ def mask_secret(value: str) -> str:
     return f"{prefix}…{tail}"
 
 
+SECRET_LOOKING = re.compile(r"(sk|rk|pk)_(test|live)_|whsec_")
+PLAIN_ID = re.compile(r"[a-z]+_[A-Za-z0-9]{1,60}")
+
+
+def shown(value: str) -> str:
+    """A setting's value as it may appear in a message: plain IDs and URLs as they are (without a URL's
+    password), anything that looks like a key or secret (for instance pasted into the wrong setting) masked."""
+    if SECRET_LOOKING.search(value):
+        return mask_secret(value)
+    if PLAIN_ID.fullmatch(value) or "://" in value:
+        return mask_url_password(value)
+    return value if len(value) <= 40 else mask_secret(value)
+
+
 def mask_url_password(url: str) -> str:
     parsed = urlparse(url)
     if parsed.password:
@@ -168,7 +183,7 @@ def _parse_bool(raw: dict, name: str, default: bool, problems: list) -> bool:
         return True
     if value in FALSE_WORDS:
         return False
-    problems.append(Problem("error", name, f"must be true or false, not {raw[name]!r}"))
+    problems.append(Problem("error", name, f"must be true or false, not {shown(raw[name])!r}"))
     return default
 
 
@@ -178,7 +193,7 @@ def _parse_int(raw: dict, name: str, default: int, problems: list, *, low: int, 
     try:
         value = int(raw[name])
     except ValueError:
-        problems.append(Problem("error", name, f"must be a whole number, not {raw[name]!r}"))
+        problems.append(Problem("error", name, f"must be a whole number, not {shown(raw[name])!r}"))
         return default
     if not low <= value <= high:
         problems.append(Problem("error", name, f"must be between {low} and {high}, not {value}"))
@@ -248,10 +263,10 @@ def check_config(settings: Settings) -> list[Problem]:
                 problems.append(Problem("warning", name, f"not set: no checkout links for {item_key} "
                                         "(run `python -m billing_core sync-catalog --write-env`)"))
         elif value.startswith("prod_"):
-            problems.append(Problem("error", name, f"{value} is a product ID, not a price ID; "
+            problems.append(Problem("error", name, f"{shown(value)} is a product ID, not a price ID; "
                                     "use the price ID (price_...) from the product's pricing section"))
         elif not value.startswith("price_"):
-            problems.append(Problem("error", name, f"must be a price ID starting with price_ (got {value!r})"))
+            problems.append(Problem("error", name, f"must be a price ID starting with price_ (got {shown(value)!r})"))
     wh = settings.stripe_webhook_secret
     if wh:
         for secret in settings.webhook_secrets:
@@ -262,16 +277,16 @@ def check_config(settings: Settings) -> list[Problem]:
         problems.append(Problem("warning", "STRIPE_WEBHOOK_SECRET", "not set: the webhook sidecar refuses all events"))
     parsed = urlparse(settings.base_url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        problems.append(Problem("error", "BASE_URL", f"must be an absolute http(s) URL, not {settings.base_url!r}"))
+        problems.append(Problem("error", "BASE_URL", f"must be an absolute http(s) URL, not {shown(settings.base_url)!r}"))
     elif key_mode == "live" and (parsed.scheme == "http" or _is_local_host(parsed.hostname)):
         problems.append(Problem("warning", "BASE_URL",
-                                f"{settings.base_url} with live keys: customers can't reach an http:// "
+                                f"{shown(settings.base_url)} with live keys: customers can't reach an http:// "
                                 "or localhost address; use your public https URL"))
     if settings.stripe_api_base:
         api = urlparse(settings.stripe_api_base)
         if api.scheme not in ("http", "https") or not api.hostname:
             problems.append(Problem("error", "STRIPE_API_BASE",
-                                    f"must be an absolute http(s) URL, not {settings.stripe_api_base!r}"))
+                                    f"must be an absolute http(s) URL, not {shown(settings.stripe_api_base)!r}"))
     db = settings.database_url_setting
     if db and not (db.startswith("sqlite:///") or db.startswith("postgresql")):
         problems.append(Problem("error", "DATABASE_URL",

@@ -177,3 +177,11 @@ def test_an_unrecognised_secret_key_is_neither_test_nor_live(tmp_path):
     s = settings_from(tmp_path, STRIPE_SECRET_KEY="sk_prod_abcdefghijklmnop")
     assert s.stripe_mode == "invalid" and not s.livemode
     assert problems_by_setting(s)["STRIPE_SECRET_KEY"][0].level == "error"
+
+
+@pytest.mark.parametrize("name", ["STRIPE_PRICE_STARTER", "BASE_URL", "WEBHOOK_PORT", "STRIPE_API_BASE"])
+def test_a_secret_pasted_into_the_wrong_setting_is_never_echoed(tmp_path, name):
+    s = settings_from(tmp_path, STRIPE_SECRET_KEY=SK_TEST, **{name: f"prod_{SK_TEST}"})
+    messages = " ".join(str(p) for p in check_config(s))
+    assert name in messages
+    assert SK_TEST not in messages and SK_TEST[8:] not in messages
