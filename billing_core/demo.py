@@ -42,7 +42,7 @@ def fill_demo_database(*, database_url: str | None = None, scale: str = "small",
     db.migrate(url)
     existing = _check_target(url)
     if existing and if_empty:
-        _create_demo_operator(db.get_engine(url))  # a demo database filled before operators existed
+        ensure_demo_operator(url)  # a demo database filled before operators existed
         return f"demo database already has {existing} demo accounts; left as it is"
     if scale == "large":
         from .demo_large import fill_large
@@ -59,9 +59,7 @@ def _fill_small(url: str, *, seed: int, start: int, accounts: int = 40) -> str:
         user_id = f"{DEMO_PREFIX}user_{n:04d}"
         with db.write_session(engine) as session:
             _demo_customer(session, rng, user_id, n, now)
-    _create_demo_operator(engine)
-    return (f"added {accounts} demo accounts to {url}; sign in as "
-            f"{DEMO_OPERATOR[0]!r} with password {DEMO_OPERATOR[1]!r}")
+    return f"added {accounts} demo accounts to {url}; {ensure_demo_operator(url)}"
 
 
 def _demo_customer(session, rng: random.Random, user_id: str, n: int, now) -> None:
@@ -130,9 +128,21 @@ def _demo_payment(session, *, user_id: str, when, item, source: str, **ids) -> P
     return payment
 
 
-def _create_demo_operator(engine) -> None:
+def is_demo_database(url: str) -> bool:
+    from . import settings  # looked up at call time: tests point DEMO_DATABASE_URL elsewhere
+
+    return resolve_sqlite_path(url) == resolve_sqlite_path(settings.DEMO_DATABASE_URL)
+
+
+def ensure_demo_operator(url: str) -> str:
+    """Creates the demo operator, whose password the sign-in page publishes, in the demo database only:
+    anywhere else it would be a known-password admin. Returns what to tell the user about signing in."""
+    if not is_demo_database(url):
+        return ("no demo operator (not the demo database); create one with "
+                "`python -m billing_core add-operator NAME --role admin`")
     try:
-        with db.write_session(engine) as session:
+        with db.write_session(db.get_engine(url)) as session:
             create_operator(session, name=DEMO_OPERATOR[0], role="admin", password=DEMO_OPERATOR[1])
     except OperatorExists:
         pass
+    return f"sign in as {DEMO_OPERATOR[0]!r} with password {DEMO_OPERATOR[1]!r}"

@@ -205,7 +205,7 @@ def _insert(conn, rows: Rows) -> None:
 
 def fill_large(url: str, *, seed: int = 7, accounts: int = ACCOUNTS) -> str:
     """Add `accounts` large-scale demo accounts (default 100,000) to the database at `url`."""
-    from .demo import _create_demo_operator
+    from .demo import ensure_demo_operator
 
     engine = db.get_engine(url)
     with db.read_session(engine) as session:
@@ -230,9 +230,9 @@ def fill_large(url: str, *, seed: int = 7, accounts: int = ACCOUNTS) -> str:
     else:
         with engine.connect() as conn:
             conn.exec_driver_sql("ANALYZE")
-    _create_demo_operator(engine)
+    sign_in_hint = ensure_demo_operator(url)
     with db.read_session(engine) as session:
         counts = [session.execute(select(func.count()).select_from(model)).scalar_one()
                   for model in (Account, Payment, LedgerEntry)]
     return (f"large demo data in {mask_url_password(url)}: {counts[0]:,} accounts, "
-            f"{counts[1]:,} payments, {counts[2]:,} ledger entries; sign in as 'demo' with password 'demo-password'")
+            f"{counts[1]:,} payments, {counts[2]:,} ledger entries; {sign_in_hint}")

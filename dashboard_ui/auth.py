@@ -78,6 +78,10 @@ def _require_local(settings: Settings) -> Identity:
     st.stop()
 
 
+def _is_demo_operator(name: str) -> bool:
+    return name.strip().lower() == DEMO_OPERATOR[0].lower()
+
+
 def _sign_in_form(settings: Settings) -> None:
     st.title("Sign in")
     if settings.demo_mode:
@@ -95,9 +99,11 @@ def _sign_in_form(settings: Settings) -> None:
     if len(failures) >= MAX_FAILURES:
         st.error("Too many failed sign-ins; wait a few minutes and try again.")
         return
-    with db.read_session() as session:
-        operator = authenticate(session, name=name, password=password)
-        identity = Identity(name=operator.name, role=operator.role) if operator else None
+    identity = None
+    if settings.demo_mode or not _is_demo_operator(name):  # its password is public: demo database only
+        with db.read_session() as session:
+            operator = authenticate(session, name=name, password=password)
+            identity = Identity(name=operator.name, role=operator.role) if operator else None
     if identity is None:
         st.session_state[FAILURES_KEY] = failures + [now]
         st.error("Wrong user name or password.")

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from billing_core import db, ledger
-from billing_core.models import LedgerEntry, Operator
+from billing_core.models import Account, LedgerEntry, Operator
 from billing_core.operators import (Identity, OperatorError, OperatorExists, PermissionDenied, adjust_as,
                                     authenticate, create_operator, hash_password, role_for_email, verify_password)
 from billing_core.settings import PROJECT_ROOT, load_settings
@@ -152,13 +152,38 @@ def test_add_operator_prompts_twice_on_a_terminal(sqlite_url, monkeypatch, capsy
         assert authenticate(session, name="gina", password="same-password") is not None
 
 
-def test_demo_data_if_empty_still_creates_the_demo_operator(sqlite_url):
+def test_demo_data_if_empty_still_creates_the_demo_operator(sqlite_url, monkeypatch):
+    from billing_core import settings as settings_module
     from billing_core.demo import DEMO_OPERATOR, fill_demo_database
     from billing_core.models import Operator as OperatorRow
 
+    monkeypatch.setattr(settings_module, "DEMO_DATABASE_URL", sqlite_url)
     fill_demo_database(database_url=sqlite_url)
     with db.write_session() as session:
         session.execute(OperatorRow.__table__.delete())
     assert "left as it is" in fill_demo_database(database_url=sqlite_url, if_empty=True)
     with db.read_session() as session:
         assert authenticate(session, name=DEMO_OPERATOR[0], password=DEMO_OPERATOR[1]).role == "admin"
+
+
+def operator_names(url):
+    with db.read_session(db.get_engine(url)) as session:
+        return session.execute(select(Operator.name)).scalars().all()
+
+
+def test_demo_data_elsewhere_creates_no_demo_operator(database_url, capsys):
+    """The demo operator's password is public, so only the demo database gets it."""
+    from billing_core import cli
+
+    assert cli.main(["demo-data", "--database-url", database_url]) == 0
+    assert "no demo operator" in capsys.readouterr().out
+    assert operator_names(database_url) == []
+    with db.read_session() as session:
+        assert session.execute(select(Account)).first() is not None  # the demo customers were added
+
+
+def test_large_demo_data_elsewhere_creates_no_demo_operator(database_url):
+    from billing_core import demo_large
+
+    assert "no demo operator" in demo_large.fill_large(database_url, seed=3, accounts=5)
+    assert operator_names(database_url) == []

@@ -5,6 +5,7 @@ from sqlalchemy import select
 from billing_core import db, settings as settings_module
 from billing_core.demo import DEMO_OPERATOR, fill_demo_database
 from billing_core.models import Account
+from billing_core.operators import create_operator
 from billing_core.settings import reset_settings_cache
 from dashboard_helpers import (ADMIN, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
                                sign_in, signed_in, texts)
@@ -140,6 +141,15 @@ def test_demo_mode_shows_the_demo_operator(sqlite_url, monkeypatch):
 def test_demo_operator_is_not_shown_outside_demo_mode(demo_db):
     at = open_app().run()
     assert "demo-password" not in texts(at)
+
+
+def test_demo_operator_cannot_sign_in_outside_demo_mode(demo_db):
+    # a database filled before demo-data kept the demo operator to the demo database may still hold one
+    with db.write_session(db.get_engine(demo_db)) as session:
+        create_operator(session, name=DEMO_OPERATOR[0], role="admin", password=DEMO_OPERATOR[1])
+    at = sign_in(open_app(), *DEMO_OPERATOR)
+    assert [e.value for e in at.error] == ["Wrong user name or password."]
+    assert_sign_in_page_only_but_error(at)
 
 
 def test_out_of_date_schema_refuses_to_start(tmp_path, monkeypatch):
