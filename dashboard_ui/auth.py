@@ -6,6 +6,7 @@ local operator account (name + password, salted scrypt hash) in the database in 
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import streamlit as st
@@ -16,9 +17,49 @@ from billing_core.operators import Identity, active_identity, authenticate, role
 from billing_core.settings import Settings
 
 SESSION_KEY = "operator_identity"
-FAILURES_KEY = "sign_in_failures"
 MAX_FAILURES = 5
-FAILURE_WINDOW_SECONDS = 300
+FAILURE_WINDOW_SECONDS = 300  # 5 failures within it lock the name for as long again
+
+# Failed sign-ins per lower-cased user name (unknown names too), kept process-wide: Streamlit serves
+# every browser session from this one process, and a page reload starts a fresh st.session_state.
+_failures: dict[str, list[float]] = {}
+_locked_until: dict[str, float] = {}
+_failures_lock = threading.Lock()
+_MAX_TRACKED_NAMES = 10_000  # guessed names must not grow the dicts without bound
+
+
+def _throttled(name: str, now: float) -> bool:
+    with _failures_lock:
+        return _locked_until.get(name, 0.0) > now
+
+
+def _record_failure(name: str, now: float) -> None:
+    with _failures_lock:
+        if len(_failures) >= _MAX_TRACKED_NAMES:
+            _prune(now)
+        recent = [t for t in _failures.get(name, []) if now - t < FAILURE_WINDOW_SECONDS] + [now]
+        _failures[name] = recent
+        if len(recent) >= MAX_FAILURES:
+            _locked_until[name] = now + FAILURE_WINDOW_SECONDS
+            _failures.pop(name)
+
+
+def _prune(now: float) -> None:
+    for name in [n for n, times in _failures.items() if now - times[-1] >= FAILURE_WINDOW_SECONDS]:
+        del _failures[name]
+    for name in [n for n, until in _locked_until.items() if until <= now]:
+        del _locked_until[name]
+
+
+def _forget_failures(name: str) -> None:
+    with _failures_lock:
+        _failures.pop(name, None)
+
+
+def reset_sign_in_throttle() -> None:
+    with _failures_lock:
+        _failures.clear()
+        _locked_until.clear()
 
 
 def oidc_configured() -> bool:
@@ -95,8 +136,8 @@ def _sign_in_form(settings: Settings) -> None:
         st.caption("Operators are created with `python -m billing_core add-operator NAME --role admin|support`.")
         return
     now = time.monotonic()
-    failures = [t for t in st.session_state.get(FAILURES_KEY, []) if now - t < FAILURE_WINDOW_SECONDS]
-    if len(failures) >= MAX_FAILURES:
+    throttle_key = (name or "").strip().lower()
+    if _throttled(throttle_key, now):
         st.error("Too many failed sign-ins; wait a few minutes and try again.")
         return
     identity = None
@@ -105,9 +146,9 @@ def _sign_in_form(settings: Settings) -> None:
             operator = authenticate(session, name=name, password=password)
             identity = Identity(name=operator.name, role=operator.role) if operator else None
     if identity is None:
-        st.session_state[FAILURES_KEY] = failures + [now]
+        _record_failure(throttle_key, now)
         st.error("Wrong user name or password.")
         return
-    st.session_state.pop(FAILURES_KEY, None)
+    _forget_failures(throttle_key)
     st.session_state[SESSION_KEY] = identity
     st.rerun()

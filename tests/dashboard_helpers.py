@@ -63,6 +63,16 @@ def texts(at: AppTest) -> str:
     return "\n".join(parts)
 
 
+@pytest.fixture(autouse=True)
+def fresh_sign_in_throttle():
+    """Sign-in failures are counted process-wide; each test starts with none."""
+    from dashboard_ui.auth import reset_sign_in_throttle
+
+    reset_sign_in_throttle()
+    yield
+    reset_sign_in_throttle()
+
+
 @pytest.fixture(scope="session")
 def seeded_template(tmp_path_factory, sqlite_template) -> Path:
     """A migrated SQLite database with the small demo data set and two operators, built once."""

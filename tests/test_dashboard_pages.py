@@ -7,7 +7,7 @@ from billing_core.demo import DEMO_OPERATOR, fill_demo_database
 from billing_core.models import Account
 from billing_core.operators import create_operator
 from billing_core.settings import reset_settings_cache
-from dashboard_helpers import (ADMIN, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
+from dashboard_helpers import (ADMIN, fresh_sign_in_throttle, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
                                sign_in, signed_in, texts)
 
 PAGE_TITLES = {"links": "Checkout links", "customers": "Customers", "payments": "Payments",
@@ -63,6 +63,39 @@ def test_repeated_failures_are_throttled(demo_db):
     at.run()
     assert "Too many failed sign-ins" in at.error[0].value
     assert_sign_in_page_only_but_error(at)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+def test_failures_count_across_sessions_per_name(demo_db, monkeypatch):
+    """A page reload is a new session; the count of failures for a name must survive it."""
+    from dashboard_ui import auth
+
+    clock = FakeClock()
+    monkeypatch.setattr(auth, "time", clock)
+    for _ in range(5):
+        at = sign_in(open_app(), ADMIN[0].upper(), "guess")  # each a fresh session, as after a reload
+        assert [e.value for e in at.error] == ["Wrong user name or password."]
+    at = sign_in(open_app(), ADMIN[0], ADMIN[1])
+    assert "Too many failed sign-ins" in at.error[0].value
+    assert_sign_in_page_only_but_error(at)
+    assert signed_in(SUPPORT).title[0].value == "Billing console"  # other names are not locked
+    clock.now += auth.FAILURE_WINDOW_SECONDS - 1
+    assert "Too many failed sign-ins" in sign_in(open_app(), ADMIN[0], ADMIN[1]).error[0].value
+    clock.now += 2
+    assert signed_in(ADMIN).title[0].value == "Billing console"
+
+
+def test_unknown_names_are_throttled_too(demo_db):
+    for _ in range(5):
+        sign_in(open_app(), "nobody", "guess")
+    assert "Too many failed sign-ins" in sign_in(open_app(), "Nobody", "guess").error[0].value
 
 
 def assert_sign_in_page_only_but_error(at):
