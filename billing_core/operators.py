@@ -188,10 +188,11 @@ def check_admin(identity: Identity, action: str) -> None:
 
 
 def adjust_as(session: Session, *, identity: Identity, user_id: str, credits: int, reason: str,
-              settings: Settings, allow_negative: bool = False) -> list:
-    """A manual adjustment by a signed-in operator: checks the role's limit, records the operator."""
+              settings: Settings, allow_negative: bool = False, source_key: str | None = None) -> list:
+    """A manual adjustment by a signed-in operator: checks the role's limit, records the operator.
+    A `source_key` already used makes it a no-op returning [] (a form submitted twice)."""
     check_adjustment_allowed(identity, credits=credits, settings=settings)
     if allow_negative and not identity.is_admin:
         raise PermissionDenied("only an admin may take a balance below zero")
     return ledger.adjust(session, user_id=user_id, credits=credits, reason=reason, operator=identity.name,
-                         allow_negative=allow_negative)
+                         allow_negative=allow_negative, source_key=source_key)

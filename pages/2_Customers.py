@@ -1,4 +1,6 @@
 """Customers: find an account, see why its balance is what it is, adjust it."""
+import uuid
+
 import streamlit as st
 
 from billing_core import db, ledger, reports
@@ -82,7 +84,12 @@ st.markdown("#### Manual adjustment")
 limit = adjustment_limit(identity.role, settings)
 st.caption("Whole credits: positive adds credits that never expire, negative takes credits away. "
            + (f"As support you may adjust at most {limit:,} credits at a time." if limit is not None else ""))
-with st.form("adjustment", clear_on_submit=False):
+ADJUST_FIELDS = ("adjust_credits", "adjust_reason", "adjust_negative", "adjust_confirm")
+# One idempotency key per filled-in form: a second submit of the same adjustment (a double click, a rerun
+# interrupted after the write) is recognised by the ledger and not applied twice.
+ADJUST_KEY_STATE = f"adjust_source_key:{user_id}"
+adjust_key = st.session_state.setdefault(ADJUST_KEY_STATE, f"adjust:ui:{uuid.uuid4().hex}")
+with st.form("adjustment", clear_on_submit=True):
     credits = st.number_input("Credits", value=0, step=1, format="%d", key="adjust_credits")
     reason = st.text_input("Reason", key="adjust_reason", placeholder="goodwill after an outage, ticket #123")
     allow_negative = st.checkbox("Allow the balance to go below zero", key="adjust_negative",
@@ -95,15 +102,19 @@ if submitted:
     else:
         try:
             with db.write_session(db.get_engine(url)) as session:
-                adjust_as(session, identity=identity, user_id=user_id, credits=int(credits), reason=reason,
-                          settings=settings, allow_negative=allow_negative)
+                entries = adjust_as(session, identity=identity, user_id=user_id, credits=int(credits), reason=reason,
+                                    settings=settings, allow_negative=allow_negative, source_key=adjust_key)
                 new_balance = ledger.balance(session, user_id)
         except (OperatorError, ledger.LedgerError) as exc:
             st.error(str(exc))
         else:
             data.clear_cached_aggregates()
-            st.session_state["adjust_done"] = (f"Adjusted {user_id} by {int(credits):+,} credits as "
-                                               f"{identity.name}; the balance is now {new_balance:,}.")
+            st.session_state["adjust_done"] = (
+                f"Adjusted {user_id} by {int(credits):+,} credits as {identity.name}; the balance is now "
+                f"{new_balance:,}." if entries else
+                f"This adjustment was already applied; the balance is {new_balance:,}.")
+            for key in (*ADJUST_FIELDS, ADJUST_KEY_STATE):  # an empty form and a fresh key for the next one
+                st.session_state.pop(key, None)
             st.rerun()
 if st.session_state.get("adjust_done"):
     st.success(st.session_state.pop("adjust_done"))

@@ -55,6 +55,33 @@ def test_adjustment_writes_a_ledger_entry_with_the_operator(database_url, custom
     assert "goodwill after the outage" in at.dataframe[-1].value["Detail"].tolist()
 
 
+def test_adjustment_form_is_cleared_so_a_second_click_applies_nothing(database_url, customer):
+    at = open_customer(ADMIN, customer)
+    at = submit_adjustment(at, credits=300, reason="goodwill")
+    assert adjustments(database_url, customer) == [(300, "alice", "goodwill")]
+    assert (at.number_input(key="adjust_credits").value, at.text_input(key="adjust_reason").value,
+            at.checkbox(key="adjust_confirm").value) == (0, "", False)
+    next(b for b in at.button if b.label == "Apply adjustment").click()
+    at.run()
+    assert adjustments(database_url, customer) == [(300, "alice", "goodwill")]
+    assert balance_of(database_url, customer) == 1300
+
+
+def test_the_same_filled_in_form_is_applied_once(database_url, customer):
+    """A rerun interrupted after the write (a double click) submits the form again with the same key."""
+    at = open_customer(ADMIN, customer)
+    state_key = f"adjust_source_key:{customer}"
+    form_key = at.session_state[state_key]
+    at = submit_adjustment(at, credits=300, reason="goodwill")
+    assert at.session_state[state_key] != form_key  # the next form gets a fresh key
+    at.session_state[state_key] = form_key  # as if the renewal had been cut off
+    at = submit_adjustment(at, credits=300, reason="goodwill")
+    assert any("already applied" in s.value for s in at.success)
+    assert adjustments(database_url, customer) == [(300, "alice", "goodwill")]
+    at = submit_adjustment(at, credits=5, reason="a second, different adjustment")
+    assert adjustments(database_url, customer)[-1] == (5, "alice", "a second, different adjustment")
+
+
 def test_adjustment_needs_confirmation_and_a_reason(database_url, customer):
     at = open_customer(ADMIN, customer)
     at = submit_adjustment(at, credits=10, reason="forgot to confirm", confirm=False)
