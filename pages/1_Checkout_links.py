@@ -20,17 +20,27 @@ if not settings.stripe_configured:
 st.markdown("#### Who pays")
 query = st.text_input("User id or email", key="link_query", placeholder="user_123 or someone@example.com")
 user_id, email = "", ""
+NEW_ACCOUNT = ""  # never a user id
 if query.strip():
+    typed = query.strip()
     with data.read(url) as session:
-        matches = reports.search_accounts(session, query, limit=10)
-    new_label = f"New account with user id {query.strip()!r}"
-    options = [m["user_id"] for m in matches] + ([None] if "@" not in query else [])
+        matches = reports.search_accounts(session, typed, limit=10)
+    exact = [m["user_id"] for m in matches
+             if typed in (m["user_id"], m["stripe_customer_id"]) or (m["email"] or "").lower() == typed.lower()]
+    new_label = f"New account with user id {typed!r}"
+    options = [m["user_id"] for m in matches] + ([NEW_ACCOUNT] if "@" not in typed else [])
     labels = {m["user_id"]: f"{m['user_id']} · {m['email'] or 'no email'}" for m in matches}
     if options:
-        picked = st.selectbox("Account", options, format_func=lambda o: labels.get(o, new_label), key="link_account")
-        user_id = picked or query.strip()
-        if picked is None:
+        # Only an exact match is pre-selected: a prefix match is someone else (demo_user_001 vs demo_user_0010).
+        default = exact[0] if len(exact) == 1 else NEW_ACCOUNT if NEW_ACCOUNT in options and not exact else None
+        picked = st.selectbox("Account", options, index=None if default is None else options.index(default),
+                              format_func=lambda o: labels.get(o, new_label), placeholder="Choose the account",
+                              key=f"link_account:{typed}")  # a new query starts from its own default
+        if picked == NEW_ACCOUNT:
+            user_id = typed
             email = st.text_input("Email for the new account (optional)", key="link_email")
+        elif picked is not None:
+            user_id = picked
     else:
         st.warning("No account has that email; type the DevOps Agent user id instead to create one.")
 
@@ -53,6 +63,9 @@ if clicked:
         st.session_state["issued_link"] = issued
 
 issued = st.session_state.get("issued_link")
+if issued is not None and (issued.user_id, issued.item) != (user_id, item_key):
+    st.session_state.pop("issued_link")  # a link shown next to another account or item would be sent by mistake
+    issued = None
 if issued is not None:
     reused = " (the link already issued in the last minutes, reused)" if issued.reused else ""
     st.success(f"Checkout link for **{issued.user_id}** · {CATALOG[issued.item].name}{reused}")

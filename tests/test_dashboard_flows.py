@@ -139,6 +139,42 @@ def test_link_flow_creates_a_recorded_link(database_url, fake_stripe, stripe_pri
     assert recent["User"].tolist() == ["new_user_7"] and recent["Operator"].tolist() == ["alice"]
 
 
+def test_link_goes_to_the_exact_user_id_not_a_prefix_match(database_url, fake_stripe, stripe_prices):
+    add_operators(database_url)
+    with db.write_session() as session:
+        ledger.lock_account(session, user_id="cust_0010", email="ten@example.com")
+    at = signed_in(ADMIN, "links")
+    at.text_input(key="link_query").input("cust_001").run()
+    assert at.selectbox[0].value == ""  # the new account, not cust_0010
+    assert "New account with user id 'cust_001'" in at.selectbox[0].options
+    at.radio(key="link_item").set_value("pack_100").run()
+    at.button(key="link_generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    with db.read_session() as session:
+        assert session.execute(select(CheckoutLink.user_id)).scalars().all() == ["cust_001"]
+    at.text_input(key="link_query").input("cust_0010").run()
+    assert at.selectbox[0].value == "cust_0010"
+    at.text_input(key="link_query").input("ten@example.com").run()
+    assert at.selectbox[0].value == "cust_0010"
+
+
+def test_an_issued_link_disappears_when_the_account_or_item_changes(database_url, fake_stripe, stripe_prices):
+    add_operators(database_url)
+    at = signed_in(ADMIN, "links")
+    at.text_input(key="link_query").input("buyer_1").run()
+    at.radio(key="link_item").set_value("pack_100").run()
+    at.button(key="link_generate").click().run()
+    assert len(at.code) == 1
+    at.radio(key="link_item").set_value("pack_250").run()
+    assert len(at.code) == 0 and not at.success
+    at.radio(key="link_item").set_value("pack_100").run()
+    assert len(at.code) == 0  # gone, not hidden: generate again for the link to be shown
+    at.button(key="link_generate").click().run()
+    assert len(at.code) == 1
+    at.text_input(key="link_query").input("buyer_2").run()
+    assert len(at.code) == 0
+
+
 def test_link_page_without_stripe_says_so(database_url):
     add_operators(database_url)
     at = signed_in(SUPPORT, "links")
