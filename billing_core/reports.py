@@ -371,8 +371,18 @@ def payments_csv(session: Session, *, filters: PaymentFilter, tz_name: str, max_
     for row in session.execute(stmt.execution_options(yield_per=5000)):
         values = dict(row._mapping)
         values["created_at"] = local_time(values["created_at"], tz_name).isoformat()
-        writer.writerow([values[n] for n in names])
+        writer.writerow([_csv_cell(values[n]) for n in names])
     return out.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    """Text a spreadsheet would run as a formula (user ids come from outside) gets a leading apostrophe."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 # --- checkout links ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from billing_core import db, ledger, reports
 from billing_core.formatting import age, money, when
-from billing_core.models import CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
+from billing_core.models import Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
 from billing_core.settings import load_settings
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
@@ -131,6 +131,21 @@ def test_payments_filters_totals_and_csv(data):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["item"] for r in rows] == ["pack_500", "pack_100"]
     assert rows[0]["amount_refunded"] == "1750" and rows[0]["created_at"].endswith("+02:00")
+
+
+@pytest.mark.parametrize("user_id", ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
+def test_payments_csv_defuses_formulas(database_url, user_id):
+    with db.write_session() as session:
+        session.add_all([Account(user_id=user_id), Account(user_id="plain-user")])  # "=..." passes check_user_id; tab/CR ids only by direct insert
+        session.flush()
+        add_payment(session, user_id=user_id, item="pack_100", kind="pack", amount=1000, days_ago=1)
+        add_payment(session, user_id="plain-user", item="pack_100", kind="pack", amount=1000, days_ago=2,
+                    refunded=1000)
+    with db.read_session() as session:
+        text = reports.payments_csv(session, filters=reports.PaymentFilter(), tz_name="UTC")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["user_id"] for r in rows] == ["'" + user_id, "plain-user"]
+    assert rows[1]["amount_cents"] == "1000" and rows[1]["amount_refunded"] == "1000"
 
 
 def test_events_filters_and_detail(data):
