@@ -1,6 +1,8 @@
 """What every page does first (`start_page`), the mode banner, and small display helpers."""
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import streamlit as st
 
@@ -8,7 +10,9 @@ from billing_core import db, formatting
 from billing_core.operators import Identity
 from billing_core.settings import Settings, get_settings, mask_url_password
 
-from .auth import require_operator, sign_out
+from .auth import current_identity, require_operator, sign_out
+
+log = logging.getLogger(__name__)
 
 _checked_schemas: set[str] = set()
 
@@ -37,8 +41,14 @@ def _require_current_schema(settings: Settings) -> None:
         st.error(f"The dashboard can't start: {exc}.")
         st.code("python -m billing_core init-db", language="bash")
         st.stop()
-    except Exception as exc:  # unreachable database: say which, without its password
-        st.error(f"The dashboard can't reach the database {mask_url_password(url)}: {type(exc).__name__}.")
+    except Exception as exc:  # unreachable database: details (without the password) to the log and operators only
+        masked = mask_url_password(url)
+        log.error("can't reach the database %s: %s: %s", masked, type(exc).__name__,
+                  str(exc).replace(url, masked))
+        if current_identity() is None:
+            st.error("The dashboard can't reach its database; see the server log.")
+        else:
+            st.error(f"The dashboard can't reach the database {masked}: {type(exc).__name__}.")
         st.stop()
     _checked_schemas.add(url)
 

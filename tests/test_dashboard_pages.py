@@ -194,6 +194,23 @@ def test_out_of_date_schema_refuses_to_start(tmp_path, monkeypatch):
     assert len(at.text_input) == 0 and len(at.metric) == 0
 
 
+def test_unreachable_database_is_not_described_to_visitors(tmp_path, monkeypatch, caplog):
+    from billing_core.operators import Identity
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://billing:hunter2-secret@127.0.0.1:9/billing")  # port 9: refused
+    reset_settings_cache()
+    with caplog.at_level("ERROR", logger="dashboard_ui.common"):
+        at = open_app().run()
+    assert [e.value for e in at.error] == ["The dashboard can't reach its database; see the server log."]
+    assert "127.0.0.1" not in texts(at) and len(at.text_input) == 0
+    assert "postgresql://billing:***@127.0.0.1:9/billing" in caplog.text and "hunter2" not in caplog.text
+    at = open_app()
+    at.session_state["operator_identity"] = Identity(name="alice", role="admin")
+    at.run()
+    assert "can't reach the database postgresql://billing:***@127.0.0.1:9/billing" in at.error[0].value
+    assert "hunter2" not in texts(at)
+
+
 def test_oidc_maps_emails_to_roles(demo_db, monkeypatch):
     monkeypatch.setenv("ADMIN_EMAILS", "boss@example.com")
     monkeypatch.setenv("SUPPORT_EMAILS", "help@example.com")
