@@ -1,4 +1,5 @@
 """Revenue & credits: revenue by day and month, MRR, subscribers by tier, credit flows, balances."""
+from collections import defaultdict
 from datetime import timedelta
 
 import pandas as pd
@@ -88,6 +89,29 @@ with right:
     chart(px.bar(pd.DataFrame(distribution), x="bucket", y="accounts", title="Accounts by balance (credits)"),
           "balances")
 
+def outstanding_by_month(flows: list[dict], outstanding_now: int) -> pd.DataFrame:
+    """Credits outstanding at each month's end: the running total of granted - spent - expired - clawed back,
+    anchored so the last month ends at today's figure (credits granted before the window are included)."""
+    sign = {"granted": 1, "spent": -1, "expired": -1, "clawed back": -1}
+    net = defaultdict(int)
+    for row in flows:
+        net[row["period"]] += sign[row["flow"]] * row["credits"]
+    periods = sorted(net)
+    after, ends = 0, {}
+    for period in reversed(periods):
+        ends[period] = outstanding_now - after
+        after += net[period]
+    return pd.DataFrame([{"period": p, "credits": ends[p], "USD": reports.credits_worth_cents(ends[p]) / 100}
+                         for p in periods])
+
+
+frame = outstanding_by_month(flows, outstanding)
+if frame.empty:
+    st.info("No credit movements in the last 12 months.")
+else:
+    chart(px.line(frame, x="period", y="USD", markers=True, hover_data=["credits"],
+                  title="Outstanding credit liability at month end (USD at $0.06/credit)",
+                  labels={"period": "month"}), "liability")
 st.metric("Outstanding credit liability", f"{outstanding:,} credits",
           delta=f"worth {money(reports.credits_worth_cents(outstanding))} at $0.06/credit", delta_color="off")
 st.caption(f"Months and days in {tz_name}. Revenue is recomputed every minute; credit flows, balances and "

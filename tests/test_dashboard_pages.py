@@ -1,4 +1,6 @@
 """Streamlit AppTest: every page renders after sign-in, nothing renders before it, sign-in itself."""
+import json
+
 import pytest
 from sqlalchemy import select
 
@@ -155,8 +157,39 @@ def test_payments_page_filters(demo_db):
 def test_revenue_page_draws_charts(demo_db):
     at = signed_in(page="revenue")
     assert not at.exception
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 5
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+    assert [t.split(" (")[0].split(",")[0] for t in titles] == [
+        "Net revenue by day", "Net revenue by month", "MRR over time", "Subscribers by tier",
+        "Credits granted", "Accounts by balance", "Outstanding credit liability at month end"]
+
+
+def plotted(values):
+    """A trace's values as plotly sends them: a list, or a typed array in base64."""
+    if isinstance(values, dict):
+        import base64
+
+        import numpy as np
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]).tolist()
+    return list(values)
+
+
+def test_liability_chart_runs_back_from_todays_outstanding_credits(database_url):
+    from datetime import timedelta
+
+    from billing_core import ledger
+    from billing_core.models import utcnow
+    from dashboard_helpers import add_operators
+
+    add_operators(database_url)
+    with db.write_session() as session:
+        with ledger.recorded_at(utcnow() - timedelta(days=40)):
+            ledger.grant_pack(session, user_id="cust_1", credits=1000, source_key="seed:cust_1")
+        ledger.consume(session, user_id="cust_1", credits=300, reference="run-1")
+    at = signed_in(page="revenue")
+    liability = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                     if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Outstanding"))
+    trace = liability["data"][0]
+    assert plotted(trace["y"]) == [60.0, 42.0]  # 1,000 then 700 credits at $0.06
 
 
 def test_demo_mode_shows_the_demo_operator(sqlite_url, monkeypatch):
