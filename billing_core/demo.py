@@ -14,7 +14,7 @@ from . import db, ledger
 from .catalog import PACKS, PLANS
 from .models import Account, Payment, Subscription, utcnow
 from .operators import OperatorExists, create_operator
-from .settings import DEMO_DATABASE_URL, resolve_sqlite_path
+from .settings import DEMO_DATABASE_URL, mask_url_password, resolve_sqlite_path
 
 DEMO_PREFIX = "demo_"
 DEMO_OPERATOR = ("demo", "demo-password")
@@ -59,7 +59,7 @@ def _fill_small(url: str, *, seed: int, start: int, accounts: int = 40) -> str:
         user_id = f"{DEMO_PREFIX}user_{n:04d}"
         with db.write_session(engine) as session:
             _demo_customer(session, rng, user_id, n, now)
-    return f"added {accounts} demo accounts to {url}; {ensure_demo_operator(url)}"
+    return f"added {accounts} demo accounts to {mask_url_password(url)}; {ensure_demo_operator(url)}"
 
 
 def _demo_customer(session, rng: random.Random, user_id: str, n: int, now) -> None:
