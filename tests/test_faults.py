@@ -234,3 +234,52 @@ def test_postgresql_connections_dropped_the_sidecar_recovers_without_a_restart(d
         server.stop()
     assert ledger_mismatches(engine, workload) == []
     assert half_applied(engine) == []
+
+
+@pytest.mark.timeout(150)
+def test_postgresql_connections_dropped_mid_transaction_fail_whole_and_redelivery_completes(database_url, tmp_path):
+    """Connections killed while deliveries are in flight (inside their transactions): each delivery is applied
+    whole or answered 5xx with nothing applied, and Stripe's redelivery then completes the ledger exactly."""
+    if not is_postgresql(database_url):
+        pytest.skip("PostgreSQL only: SQLite has no server connection to drop")
+    workload = build_workload(events=120, seed=17, prefix="midrop")
+    name = f"fault_{uuid.uuid4().hex[:10]}"
+    engine = db.get_engine(database_url)
+    server = start_sidecar(with_pg_options(database_url, application_name=name), tmp_path / "sidecar.log")
+    stop, drops = threading.Event(), []
+
+    def drop_busy_connections():
+        killer = create_engine(db.normalize_url(database_url), poolclass=NullPool)
+        try:
+            while not stop.is_set():
+                with killer.connect() as conn:
+                    drops.append(conn.execute(text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = :name AND state <> 'idle'"), {"name": name}).scalar_one())
+                time.sleep(0.02)
+        finally:
+            killer.dispose()
+
+    dropper = threading.Thread(target=drop_busy_connections)
+    dropper.start()
+    try:
+        try:
+            statuses = deliver(server.base_url, workload.deliveries)
+        finally:
+            stop.set()
+            dropper.join(20)
+        assert sum(drops) >= 1, "no connection was caught in flight"
+        assert set(statuses) <= {200, 500}
+        assert unapplied(engine, workload.deliveries, statuses) == []
+        assert half_applied(engine) == []
+        pending = [evt for evt, status in zip(workload.deliveries, statuses) if status != 200]
+        for _ in range(3):  # Stripe redelivers what wasn't acknowledged
+            if not pending:
+                break
+            pending = [evt for evt, status in zip(pending, deliver(server.base_url, pending)) if status != 200]
+        assert pending == []
+        assert server.process.poll() is None  # the same process, never restarted
+    finally:
+        server.stop()
+    assert ledger_mismatches(engine, workload) == []
+    assert half_applied(engine) == []
