@@ -617,20 +617,22 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
+    written = []
     for line, plan, period_end in upgrades:  # proration for a move to a higher tier mid-period
-        ledger.grant_upgrade_topup(
+        written.append(ledger.grant_upgrade_topup(
             session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
             from_tier=_replaced_tier(plan_lines, period_end), to_tier=plan.key, payment_id=payment.id,
             source_key=f"invoice:{invoice_id}:upgrade:{period_end}",
-            claims_lot=upgrade_key(subscription_id, period_end, plan.key))
+            claims_lot=upgrade_key(subscription_id, period_end, plan.key)))
     if base is not None:
-        ledger.grant_subscription_period(
+        written.append(ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
-            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}")
-    payment.credits_granted = ledger.credits_paid_by(session, payment)
-    session.add(payment)
-    session.flush()
-    apply_earlier_reversals(session, payment)
+            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}"))
+    if any(written) or not payment.credits_granted:  # not again for the invoice's second event type
+        payment.credits_granted = ledger.credits_paid_by(session, payment)
+        session.add(payment)
+        session.flush()
+        apply_earlier_reversals(session, payment)
     return Handled(user_id=user_id)
 
 
