@@ -64,13 +64,17 @@ def texts(at: AppTest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def fresh_sign_in_throttle():
-    """Sign-in failures are counted process-wide; each test starts with none."""
+def fresh_sign_in_throttle_and_caches():
+    """Sign-in failures and the cached aggregates live process-wide, keyed by database URL, and the PostgreSQL
+    URL is the same for every test of a run; each test starts with none."""
+    from dashboard_ui import data
     from dashboard_ui.auth import reset_sign_in_throttle
 
     reset_sign_in_throttle()
+    data.clear_cached_aggregates()
     yield
     reset_sign_in_throttle()
+    data.clear_cached_aggregates()
 
 
 @pytest.fixture(scope="session")

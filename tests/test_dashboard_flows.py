@@ -5,7 +5,7 @@ from sqlalchemy import select
 
 from billing_core import db, events, ledger
 from billing_core.models import CheckoutLink, LedgerEntry, StripeEvent
-from dashboard_helpers import (ADMIN, fresh_sign_in_throttle, SUPPORT, add_operators, seeded_db, seeded_template,  # noqa: F401
+from dashboard_helpers import (ADMIN, fresh_sign_in_throttle_and_caches, SUPPORT, add_operators, seeded_db, seeded_template,  # noqa: F401
                                signed_in, texts)
 from stripe_events import checkout_completed, encode
 

@@ -9,7 +9,7 @@ from billing_core.demo import DEMO_OPERATOR, fill_demo_database
 from billing_core.models import Account
 from billing_core.operators import create_operator
 from billing_core.settings import reset_settings_cache
-from dashboard_helpers import (ADMIN, fresh_sign_in_throttle, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
+from dashboard_helpers import (ADMIN, fresh_sign_in_throttle_and_caches, PAGES, SUPPORT, open_app, seeded_db, seeded_template,  # noqa: F401
                                sign_in, signed_in, texts)
 
 PAGE_TITLES = {"links": "Checkout links", "customers": "Customers", "payments": "Payments",
