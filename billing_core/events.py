@@ -244,7 +244,9 @@ def _record_failure(engine: Engine, event_id: str, error: str) -> None:
     with db.write_session(engine) as session:
         row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
                                             session)).scalars().first()
-        if row is not None:
+        # A copy that failed while another copy finished the event (its connection dropped while it waited
+        # for the row lock, say) must not mark the finished event failed.
+        if row is not None and row.status in PENDING_STATUSES:
             row.status, row.error = "failed", error
             row.attempts += 1
             row.processed_at = utcnow()

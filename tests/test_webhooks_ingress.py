@@ -417,3 +417,14 @@ def test_signed_events_with_odd_values_never_answer_500_and_write_only_the_event
         assert row.status == expected and row.error and row.error.isprintable()
     for model in (Account, Payment, Subscription, LedgerEntry, Dispute, CheckoutLink):
         assert count(model) == 0, model.__name__
+
+
+def test_a_copy_failing_after_another_copy_finished_the_event_does_not_mark_it_failed(sidecar):
+    """Two copies race; the second loses its database connection while waiting for the first. Its failure is
+    recorded only on an event that is still pending, never over a finished one."""
+    evt = checkout_completed(user_id="u1", item="pack_100")
+    assert deliver(sidecar, evt).json()["status"] == "processed"
+    events._record_failure(db.get_engine(), evt["id"], "OperationalError: server closed the connection")
+    with db.read_session() as session:
+        row = session.get(StripeEvent, evt["id"])
+        assert (row.status, row.error) == ("processed", None)
