@@ -59,7 +59,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .demo import fill_demo_database
+    from demo_data import fill_demo_database  # outside the domain core; imported only for this command
 
     summary = fill_demo_database(database_url=args.database_url, scale=args.scale, if_empty=args.if_empty)
     print(summary)

@@ -2,7 +2,8 @@
 import pytest
 from sqlalchemy import func, select, text
 
-from billing_core import db, demo_large, ledger, reports
+from billing_core import db, ledger, reports
+from demo_data import large as demo_large
 from billing_core.models import Account, Consumption, LedgerEntry, Payment
 
 
