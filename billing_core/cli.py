@@ -7,14 +7,11 @@ import json
 import logging
 import sys
 
-from . import db, ledger
+from . import checkout_cli, db, ledger, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+from .cli_common import CommandError
 from .settings import check_config, get_settings, mask_url_password
 
 log = logging.getLogger("billing_core")
-
-
-class CommandError(Exception):
-    """A refusal: printed as one line, exit code 1."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -148,8 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consume)
-
-    from . import checkout_cli, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
 
     for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
         module.register(sub)

@@ -28,9 +28,11 @@ from sqlalchemy.engine import Engine
 
 from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
-from .handlers import MAX_EPOCH, EventContext, NeedsAttention, printable
+from .handlers import checkout as checkout_handlers
+from .handlers import EventContext
 from .models import StripeEvent, utcnow
-from .settings import Settings, get_settings
+from .settings import Settings
+from .stripe_payloads import MAX_EPOCH, NeedsAttention, dig, printable, related_ids
 
 log = logging.getLogger("billing_core.events")
 
@@ -136,7 +138,7 @@ def event_shape_problem(event) -> str | None:
         return "type is missing"
     if not _ascii_token(event["type"], 100):
         return "type is not at most 100 printable ASCII characters"
-    if not isinstance(handlers.dig(event, "data", "object"), dict):
+    if not isinstance(dig(event, "data", "object"), dict):
         return "data.object is missing"
     created = event.get("created")
     if isinstance(created, bool) or not isinstance(created, int):
@@ -160,17 +162,15 @@ def _store(engine: Engine, event: dict, raw_payload: str, source: str) -> None:
         session.execute(insert(StripeEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
 
 
-def ingest(event: dict, *, raw_payload: str, source: str = "webhook", engine: Engine | None = None,
-           settings: Settings | None = None) -> IngestResult:
+def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
+           source: str = "webhook") -> IngestResult:
     """Store a verified event and apply it once; a copy of a finished event changes nothing."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     if event_shape_problem(event):
         raise ValueError(f"not a Stripe event: {event_shape_problem(event)}")
     _store(engine, event, raw_payload, source)
     result = _process(engine, event["id"], settings=settings, only_statuses=PENDING_STATUSES, source=source)
     if result.status == "processed" and not result.duplicate:
-        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(event["data"]["object"]),
+        retry_waiting(engine=engine, settings=settings, related_to=related_ids(event["data"]["object"]),
                       exclude=event["id"])
     return result
 
@@ -190,7 +190,7 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
             if only_statuses is not None and row.status not in only_statuses:
                 return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
             event = json.loads(row.payload)
-        facts = handlers.prefetch(event, read_session=lambda: db.read_session(engine))  # Stripe, outside any lock
+        facts = handlers.prefetch(event, settings=settings, read_session=lambda: db.read_session(engine))  # Stripe, outside any lock
         with db.write_session(engine) as session:
             row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
                                                 session)).scalars().first()
@@ -253,12 +253,11 @@ def _record_failure(engine: Engine, event_id: str, error: str) -> None:
             session.add(row)
 
 
-def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
+def safe_error_text(exc: Exception, settings: Settings) -> str:
     """One line for the operator: the error's type and message, every key and secret masked."""
     from .stripe_client import mask_keys
 
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    settings = settings or get_settings()
     for secret in [settings.stripe_secret_key, settings.billing_api_token, *settings.webhook_secrets]:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "***")
@@ -267,12 +266,10 @@ def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
 
 # --- replay ----------------------------------------------------------------------------------
 
-def reprocess(event_id: str, *, assigned_user_id: str | None = None, operator: str | None = None,
-              engine: Engine | None = None, settings: Settings | None = None) -> IngestResult:
+def reprocess(event_id: str, *, engine: Engine, settings: Settings, assigned_user_id: str | None = None,
+              operator: str | None = None) -> IngestResult:
     """Run a stored event through its handler again (any status); the source keys make it safe.
     `operator` is recorded on the event as the person who reprocessed it."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     if assigned_user_id is not None:
         assigned_user_id = ledger.check_user_id(assigned_user_id)  # a bad id is refused, not recorded as a failure
     result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
@@ -283,11 +280,9 @@ def reprocess(event_id: str, *, assigned_user_id: str | None = None, operator: s
     return result
 
 
-def replay_failed(*, operator: str | None = None, engine: Engine | None = None, settings: Settings | None = None,
+def replay_failed(*, engine: Engine, settings: Settings, operator: str | None = None,
                   stuck_after: timedelta = timedelta(minutes=1)) -> list[IngestResult]:
     """Reprocess every failed event, and every one left `received` (a crash mid-processing), oldest first."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     with db.read_session(engine) as session:
         stuck_before = utcnow() - stuck_after
         ids = list(session.execute(
@@ -305,7 +300,7 @@ def replay_failed(*, operator: str | None = None, engine: Engine | None = None, 
 def _related_to_stored(event_ids: list[str], engine: Engine) -> set[str]:
     with db.read_session(engine) as session:
         payloads = session.execute(select(StripeEvent.payload).where(StripeEvent.id.in_(event_ids))).scalars()
-        return set().union(*(handlers.related_ids(json.loads(p)["data"]["object"]) for p in payloads))
+        return set().union(*(related_ids(json.loads(p)["data"]["object"]) for p in payloads))
 
 
 def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], exclude: str | None = None,
@@ -333,22 +328,20 @@ def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], e
                               source="replay", quiet_if_unresolved=True)
             if result.status in ("processed", "ignored") and not result.duplicate:
                 resolved += 1
-                related_to |= handlers.related_ids(json.loads(payload)["data"]["object"])
+                related_to |= related_ids(json.loads(payload)["data"]["object"])
     return resolved
 
 
-def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = None,
-                           settings: Settings | None = None) -> handlers.Handled | None:
+def apply_checkout_session(checkout_session: dict, *, engine: Engine,
+                           settings: Settings) -> handlers.Handled | None:
     """The success page's fulfilment: the same function and source keys as the webhook's.
     None when the session can't be applied now: it needs a person (the webhook keeps it for them), its
     data can't be used (a bad client_reference_id), or the database failed. Each is logged, keys masked;
     the customer's page just says the payment is being confirmed."""
-    settings = settings or get_settings()
     try:
-        engine = engine or db.get_engine(settings.database_url)
         with db.write_session(engine) as session:
-            handled = handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
-        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(checkout_session))
+            handled = checkout_handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
+        retry_waiting(engine=engine, settings=settings, related_to=related_ids(checkout_session))
     except NeedsAttention as exc:
         log.warning("success page could not apply %s: %s", printable(checkout_session.get("id")),
                     printable(exc.reason))
@@ -367,6 +360,6 @@ def api_version_mismatch(event_row: StripeEvent) -> bool:
     return bool(event_row.api_version) and event_row.api_version != stripe.api_version
 
 
-def last_event_at(engine: Engine | None = None):
+def last_event_at(engine: Engine):
     with db.read_session(engine) as session:
         return session.execute(select(func.max(StripeEvent.received_at))).scalar()
