@@ -14,6 +14,7 @@ import html
 import logging
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -63,7 +64,7 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
             return _plain(exc.status, exc.reason)
         try:
             result = await run_in_threadpool(events.ingest, event, raw_payload=body.decode("utf-8"),
-                                             settings=settings, engine=engine)
+                                             settings=settings, engine=engine, retry_waiting_now=False)
         except Exception as exc:  # the database itself is unreachable: Stripe retries later
             log.error("webhook %s not stored: %s", event.get("id"), events.safe_error_text(exc, settings))
             return _plain(500, "event could not be stored; retry later")
@@ -71,7 +72,18 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
                    "duplicate": result.duplicate}
         if result.status == "failed":
             payload["error"] = "processing failed; retry later"
-        return JSONResponse(payload, status_code=result.http_status)
+        later = None
+        if result.status == "processed" and not (result.duplicate or result.nothing_new):
+            later = BackgroundTask(retry_waiting_after_answer, result, event)
+        return JSONResponse(payload, status_code=result.http_status, background=later)
+
+    def retry_waiting_after_answer(result: events.IngestResult, event: dict) -> None:
+        """Runs after the answer is sent (a thread of the pool); its failure is logged and changes no answer."""
+        try:
+            events.retry_waiting_after(result, event, engine=engine, settings=settings)
+        except Exception as exc:
+            log.error("retrying events waiting on %s failed: %s", result.event_id,
+                      events.safe_error_text(exc, settings))
 
     return webhook
 

@@ -1,7 +1,9 @@
 """Checkout Sessions: a paid pack grants once; a subscription checkout maps its subscription to the user."""
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from .. import ledger
@@ -14,6 +16,24 @@ from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, checkout_
 from .common import SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, user_for_customer
 
 PAID_CHECKOUT = ("paid", "no_payment_required")
+
+# The common case, a paid session seen for the first time, in Core statements built once: the payment is
+# inserted already paid with the pack's credits (a new payment has no earlier refund or dispute to apply),
+# and an issued link is completed by one UPDATE.
+_PAYMENT = Payment.__table__
+_LINK = CheckoutLink.__table__
+
+
+def _insert_new_payment_statement(dialect: str):
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return (insert(_PAYMENT).on_conflict_do_nothing(index_elements=["checkout_session_id"])
+            .returning(_PAYMENT.c.id))
+
+
+_INSERT_NEW_PAYMENT = {name: _insert_new_payment_statement(name) for name in ("sqlite", "postgresql")}
+_COMPLETE_LINK = (update(_LINK).where(_LINK.c.session_id == bindparam("link_session_id"), _LINK.c.status != "complete")
+                  .values(status="complete", completed_at=bindparam("now")))
+_UNGRANTED = update(_PAYMENT).where(_PAYMENT.c.id == bindparam("payment_id")).values(credits_granted=0)
 
 
 def _link_for(session: Session, session_id: str) -> CheckoutLink | None:
@@ -83,8 +103,8 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
         _link_subscription(session, checkout_session, user_id=user_id, settings=settings)
     else:
         return Handled(user_id=user_id, ignored=True, note=f"checkout mode {mode!r} grants nothing")
-    if checkout_session.get("status") == "complete":
-        mark_link_status(session, session_id=session_id, status="complete")
+    if checkout_session.get("status") == "complete":  # open or expired -> complete; one statement
+        session.connection().execute(_COMPLETE_LINK, {"link_session_id": session_id, "now": utcnow()})
     return Handled(user_id=user_id)
 
 
@@ -94,8 +114,11 @@ def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, s
         what = "no item" if item is None else f"plan {item.key} in payment mode"
         raise NeedsAttention(f"checkout session {checkout_session['id']} names {what}; can't tell which pack "
                              "was bought")
+    paid = checkout_session.get("payment_status") in PAID_CHECKOUT
+    if paid and _grant_new_payment(session, checkout_session, user_id=user_id, item=item):
+        return
     payment = _checkout_payment(session, checkout_session, user_id=user_id, item=item)
-    if checkout_session.get("payment_status") not in PAID_CHECKOUT:
+    if not paid:
         return  # unpaid (delayed payment method): the async_payment_succeeded event grants
     if payment.status not in SETTLED_PAYMENT_STATUSES:
         payment.status = "paid"
@@ -106,6 +129,29 @@ def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, s
     session.add(payment)
     session.flush()
     apply_earlier_reversals(session, payment)
+
+
+def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str, item: CatalogItem) -> bool:
+    """Record a paid session's payment and grant its pack, when the session is new; False when its payment
+    was recorded before (the success page, an unpaid first event), which the general path then updates."""
+    connection = session.connection()
+    now = utcnow()
+    payment_id = connection.execute(_INSERT_NEW_PAYMENT[connection.dialect.name], {
+        "user_id": user_id, "source": "checkout", "checkout_session_id": checkout_session["id"], "invoice_id": None,
+        "payment_intent_id": id_of(checkout_session.get("payment_intent")), "charge_id": None,
+        "subscription_id": None, "item": item.key, "kind": item.kind, "status": "paid",
+        "amount_cents": as_amount(checkout_session.get("amount_total"), what="amount_total"),
+        "currency": as_currency(checkout_session.get("currency"), default=item.currency),
+        "amount_refunded": 0, "amount_disputed_lost": 0, "credits_granted": item.credits,
+        "created_at": moment_of(checkout_session.get("created"), what="checkout session created"), "updated_at": now,
+    }).scalar()
+    if payment_id is None:
+        return False
+    entry = ledger.grant_pack(session, user_id=user_id, credits=item.credits,
+                              source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id)
+    if entry is None:  # the grant was there before its payment (an operator's repair): this payment granted nothing
+        connection.execute(_UNGRANTED, {"payment_id": payment_id})
+    return True
 
 
 def _link_subscription(session: Session, checkout_session: dict, *, user_id: str, settings: Settings) -> None:

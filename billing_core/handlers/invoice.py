@@ -2,7 +2,7 @@
 renewal makes the subscription past due."""
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlmodel import Session
 
 from .. import ledger
@@ -11,14 +11,30 @@ from ..models import Payment, Subscription, utcnow
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, as_text, id_of, invoice_checkout_item,
                                invoice_lines, invoice_payment_refs, invoice_subscription_id, invoice_user,
-                               line_is_proration, line_period_end, line_price, line_price_object, moment_of,
-                               required_id)
+                               lenient_id, line_is_proration, line_period_end, line_price, line_price_object,
+                               moment_of, required_id)
 from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, plan_for_price_object,
                      plan_named, resolve_user)
 from .subscription import UPGRADABLE_STATUSES, upgrade_key
 
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
 PlanLine = tuple[dict, CatalogItem, int]  # (line, its plan, its period end)
+
+
+_PAYMENT = Payment.__table__
+# The invoice's payment, recorded paid with its credits granted, for at least this amount: an event of the
+# invoice's second type (invoice.paid after invoice.payment_succeeded) has nothing left to do.
+# Its user, as a subquery the event path folds into the one statement that marks the event processed.
+PAID_AND_GRANTED_USER = select(_PAYMENT.c.user_id).where(
+    _PAYMENT.c.invoice_id == bindparam("invoice_id"), _PAYMENT.c.status.in_(("paid", *SETTLED_PAYMENT_STATUSES)),
+    _PAYMENT.c.credits_granted > 0, _PAYMENT.c.amount_cents >= bindparam("amount_paid")).scalar_subquery()
+
+
+def paid_and_granted_params(event: dict) -> dict | None:
+    """PAID_AND_GRANTED_USER's parameters for an invoice event; None when the invoice has no usable id."""
+    invoice = event["data"]["object"]
+    invoice_id = lenient_id(invoice)
+    return {"invoice_id": invoice_id, "amount_paid": as_int(invoice.get("amount_paid"))} if invoice_id else None
 
 
 def _replaced_tier(plan_lines: list[PlanLine], period_end: int) -> str:

@@ -58,6 +58,11 @@ def recorded_payment_for_charge(session: Session, *, charge_id: str | None,
     return None
 
 
+def needs_prefetch(event: dict) -> bool:
+    """Only a charge or dispute naming a PaymentIntent may need Stripe's invoice payments list."""
+    return str(event.get("type", "")).startswith("charge.") and charge_refs(dig(event, "data", "object") or {})[1] is not None
+
+
 def prefetch(event: dict, *, settings: Settings, read_session: Callable) -> dict:
     """Facts a handler needs that the event doesn't carry, asked of Stripe BEFORE the write transaction,
     so no database lock is held during an HTTP call: for a charge or dispute whose payment we haven't
