@@ -162,7 +162,7 @@ _EVENT = StripeEvent.__table__
 
 def _insert_event_statement(dialect: str):
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    return insert(_EVENT).on_conflict_do_nothing(index_elements=["id"])
+    return insert(_EVENT).on_conflict_do_nothing(index_elements=["id"]).returning(_EVENT.c.id)
 
 
 _INSERT_EVENT = {name: _insert_event_statement(name) for name in ("sqlite", "postgresql")}
@@ -199,7 +199,8 @@ def _event_values(event: dict, raw_payload: str, source: str, *, status: str = "
 
 def _insert_event(connection, values: dict) -> bool:
     """True when the event is new; False when its id was already stored (nothing written)."""
-    return connection.execute(_INSERT_EVENT[connection.dialect.name], values).rowcount == 1
+    # RETURNING rather than rowcount: psycopg reports no rowcount for this statement
+    return connection.execute(_INSERT_EVENT[connection.dialect.name], values).first() is not None
 
 
 def _stored_status(connection, event_id: str):
