@@ -128,7 +128,8 @@ class CreditLot(SQLModel, table=True):
     __table_args__ = (
         Index("ix_credit_lot_open", "user_id", "expires_at", sqlite_where=text("closed = 0"),
               postgresql_where=text("closed = false")),
-        Index("ix_credit_lot_user_subscription", "user_id", "subscription_id", "period_end"),
+        # no user_id here: the open-lots index must be the one a query by user finds
+        Index("ix_credit_lot_subscription", "subscription_id", "period_end"),
         Index("ix_credit_lot_payment", "payment_id"),
     )
     id: int | None = Field(default=None, primary_key=True)

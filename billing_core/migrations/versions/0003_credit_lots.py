@@ -50,7 +50,7 @@ def upgrade() -> None:
     _backfill_lots()
     op.create_index("ix_credit_lot_open", "credit_lot", ["user_id", "expires_at"],
                     sqlite_where=sa.text("closed = 0"), postgresql_where=sa.text("closed = false"))
-    op.create_index("ix_credit_lot_user_subscription", "credit_lot", ["user_id", "subscription_id", "period_end"])
+    op.create_index("ix_credit_lot_subscription", "credit_lot", ["subscription_id", "period_end"])
     _backfill_totals()
 
     op.create_index("ix_credit_lot_payment", "credit_lot", ["payment_id"])
@@ -123,7 +123,7 @@ def _backfill_totals() -> None:
 def downgrade() -> None:
     op.drop_index("ix_ledger_dispute_lot", table_name="ledger_entry")
     op.drop_index("ix_credit_lot_payment", table_name="credit_lot")
-    op.drop_index("ix_credit_lot_user_subscription", table_name="credit_lot")
+    op.drop_index("ix_credit_lot_subscription", table_name="credit_lot")
     op.drop_index("ix_credit_lot_open", table_name="credit_lot")
     op.drop_table("credit_lot")
     with op.batch_alter_table("account") as batch_op:
