@@ -89,4 +89,5 @@ def _upgrade_topup(session: Session, ctx: EventContext, *, row: Subscription, pl
         return
     ledger.grant_upgrade_topup(session, user_id=row.user_id, subscription_id=row.id, period_end=period_end,
                                from_tier=old_tier, to_tier=plan.key,
-                               source_key=upgrade_key(row.id, period_end, plan.key))
+                               source_key=upgrade_key(row.id, period_end, plan.key),
+                               rollover=ctx.settings.subscription_credits_rollover)
