@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 
 from sqlalchemy import and_, bindparam, case, false, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -265,14 +266,17 @@ _LOTS_OF_PAYMENT = select(*_LOT_COLUMNS).where(LOT.c.payment_id == bindparam("pa
 _ACCOUNT_STATE = select(ACCOUNT.c.user_id, ACCOUNT.c.flagged, ACCOUNT.c.flag_reason, ACCOUNT.c.open_disputes,
                         ACCOUNT.c.balance, ACCOUNT.c.debt).where(ACCOUNT.c.user_id == bindparam("user_id"))
 _ACCOUNT_STATE_LOCKED = _ACCOUNT_STATE.with_for_update()
-# A spend locks the account and finds an earlier spend with the same reference in one statement.
+_DONE_SPEND = select(CONSUMPTION.c.credits, CONSUMPTION.c.balance_after, CONSUMPTION.c.spendable_after).where(
+    CONSUMPTION.c.user_id == bindparam("user_id"), CONSUMPTION.c.reference == bindparam("reference"))
+# On SQLite (BEGIN IMMEDIATE: one writer at a time) a spend locks the account and finds an earlier spend with the
+# same reference in one statement. Not on PostgreSQL: after waiting for the row lock, FOR UPDATE re-reads the
+# account row but not the joined spend, so a concurrent retry of the same spend would go unseen.
 _SPEND_STATE = (select(*_ACCOUNT_STATE.selected_columns, CONSUMPTION.c.credits.label("done_credits"),
                        CONSUMPTION.c.balance_after.label("done_balance"),
                        CONSUMPTION.c.spendable_after.label("done_spendable"))
                 .select_from(ACCOUNT.outerjoin(CONSUMPTION, and_(CONSUMPTION.c.user_id == ACCOUNT.c.user_id,
                                                                  CONSUMPTION.c.reference == bindparam("reference"))))
                 .where(ACCOUNT.c.user_id == bindparam("user_id")))
-_SPEND_STATE_LOCKED = _SPEND_STATE.with_for_update(of=ACCOUNT)
 _UPDATE_LOT = (update(LOT).where(LOT.c.id == bindparam("lot_id"))
                .values(remaining=bindparam("remaining"), held=bindparam("held"), closed=bindparam("closed"),
                        closed_at=bindparam("closed_at")))
@@ -539,11 +543,10 @@ def _lock_row(session: Session, user_id: str, *, create: bool, reference: str | 
     user_id = check_user_id(user_id)
     session.flush()  # an Account changed in this session (open_disputes) must be read as changed
     postgresql = session.get_bind().dialect.name == "postgresql"
-    if reference is None:
+    if reference is None or postgresql:
         statement, params = (_ACCOUNT_STATE_LOCKED if postgresql else _ACCOUNT_STATE), {"user_id": user_id}
     else:
-        statement = _SPEND_STATE_LOCKED if postgresql else _SPEND_STATE
-        params = {"user_id": user_id, "reference": reference}
+        statement, params = _SPEND_STATE, {"user_id": user_id, "reference": reference}
     conn = session.connection()
     row = conn.execute(statement, params).first()
     if row is None and create:
@@ -551,6 +554,10 @@ def _lock_row(session: Session, user_id: str, *, create: bool, reference: str | 
         _insert_ignore(session, {"user_id": user_id, "email": None, "flagged": False, "open_disputes": 0,
                                  "created_at": created, "updated_at": created})
         row = conn.execute(statement, params).first()
+    if row is not None and reference is not None and postgresql:  # read after the lock: a fresh snapshot
+        done = conn.execute(_DONE_SPEND, {"user_id": user_id, "reference": reference}).first()
+        row = SimpleNamespace(**row._mapping, done_credits=done[0] if done else None,
+                              done_balance=done[1] if done else None, done_spendable=done[2] if done else None)
     return row
 
 
