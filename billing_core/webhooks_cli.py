@@ -1,4 +1,4 @@
-"""`serve-webhooks [--host] [--port]`, `replay EVENT_ID... [--user USER]`, `replay --failed`."""
+"""`serve-webhooks [--host] [--port] [--workers N]`, `replay EVENT_ID... [--user USER]`, `replay --failed`."""
 from __future__ import annotations
 
 import getpass
@@ -9,6 +9,17 @@ from . import db, events
 from .settings import get_settings
 
 
+def check_workers(workers: int, *, database_url: str) -> None:
+    """Several worker processes need PostgreSQL: SQLite admits one writer at a time."""
+    from .cli import CommandError
+
+    if workers < 1 or workers > 64:
+        raise CommandError(f"--workers must be between 1 and 64, not {workers}")
+    if workers > 1 and database_url.startswith("sqlite"):
+        raise CommandError(f"--workers {workers} needs PostgreSQL (DATABASE_URL=postgresql://...): SQLite admits "
+                           "one writer at a time, so the sidecar runs one worker on it")
+
+
 def cmd_serve_webhooks(args) -> int:
     import uvicorn
 
@@ -17,10 +28,18 @@ def cmd_serve_webhooks(args) -> int:
     settings = get_settings()
     host = args.host or settings.webhook_host
     port = args.port or settings.webhook_port
+    workers = args.workers or settings.webhook_workers
+    check_workers(workers, database_url=settings.database_url)
     app = create_app(settings)  # raises SchemaOutOfDate naming init-db, printed as one line
     if not settings.webhook_secrets:
         print("warning: STRIPE_WEBHOOK_SECRET is not set: every webhook delivery will be refused", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+        return 0
+    db.dispose_engines()  # the schema check's connection; each worker opens its own pool
+    # Each worker is a fresh process that builds the app from the same settings (environment and config file).
+    uvicorn.run("billing_core.webapp:create_app", factory=True, workers=workers, host=host, port=port,
+                log_level="info", access_log=False)
     return 0
 
 
@@ -66,6 +85,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve-webhooks", help="run the webhook sidecar (Stripe events, checkout pages, credits API)")
     p.add_argument("--host", help="address to listen on (default WEBHOOK_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default WEBHOOK_PORT, 5000)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the port (default WEBHOOK_WORKERS, 1); "
+                                               "more than one needs PostgreSQL")
     p.set_defaults(func=cmd_serve_webhooks)
 
     p = sub.add_parser("replay", help="reprocess stored Stripe events through the same idempotent path")
