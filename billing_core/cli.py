@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consume)
 
-    from . import checkout_cli, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+    from . import checkout_cli, operators_cli, reconcile_cli, systemd_units, webhooks_cli  # commands beside their code
 
-    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
+    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli, systemd_units):
         module.register(sub)
     return parser
 
