@@ -70,6 +70,14 @@ class Sender:
         return server, (response.status_code if response is not None else None), response
 
 
+def wait_until_busy(pid: int, *, timeout: float = 3) -> None:
+    """Until the process is seen using CPU (so most likely in the middle of a request), at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    before = process_cpu_seconds(pid)
+    while time.monotonic() < deadline and process_cpu_seconds(pid) == before:
+        time.sleep(0.002)
+
+
 def webhook_kwargs(body: bytes, header: str) -> dict:
     return {"content": body, "headers": {"Stripe-Signature": header, "Content-Type": "application/json"}}
 
@@ -95,7 +103,7 @@ def test_two_processes_of_two_workers_stay_exact_with_duplicates_spends_and_a_ki
     if not database_url.startswith("postgresql"):
         pytest.skip("several workers need PostgreSQL (serve-webhooks refuses --workers on SQLite)")
     engine = db.get_engine(database_url)
-    workload = build_workload(events=160, seed=31, prefix="workers")
+    workload = build_workload(events=120, seed=31, prefix="workers")
     signed = signed_deliveries(workload.deliveries)
     give_credits(engine)
     servers = [start_sidecar(database_url, tmp_path / f"sidecar-{i}.log", workers=2) for i in range(2)]
@@ -122,6 +130,7 @@ def test_two_processes_of_two_workers_stay_exact_with_duplicates_spends_and_a_ki
             assert time.monotonic() < deadline, f"only {sender.answered} of {total} answered"
             time.sleep(0.01)
         killed = workers[0][0]
+        wait_until_busy(killed)
         os.kill(killed, signal.SIGKILL)  # mid-stream: its requests and transactions in flight are cut off
 
         hook_answers = [(i, *f.result(timeout=90)[:2]) for i, f in hook_futures]
