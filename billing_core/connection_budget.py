@@ -8,8 +8,10 @@ and a 503 to the DevOps Agent. CLI runs, `init-db`, backups and psql sessions ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from . import db
@@ -86,6 +88,10 @@ def check_database(settings: Settings, *, processes: int, dashboards: int) -> tu
     """(what was found, problems): the connection, the schema, and on PostgreSQL the connection budget."""
     url = settings.database_url
     shown_url = mask_url_password(url)
+    sqlite_file = make_url(db.normalize_url(url)).database if url.startswith("sqlite") else None
+    if sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).is_file():  # connecting would create it
+        return [], [Problem("warning", "DATABASE_URL", f"{shown_url}: no such database file yet; "
+                                                       "`python -m billing_core init-db` creates it")]
     engine = create_engine(db.normalize_url(url), poolclass=NullPool)
     try:
         with engine.connect() as connection:

@@ -169,6 +169,14 @@ def test_check_config_database_reports_the_server_and_the_budget(database_url, m
     assert "schema" not in out  # the test database is migrated
 
 
+def test_check_config_database_never_creates_a_missing_sqlite_file(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "not-yet.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{missing}")
+    reset_settings_cache()
+    assert cli.main(["check-config", "--database"]) == 0
+    assert "no such database file yet" in capsys.readouterr().out and not missing.exists()
+
+
 def test_check_config_database_names_an_unreachable_server(monkeypatch, capsys):
     monkeypatch.setenv("DATABASE_URL", "postgresql://billing:s3cretpw@127.0.0.1:1/billing")
     reset_settings_cache()
