@@ -1,8 +1,8 @@
 """The webhook sidecar: a Starlette app served by uvicorn (`python -m billing_core serve-webhooks`).
 
     POST /api/stripe/webhook   verified Stripe events (400 bad delivery, 413 too large, 500 retry later)
-    GET  /healthz              {"database": "ok", "last_event_at": ..., "pool": {...}}; 503 when the database is
-                               unreachable or every pooled connection is busy
+    GET  /healthz              {"database": "ok", "last_event_at": ..., "events": {"failed": n, "needs_attention": n},
+                               "pool": {...}}; 503 when the database is unreachable or every pooled connection is busy
     GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
     GET  /checkout/cancel      says nothing was charged
     + the credits API routes (billing_core.credits_api) when that module is present
@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import logging
 
+from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from . import credits_api, db, events, ledger
 from .catalog import CATALOG
+from .models import StripeEvent
 from .settings import Settings, get_settings
 
 log = logging.getLogger("billing_core.webapp")
@@ -79,13 +81,25 @@ def make_webhook_endpoint(settings: Settings):
     return webhook
 
 
+WATCHED_STATUSES = ("failed", "needs_attention")
+
+
+def watched_event_counts(engine) -> dict[str, int]:
+    """Stored events a person should look at; rare, and counted over the (status, received_at) index."""
+    with db.read_session(engine) as session:
+        found = dict(session.execute(select(StripeEvent.status, func.count())
+                                     .where(StripeEvent.status.in_(WATCHED_STATUSES))
+                                     .group_by(StripeEvent.status)).all())
+    return {status: found.get(status, 0) for status in WATCHED_STATUSES}
+
+
 def make_healthz(settings: Settings):
     """`pool` is this worker's connection pool (in use, idle, limit): one worker's view, not the server's."""
     def check() -> dict:
         engine = db.get_engine(settings.database_url)
         last = events.last_event_at(engine)
         return {"database": "ok", "last_event_at": last.isoformat() if last else None,
-                "pool": db.pool_status(engine)}
+                "events": watched_event_counts(engine), "pool": db.pool_status(engine)}
 
     async def healthz(request: Request):
         try:

@@ -73,6 +73,17 @@ def test_the_engine_uses_the_pool_settings(database_url, monkeypatch):
         engine.dispose()
 
 
+def test_healthz_counts_the_events_a_person_should_look_at(database_url, monkeypatch):
+    configure_webhooks(monkeypatch)
+    with TestClient(create_app()) as client:
+        assert client.get("/healthz").json()["events"] == {"failed": 0, "needs_attention": 0}
+        unknown_user = checkout_completed(user_id="u1", item="pack_100")
+        unknown_user["data"]["object"]["metadata"] = {}
+        unknown_user["data"]["object"]["client_reference_id"] = None
+        assert deliver(client, unknown_user).json()["status"] == "needs_attention"
+        assert client.get("/healthz").json()["events"] == {"failed": 0, "needs_attention": 1}
+
+
 # --- an exhausted pool fails fast -----------------------------------------------------------------
 
 @contextmanager
