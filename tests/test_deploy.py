@@ -52,6 +52,8 @@ def test_serve_webhooks_refuses_several_workers_on_sqlite(sqlite_url, monkeypatc
     assert cli.main(["serve-webhooks", "--port", "5999", "--workers", "2"]) == 1
     err = capsys.readouterr().err
     assert "--workers 2 needs PostgreSQL" in err and "one writer at a time" in err
+    assert cli.main(["serve-webhooks", "--port", "5999", "--workers", "0"]) == 1
+    assert "--workers must be between 1 and 64, not 0" in capsys.readouterr().err
     monkeypatch.setenv("WEBHOOK_WORKERS", "3")
     reset_settings_cache()
     assert cli.main(["serve-webhooks", "--port", "5999"]) == 1
