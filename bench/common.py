@@ -154,13 +154,14 @@ def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path, *, ti
     raise RuntimeError(f"server at {base_url} not healthy after {timeout}s: {log_path.read_text()[-2000:]}")
 
 
-def start_server(command: list[str], *, env: dict[str, str], port: int, log_path: Path) -> Server:
+def start_server(command: list[str], *, env: dict[str, str], port: int, log_path: Path,
+                 timeout: float = 30) -> Server:
     log = open(log_path, "ab")
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     log.close()
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base_url, process, log_path)
+        wait_healthy(base_url, process, log_path, timeout=timeout)
     except Exception:
         if process.poll() is None:
             process.kill()
