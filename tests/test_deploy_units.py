@@ -2,6 +2,8 @@
 it is installed, and every ExecStart parsed by the command line it runs (our argparse parser, or Streamlit's)."""
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,3 +84,13 @@ def test_render_systemd_writes_the_units(tmp_path, capsys):
     written = {p.name for p in (tmp_path / "units").iterdir()}
     assert written == UNITS
     assert "User=svc-billing" in (tmp_path / "units" / "billing-webhooks@.service").read_text()
+
+
+def test_every_command_in_the_deployment_guide_parses():
+    """docs/DEPLOY.md's `python -m billing_core ...` lines, placeholders (N) filled in, are commands the CLI takes."""
+    text = (PROJECT_ROOT / "docs" / "DEPLOY.md").read_text().replace("\\\n", " ")
+    commands = [m.group(1).split("  #")[0].strip() for m in re.finditer(r"python -m billing_core ([^`\n]+)", text)]
+    assert len(commands) >= 5
+    for command in commands:
+        argv = [("2" if word == "N" else word) for word in shlex.split(command)]
+        cli.build_parser().parse_args(argv)  # SystemExit on anything it doesn't know
