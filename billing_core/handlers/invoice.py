@@ -13,7 +13,8 @@ from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, a
                                invoice_lines, invoice_payment_refs, invoice_subscription_id, invoice_user,
                                lenient_id, line_is_proration, line_period_end, line_price, line_price_object,
                                moment_of, required_id)
-from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, plan_for_price_object,
+from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
+                     plan_for_price_object,
                      plan_named, resolve_user)
 from .subscription import UPGRADABLE_STATUSES, upgrade_key
 
@@ -110,7 +111,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     if not subscription_id:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
+    ensure_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
                         email=as_text(invoice.get("customer_email"), what="customer email", max_len=320))
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
@@ -181,7 +182,7 @@ def on_invoice_payment_failed(session: Session, ctx: EventContext) -> Handled:
     if not subscription_id:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")))
+    ensure_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")))
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id,
                      item=plan_lines[0][1].key if plan_lines else None, status="failed")
