@@ -267,8 +267,8 @@ def retry_waiting_after(result: IngestResult, event: dict, *, engine: Engine, se
 
 
 def _finished_copy(engine: Engine, event_id: str) -> IngestResult | None:
-    with db.read_session(engine) as session:
-        row = session.connection().execute(_SELECT_EVENT, {"event_id": event_id}).first()
+    with db.read_connection(engine) as connection:
+        row = connection.execute(_SELECT_EVENT, {"event_id": event_id}).first()
     if row is not None and row.status not in PENDING_STATUSES:
         return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
     return None
@@ -466,8 +466,8 @@ _ANY_WAITING = select(_EVENT.c.id).where(_EVENT.c.status == "needs_attention",
 
 def _any_waiting(engine: Engine) -> bool:
     """One indexed look: most events find nobody waiting, and then nothing more is read."""
-    with db.read_session(engine) as session:
-        return session.connection().execute(_ANY_WAITING, {"since": utcnow() - WAITING_RETRY_WINDOW}).first() is not None
+    with db.read_connection(engine) as connection:
+        return connection.execute(_ANY_WAITING, {"since": utcnow() - WAITING_RETRY_WINDOW}).first() is not None
 
 
 def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], exclude: str | None = None,

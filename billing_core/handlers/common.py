@@ -150,6 +150,14 @@ def ensure_account(session: Session, *, user_id: str, email: str | None = None,
     return user_id
 
 
+def reread_after_lock(session: Session, row) -> None:
+    """A row read before the account was locked, read again now on PostgreSQL, where another transaction
+    may have changed it meanwhile; on SQLite the transaction held the write lock from its start, so the
+    row just loaded is current and isn't read twice."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.refresh(row)
+
+
 # --- payments --------------------------------------------------------------------------------
 
 def apply_earlier_reversals(session: Session, payment: Payment) -> None:

@@ -14,8 +14,7 @@ from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, a
                                lenient_id, line_is_proration, line_period_end, line_price, line_price_object,
                                moment_of, required_id)
 from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
-                     plan_for_price_object,
-                     plan_named, resolve_user)
+                     plan_for_price_object, plan_named, reread_after_lock, resolve_user)
 from .subscription import UPGRADABLE_STATUSES, upgrade_key
 
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
@@ -156,7 +155,7 @@ def _subscription_after_payment(session: Session, ctx: EventContext, *, subscrip
     says otherwise. Other invoices (prorations) leave the state to the subscription events."""
     row = session.get(Subscription, subscription_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
     elif base is None:
         return None
     else:
@@ -188,7 +187,7 @@ def on_invoice_payment_failed(session: Session, ctx: EventContext) -> Handled:
                      item=plan_lines[0][1].key if plan_lines else None, status="failed")
     row = session.get(Subscription, subscription_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
     if (row is not None and invoice.get("billing_reason") != "subscription_create"
             and row.status in UPGRADABLE_STATUSES and ctx.created >= row.state_at):
         row.status, row.state_at, row.updated_at = "past_due", ctx.created, utcnow()
