@@ -74,9 +74,11 @@ def _line_plan(session: Session, invoice: dict, line: dict, settings: Settings,
 
 
 def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscription_id: str, item: str | None,
-                     status: str) -> Payment:
+                     status: str) -> tuple[Payment, bool]:
+    """The invoice's payment, recorded or brought up to date; True when this call recorded it."""
     invoice_id = invoice["id"]
     payment = session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
+    recorded_now = payment is None
     if payment is None:
         payment = Payment(user_id=user_id, source="invoice", invoice_id=invoice_id, subscription_id=subscription_id,
                           item=item, kind="plan", currency=as_currency(invoice.get("currency"), default="usd"),
@@ -95,7 +97,7 @@ def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscript
     payment.updated_at = utcnow()
     session.add(payment)
     session.flush()
-    return payment
+    return payment, recorded_now
 
 
 def _invoice_user(session: Session, ctx: EventContext, invoice: dict, subscription_id: str) -> str:
@@ -123,8 +125,8 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
             raise NeedsAttention(f"invoice {invoice_id} has no line with a configured plan price (prices: {prices})")
     upgrades = [found for found in plan_lines if line_is_proration(found[0]) and as_int(found[0].get("amount")) > 0]
     item = base[1].key if base else (upgrades[0][1].key if upgrades else None)
-    payment = _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id, item=item,
-                               status="paid")
+    payment, recorded_now = _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id,
+                                             item=item, status="paid")
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
@@ -145,7 +147,8 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         payment.credits_granted = ledger.credits_paid_by(session, payment)
         session.add(payment)
         session.flush()
-        apply_earlier_reversals(session, payment)
+        if not recorded_now:  # a payment first recorded by this event has no earlier refund or dispute
+            apply_earlier_reversals(session, payment)
     return Handled(user_id=user_id)
 
 
