@@ -700,7 +700,7 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
 
 
 def consume(session: Session, *, user_id: str, credits: int, reference: str,
-            now: datetime | None = None) -> ConsumeResult:
+            now: datetime | None = None, token_name: str | None = None) -> ConsumeResult:
     """The DevOps Agent spends credits: atomic, and once per (user, reference)."""
     credits = check_credits(credits, allow_negative=False)
     if not (isinstance(reference, str) and reference.strip()):
@@ -731,6 +731,6 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
                            spendable_balance(session, account.user_id, now=now))
     session.add(Consumption(user_id=account.user_id, reference=reference, credits=credits,
                             balance_after=result.balance, spendable_after=result.spendable_balance,
-                            created_at=now))
+                            created_at=now, token_name=token_name))
     session.flush()
     return result
