@@ -290,6 +290,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
 def _is_local_host(host: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "0.0.0.0") or host.endswith(".localhost")
 
@@ -351,6 +355,14 @@ def check_config(settings: Settings) -> list[Problem]:
     if db and not (db.startswith("sqlite:///") or db.startswith("postgresql")):
         problems.append(Problem("error", "DATABASE_URL",
                                 "must start with sqlite:/// or postgresql:// (postgresql+psycopg://)"))
+    if not _is_local_host(settings.dashboard_address) or settings.dashboard_address == "0.0.0.0":
+        problems.append(Problem("warning", "DASHBOARD_ADDRESS",
+                                f"the dashboard listens on {shown(settings.dashboard_address)}: keep it behind an "
+                                "authenticating proxy or OIDC (see the README's deployment section)"))
+    if settings.api_tokens and not settings.api_listener_separate and not _is_loopback(settings.webhook_host):
+        problems.append(Problem("warning", "API_PORT",
+                                f"the credits API shares the webhook listener on {shown(settings.webhook_host)}, "
+                                "which Stripe must reach; set API_HOST/API_PORT to serve it on a private address"))
     for message in parse_api_tokens(settings.billing_api_tokens)[1]:
         problems.append(Problem("error", "BILLING_API_TOKENS", message))
     if settings.api_listener_separate and settings.api_listener == (settings.webhook_host, settings.webhook_port):

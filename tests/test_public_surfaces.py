@@ -224,3 +224,31 @@ def test_a_flood_of_return_pages_is_all_answered_while_spends_keep_working(datab
     assert len(pages) == 300 and set(pages) <= {200, 404}
     asked = [r for r in stripe_state.requests if r.path.startswith("/v1/checkout/sessions/cs_test_flood_")]
     assert len(asked) < 300  # a busy pool answers without asking Stripe
+
+
+def test_new_settings_and_their_problems():
+    from billing_core.settings import check_config, load_settings
+
+    def settings(**values):
+        return load_settings({"BILLING_ENV_FILE": "/nonexistent", **values})
+
+    default = settings()
+    assert (default.dashboard_address, default.api_listener_separate, default.session_idle_minutes,
+            default.support_daily_adjustment_cap) == ("127.0.0.1", False, 30, 2000)
+    named = settings(BILLING_API_TOKENS=f"agent:{FIRST}, ci:{CI}", BILLING_API_TOKEN=SECOND, API_PORT="5001")
+    assert named.api_tokens == {"default": SECOND, "agent": FIRST, "ci": CI}
+    assert named.api_listener == ("127.0.0.1", 5001)
+    assert "second-token" not in repr(named)
+    problems = {(p.setting, p.message) for p in check_config(settings(
+        BILLING_API_TOKENS=f"agent:{FIRST},agent:{CI},ci:short,broken", API_PORT="5000",
+        DASHBOARD_ADDRESS="0.0.0.0", SESSION_IDLE_MINUTES="0"))}
+    messages = "\n".join(f"{s}: {m}" for s, m in problems)
+    assert "BILLING_API_TOKENS: entry 2: the name 'agent' is used twice" in messages
+    assert "BILLING_API_TOKENS: entry 3 (ci): the token must be at least 16 characters" in messages
+    assert "BILLING_API_TOKENS: entry 4 must be name:token" in messages
+    assert "API_PORT: 5000 is the webhook listener's port" in messages
+    assert "DASHBOARD_ADDRESS: the dashboard listens on 0.0.0.0" in messages
+    assert "SESSION_IDLE_MINUTES: must be between 1 and 1440" in messages
+    assert FIRST not in messages and CI not in messages
+    shared = {p.setting for p in check_config(settings(BILLING_API_TOKEN=FIRST, WEBHOOK_HOST="0.0.0.0"))}
+    assert "API_PORT" in shared  # the API on the public webhook listener is pointed out
