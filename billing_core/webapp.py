@@ -3,8 +3,10 @@
     POST /api/stripe/webhook   verified Stripe events (400 bad delivery, 413 too large, 500 retry later)
     GET  /healthz              {"database": "ok", "last_event_at": ...}; 503 when the database is unreachable
     GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
+                               (database first; Stripe at most once per session id per 30 s, on its own pool)
     GET  /checkout/cancel      says nothing was charged
-    + the credits API routes (billing_core.credits_api) when that module is present
+    + the credits API routes (billing_core.credits_api), unless API_HOST/API_PORT give them their own
+      listener (create_api_app)
 
 Database work runs in the thread pool, so a writer waiting for a lock never blocks the event loop.
 """
@@ -195,7 +197,7 @@ def make_success_page(settings: Settings):
         with db.read_session(db.get_engine(engine_url)) as session:
             payment = session.execute(select(Payment).where(Payment.checkout_session_id == session_id)
                                       ).scalars().first()
-            if payment is None or not payment.user_id or payment.status == "unpaid":
+            if payment is None or not payment.user_id or payment.status in ("unpaid", "failed"):
                 return None
             item = CATALOG.get(payment.item or "")
             what = item.name + (" plan" if item.kind == "plan" else "") if item else "your purchase"
