@@ -12,9 +12,9 @@ from datetime import timedelta
 import streamlit as st
 
 from billing_core import db, signin
-from billing_core.demo import DEMO_OPERATOR
 from billing_core.models import utcnow
 from billing_core.operators import Identity, active_identity, role_for_email
+from demo_data import DEMO_OPERATOR
 from billing_core.settings import Settings
 
 SESSION_KEY = "operator_identity"
