@@ -37,7 +37,7 @@ KNOWN_NAMES = (
     "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
     # hardening (issue 13): where the dashboard and the credits API listen, named API tokens, operator limits
     "DASHBOARD_ADDRESS", "API_HOST", "API_PORT", "BILLING_API_TOKENS", "SESSION_IDLE_MINUTES",
-    "SUPPORT_DAILY_ADJUSTMENT_CAP",
+    "SUPPORT_DAILY_ADJUSTMENT_CAP", "DASHBOARD_TRUSTED_PROXIES",
 )
 SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -77,6 +77,7 @@ class Settings:
     admin_emails: tuple[str, ...] = ()
     support_emails: tuple[str, ...] = ()
     dashboard_address: str = "127.0.0.1"
+    dashboard_trusted_proxies: int = 0  # proxies in front of the dashboard whose X-Forwarded-For is believed
     api_host: str = ""  # empty: the credits API is served on the webhook listener
     api_port: int | None = None
     billing_api_tokens: str = field(default="", repr=False)  # name:token,name:token
@@ -279,6 +280,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         admin_emails=_emails(raw, "ADMIN_EMAILS"),
         support_emails=_emails(raw, "SUPPORT_EMAILS"),
         dashboard_address=raw.get("DASHBOARD_ADDRESS") or "127.0.0.1",
+        dashboard_trusted_proxies=_parse_int(raw, "DASHBOARD_TRUSTED_PROXIES", 0, problems, low=0, high=5),
         api_host=raw.get("API_HOST", ""),
         api_port=_parse_int(raw, "API_PORT", None, problems, low=1, high=65535),
         billing_api_tokens=raw.get("BILLING_API_TOKENS", ""),

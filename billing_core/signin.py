@@ -39,6 +39,16 @@ class SignInResult:
         return self.retry_after is not None
 
 
+def client_address_from(peer: str | None, forwarded_for: str | None, trusted_proxies: int) -> str | None:
+    """The client's address. Without proxies, the peer Streamlit saw. Behind `trusted_proxies` proxies (each
+    appending the address it saw to X-Forwarded-For), the entry the outermost one added: counted from the right,
+    since a client can put anything at the left. Fewer entries than proxies: the peer."""
+    if trusted_proxies <= 0 or not forwarded_for:
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else peer
+
+
 def throttle_name(name) -> str:
     return (name if isinstance(name, str) else "").strip().lower()[:100]
 

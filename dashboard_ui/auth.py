@@ -27,12 +27,14 @@ def _now():
     return utcnow()
 
 
-def client_address() -> str | None:
-    """The browser's address as Streamlit saw it (behind a proxy: the proxy's); None in AppTest."""
+def client_address(settings: Settings) -> str | None:
+    """The browser's address: as Streamlit saw it, or behind DASHBOARD_TRUSTED_PROXIES proxies, from their
+    X-Forwarded-For. None in AppTest."""
     try:
-        return st.context.ip_address
+        peer, forwarded = st.context.ip_address, st.context.headers.get("X-Forwarded-For")
     except Exception:
         return None
+    return signin.client_address_from(peer, forwarded, settings.dashboard_trusted_proxies)
 
 
 def oidc_configured() -> bool:
@@ -132,7 +134,7 @@ def _sign_in_form(settings: Settings) -> None:
         return
     # The demo operator's password is public: it signs in only in the demo database.
     refuse = not settings.demo_mode and _is_demo_operator(name)
-    result = signin.sign_in(name=name, password=password, client_address=client_address(),
+    result = signin.sign_in(name=name, password=password, client_address=client_address(settings),
                             url=settings.database_url, now=_now(), refuse=refuse)
     if result.throttled:
         st.error(f"Too many failed sign-ins; try again in {_duration(result.retry_after)}.")

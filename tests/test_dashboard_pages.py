@@ -78,7 +78,7 @@ class Client:
 
         self.address = "203.0.113.1"
         self.now = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
-        monkeypatch.setattr(auth, "client_address", lambda: self.address)
+        monkeypatch.setattr(auth, "client_address", lambda settings: self.address)
         monkeypatch.setattr(auth, "_now", lambda: self.now)
 
     def sign_in(self, name, password, address=None):

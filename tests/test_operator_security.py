@@ -142,7 +142,7 @@ def test_failures_in_one_process_throttle_the_dashboard_in_another(database_url,
 
     add_operators(database_url)
     address = {"value": "203.0.113.5"}
-    monkeypatch.setattr(auth, "client_address", lambda: address["value"])
+    monkeypatch.setattr(auth, "client_address", lambda settings: address["value"])
     monkeypatch.setattr(auth, "_now", lambda: NOW)
     fail_in_another_process(database_url, times=5, name=ADMIN[0], address="203.0.113.5", now=NOW)
     at = sign_in(open_app(), ADMIN[0], ADMIN[1])
@@ -152,6 +152,19 @@ def test_failures_in_one_process_throttle_the_dashboard_in_another(database_url,
     with db.read_session() as session:
         rows = session.execute(select(SignInAttempt.client_address, SignInAttempt.success)).all()
     assert sorted(rows) == sorted([("203.0.113.5", False)] * 5 + [("192.0.2.44", True)])
+
+
+@pytest.mark.parametrize("peer, forwarded, proxies, expected", [
+    ("10.0.0.2", None, 0, "10.0.0.2"),
+    ("10.0.0.2", "198.51.100.9", 0, "10.0.0.2"),  # no proxy configured: the header is anybody's
+    ("10.0.0.2", "198.51.100.9", 1, "198.51.100.9"),
+    ("10.0.0.2", "1.2.3.4, 198.51.100.9", 1, "198.51.100.9"),  # the client's own prefix is ignored
+    ("10.0.0.3", "1.2.3.4, 198.51.100.9, 10.0.0.2", 2, "198.51.100.9"),
+    ("10.0.0.2", "", 1, "10.0.0.2"),
+    ("10.0.0.2", "198.51.100.9", 2, "10.0.0.2"),
+])
+def test_client_address_behind_trusted_proxies(peer, forwarded, proxies, expected):
+    assert signin.client_address_from(peer, forwarded, proxies) == expected
 
 
 def test_throttle_survives_a_restart_and_backs_off(database_url):
