@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlmodel import Session
 
 from . import db
@@ -26,6 +26,7 @@ FREE_FAILURES = 5
 BASE_DELAY = timedelta(seconds=30)
 MAX_DELAY = timedelta(hours=1)
 FAILURE_WINDOW = timedelta(hours=24)
+ATTEMPTS_KEPT = timedelta(days=90)  # older attempts are deleted as new ones are recorded
 UNKNOWN_ADDRESS = "unknown"
 
 
@@ -98,6 +99,7 @@ def throttled_for(session: Session, *, name: str, client_address: str, now: date
 
 
 def record_attempt(session: Session, *, name: str, client_address: str, success: bool, now: datetime) -> None:
+    session.execute(delete(SignInAttempt).where(SignInAttempt.at < now - ATTEMPTS_KEPT))
     session.add(SignInAttempt(name=name, client_address=client_address, success=success, at=now))
     session.flush()
 

@@ -25,6 +25,7 @@ table([{"Setting": name, "Value": value} for name, value in (
     ("SUPPORT_DAILY_ADJUSTMENT_CAP", f"{settings.support_daily_adjustment_cap:,} credits in 24 hours"),
     ("SESSION_IDLE_MINUTES", f"{settings.session_idle_minutes} minutes"),
     ("DASHBOARD_ADDRESS", settings.dashboard_address),
+    ("DASHBOARD_TRUSTED_PROXIES", str(settings.dashboard_trusted_proxies)),
     ("BILLING_API_TOKENS", ", ".join(f"{name} {mask_secret(token)}" for name, token in settings.api_tokens.items())
      or "(not set)"),
     ("API_HOST / API_PORT", "{}:{}".format(*settings.api_listener) if settings.api_listener_separate
