@@ -38,6 +38,7 @@ KNOWN_NAMES = (
     # hardening (issue 13): where the dashboard and the credits API listen, named API tokens, operator limits
     "DASHBOARD_ADDRESS", "API_HOST", "API_PORT", "BILLING_API_TOKENS", "SESSION_IDLE_MINUTES",
     "SUPPORT_DAILY_ADJUSTMENT_CAP", "DASHBOARD_TRUSTED_PROXIES",
+    *("WEBHOOK_WORKERS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT"),  # deployment: workers, connections
 )
 SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -83,6 +84,11 @@ class Settings:
     billing_api_tokens: str = field(default="", repr=False)  # name:token,name:token
     session_idle_minutes: int = 30
     support_daily_adjustment_cap: int = 2000
+    # deployment: each worker process keeps its own pool of up to db_pool_size + db_max_overflow connections
+    webhook_workers: int = 1
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_pool_timeout: float = 3.0  # seconds to wait for a free connection before answering "busy"
     env_file: str = ""
     parse_problems: tuple[Problem, ...] = ()
 
@@ -96,6 +102,10 @@ class Settings:
         if self.database_url_setting:
             return resolve_sqlite_path(self.database_url_setting)
         return resolve_sqlite_path(DEMO_DATABASE_URL if self.demo_mode else DEFAULT_DATABASE_URL)
+
+    @property
+    def connections_per_process(self) -> int:
+        return self.db_pool_size + self.db_max_overflow
 
     @property
     def stripe_configured(self) -> bool:
@@ -255,6 +265,20 @@ def _parse_int(raw: dict, name: str, default: int, problems: list, *, low: int, 
     return value
 
 
+def _parse_seconds(raw: dict, name: str, default: float, problems: list, *, low: float, high: float) -> float:
+    if not raw.get(name):
+        return default
+    try:
+        value = float(raw[name])
+    except ValueError:
+        problems.append(Problem("error", name, f"must be a number of seconds, not {shown(raw[name])!r}"))
+        return default
+    if not low <= value <= high:
+        problems.append(Problem("error", name, f"must be between {low:g} and {high:g} seconds, not {value:g}"))
+        return default
+    return value
+
+
 def _emails(raw: dict, name: str) -> tuple[str, ...]:
     return tuple(e.strip().lower() for e in raw.get(name, "").split(",") if e.strip())
 
@@ -287,6 +311,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         session_idle_minutes=_parse_int(raw, "SESSION_IDLE_MINUTES", 30, problems, low=1, high=24 * 60),
         support_daily_adjustment_cap=_parse_int(raw, "SUPPORT_DAILY_ADJUSTMENT_CAP", 2000, problems, low=0,
                                                 high=10_000_000),
+        webhook_workers=_parse_int(raw, "WEBHOOK_WORKERS", 1, problems, low=1, high=64),
+        db_pool_size=_parse_int(raw, "DB_POOL_SIZE", 5, problems, low=1, high=1000),
+        db_max_overflow=_parse_int(raw, "DB_MAX_OVERFLOW", 5, problems, low=0, high=1000),
+        db_pool_timeout=_parse_seconds(raw, "DB_POOL_TIMEOUT", 3.0, problems, low=0.05, high=60),
         env_file=str(path),
         parse_problems=tuple(problems),
     )
@@ -370,6 +398,13 @@ def check_config(settings: Settings) -> list[Problem]:
     if settings.api_listener_separate and settings.api_listener == (settings.webhook_host, settings.webhook_port):
         problems.append(Problem("error", "API_PORT", f"{settings.webhook_port} is the webhook listener's port; give "
                                 "the credits API its own port (or leave API_HOST and API_PORT unset to share it)"))
+    if settings.webhook_workers > 1 and settings.api_listener_separate:
+        problems.append(Problem("error", "WEBHOOK_WORKERS", f"{settings.webhook_workers} workers with the credits API "
+                                "on its own listener (API_HOST/API_PORT) is not supported yet: run one worker, or "
+                                "leave API_HOST/API_PORT unset"))
+    if settings.webhook_workers > 1 and settings.database_url.startswith("sqlite"):
+        problems.append(Problem("error", "WEBHOOK_WORKERS", f"{settings.webhook_workers} workers need PostgreSQL; "
+                                "SQLite admits one writer at a time, so run one worker (WEBHOOK_WORKERS=1)"))
     try:
         from zoneinfo import ZoneInfo
         ZoneInfo(settings.operator_timezone)
