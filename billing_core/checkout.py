@@ -206,9 +206,17 @@ def create_portal_link(*, user_id: str, client=None, settings: Settings | None =
         raise CheckoutRefused(f"no Stripe customer is known for {user_id} yet (they have not completed a "
                               "checkout); send a checkout link instead: python -m billing_core checkout-link "
                               f"{user_id} ITEM")
+    from .catalog_sync import find_portal_configuration
+
     with stripe_errors(f"creating the customer portal link for {user_id}", settings=settings):
+        configuration = find_portal_configuration(client)
+        if configuration is None or not configuration.get("active"):
+            raise CheckoutRefused("Stripe holds no active customer portal configuration made by sync-catalog "
+                                  "(plan switching, upgrades invoiced at once, downgrades at the period's end); "
+                                  "run: python -m billing_core sync-catalog")
         portal = client.v1.billing_portal.sessions.create(
-            params={"customer": customer_id, "return_url": settings.base_url})
+            params={"customer": customer_id, "return_url": settings.base_url,
+                    "configuration": configuration["id"]})
     return portal.url
 
 

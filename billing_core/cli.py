@@ -45,8 +45,11 @@ def cmd_check_config(args) -> int:
     settings = get_settings()
     problems = check_config(settings)
     if args.stripe:
-        from .catalog_sync import check_prices_against_stripe
-        problems += check_prices_against_stripe(settings)
+        from .catalog_sync import check_portal_against_stripe, check_prices_against_stripe
+        price_problems = check_prices_against_stripe(settings)
+        problems += price_problems
+        if not any(p.setting == "STRIPE_SECRET_KEY" for p in price_problems):  # no key: said once already
+            problems += check_portal_against_stripe(settings)
     errors = [p for p in problems if p.level == "error"]
     mode = "demo mode (no Stripe key, data/demo.db)" if settings.demo_mode else f"{settings.stripe_mode} mode"
     print(f"configuration from {settings.env_file}: {mode}")
@@ -120,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_db)
 
     p = sub.add_parser("check-config", help="report every configuration problem at once")
-    p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe")
+    p.add_argument("--stripe", action="store_true", help="also check each configured price and the customer portal "
+                   "configuration against Stripe")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo-data", help="fill the demo database (data/demo.db) with sample customers")

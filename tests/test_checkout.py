@@ -273,16 +273,38 @@ def test_link_status_moves_forward_only(stripe_ready, database_url):
     assert [link.status for link in links(database_url)] == ["complete", "expired"]
 
 
+def catalog_portal_configuration(state):
+    from billing_core.catalog_sync import PORTAL_METADATA
+
+    return state.add_portal_configuration(metadata=dict(PORTAL_METADATA))
+
+
 def test_portal_link_needs_a_known_customer(stripe_ready, database_url):
     with pytest.raises(CheckoutRefused, match="no Stripe customer is known for agent-14"):
         create_portal_link(user_id="agent-14")
     customer = stripe_ready.add_customer(email="c@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-14", stripe_customer_id=customer["id"]))
+    stripe_ready.add_portal_configuration(is_default=True)
+    configuration = catalog_portal_configuration(stripe_ready)
     url = create_portal_link(user_id="agent-14")
     [request] = stripe_ready.requests_to("POST", "/v1/billing_portal/sessions")
-    assert request.params == {"customer": customer["id"], "return_url": "http://localhost:5000"}
+    assert request.params == {"customer": customer["id"], "return_url": "http://localhost:5000",
+                              "configuration": configuration["id"]}
     assert url.startswith("https://billing.stripe.com/p/session/")
+
+
+def test_portal_link_refuses_without_the_catalogs_configuration(stripe_ready, database_url):
+    customer = stripe_ready.add_customer(email="c@example.com")
+    with db.write_session() as session:
+        session.add(Account(user_id="agent-15", stripe_customer_id=customer["id"]))
+    stripe_ready.add_portal_configuration(is_default=True)  # Stripe's default would apply downgrades at once
+    with pytest.raises(CheckoutRefused, match="run: python -m billing_core sync-catalog"):
+        create_portal_link(user_id="agent-15")
+    catalog_portal_configuration(stripe_ready)["active"] = False
+    with pytest.raises(CheckoutRefused, match="no active customer portal configuration"):
+        create_portal_link(user_id="agent-15")
+    assert stripe_ready.requests_to("POST", "/v1/billing_portal/sessions") == []
 
 
 # --- the CLI as an operator runs it, against the Stripe-compatible server ------------------
@@ -348,6 +370,7 @@ def test_cli_portal_link_against_the_server(database_url, stripe_server):
     customer = stripe_server.state.add_customer(email="p@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-23", stripe_customer_id=customer["id"]))
+    catalog_portal_configuration(stripe_server.state)
     result = cli("portal-link", "agent-23")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("https://billing.stripe.com/p/session/")
