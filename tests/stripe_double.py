@@ -26,6 +26,7 @@ Two ways in, one state:
 * Prices: a ``lookup_key`` already used by another price -> 400 unless ``transfer_lookup_key=true``.
 
 Endpoints (all under /v1): checkout/sessions (create, retrieve, list), checkout/sessions/{id}/line_items,
+checkout/sessions/{id}/expire (open sessions only, else 400),
 billing_portal/sessions (create; ``configuration`` must exist and be active, else Stripe's default
 configuration), billing_portal/configurations (create, list with ``active``/``is_default``, retrieve, update;
 products and prices must exist, belong together and be active recurring prices), products (create, list, retrieve, update), prices (create, list with
@@ -599,6 +600,14 @@ class StripeState:
             result["line_items"] = _list(session["_line_items"], "/v1/checkout/sessions/%s/line_items" % session_id)
         return result
 
+    def _expire_session(self, params: dict, session_id: str) -> dict:
+        validate(params, RETRIEVE)
+        session = self._get("checkout_sessions", session_id, "checkout.session")
+        if session["status"] != "open":
+            raise bad_request(f"Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout "
+                              f"Session has a status of \"{session['status']}\".")
+        return self.expire_checkout_session(session_id)
+
     def _session_line_items(self, params: dict, session_id: str) -> dict:
         validate(params, LIST)
         session = self._get("checkout_sessions", session_id, "checkout.session")
@@ -960,8 +969,8 @@ def _page(rows: list[dict], params: dict, url: str) -> dict:
 
 def _pattern(route: list[str]) -> tuple[str, ...]:
     """Path segments with object ids replaced by '*' (ids are the segments after a collection name)."""
-    known = {"checkout", "sessions", "billing_portal", "configurations", "products", "prices", "customers", "invoice_payments",
-             "events", "line_items", *RETRIEVABLE}
+    known = {"checkout", "sessions", "billing_portal", "configurations", "products", "prices", "customers",
+             "invoice_payments", "events", "line_items", "expire", *RETRIEVABLE}
     return tuple(s if s in known else "*" for s in route)
 
 
@@ -970,6 +979,7 @@ ROUTES: dict[tuple[str, tuple[str, ...]], Callable] = {
     ("GET", ("checkout", "sessions")): StripeState._list_sessions,
     ("GET", ("checkout", "sessions", "*")): StripeState._retrieve_session,
     ("GET", ("checkout", "sessions", "*", "line_items")): StripeState._session_line_items,
+    ("POST", ("checkout", "sessions", "*", "expire")): StripeState._expire_session,
     ("POST", ("billing_portal", "sessions")): StripeState._create_portal_session,
     ("POST", ("billing_portal", "configurations")): StripeState._create_portal_configuration,
     ("GET", ("billing_portal", "configurations")): StripeState._list_portal_configurations,

@@ -386,3 +386,69 @@ def test_cli_refuses_an_old_schema(tmp_path, stripe_server, stripe_prices, monke
     error = one_line_error(cli("checkout-link", "agent-25", "pack_100"))
     assert "run `python -m billing_core init-db`" in error
     assert stripe_server.state.requests == []
+
+
+# --- one plan per user: a new plan link expires the user's other open plan links -------------
+
+def test_a_new_plan_link_expires_the_users_other_open_plan_links(stripe_ready, database_url):
+    starter = create_checkout_link(user_id="agent-30", item="starter", now=NOW)
+    pack = create_checkout_link(user_id="agent-30", item="pack_100", now=NOW)
+    other_user = create_checkout_link(user_id="agent-31", item="starter", now=NOW)
+    business = link_at(stripe_ready, NOW + timedelta(minutes=2), user_id="agent-30", item="business")
+    [expire] = [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+    assert (expire.method, expire.path, expire.params) == (
+        "POST", f"/v1/checkout/sessions/{starter.session_id}/expire", {})
+    assert expire.idempotency_key == f"expire-{starter.session_id}"
+    sessions = stripe_ready.objects["checkout_sessions"]
+    assert sessions[starter.session_id]["status"] == "expired"
+    assert [sessions[s.session_id]["status"] for s in (pack, other_user, business)] == ["open"] * 3
+    assert {link.session_id: link.status for link in links(database_url)} == {
+        starter.session_id: "expired", pack.session_id: "open", other_user.session_id: "open",
+        business.session_id: "open"}
+
+
+def test_a_pack_link_leaves_plan_links_open(stripe_ready, database_url):
+    plan = create_checkout_link(user_id="agent-32", item="professional", now=NOW)
+    create_checkout_link(user_id="agent-32", item="pack_500", now=NOW)
+    assert not [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+    assert stripe_ready.objects["checkout_sessions"][plan.session_id]["status"] == "open"
+
+
+def test_the_same_plan_link_again_in_the_window_expires_nothing(stripe_ready, database_url):
+    first = create_checkout_link(user_id="agent-33", item="starter", now=NOW)
+    again = link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-33", item="starter")
+    assert again.reused and again.session_id == first.session_id
+    assert not [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+
+
+def test_an_expiry_stripe_already_made_is_recorded_and_a_retry_is_idempotent(stripe_ready, database_url):
+    starter = create_checkout_link(user_id="agent-34", item="starter", now=NOW)
+    stripe_ready.expire_checkout_session(starter.session_id)  # expired in the Dashboard; webhook not here yet
+    stripe_ready.fail_next(status=500, type="api_error", message="boom", times=3)
+    with pytest.raises(StripeActionError, match="expiring agent-34's earlier starter link"):
+        link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-34", item="business")
+    assert [link.status for link in links(database_url)] == ["open"]
+    link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-34", item="business")
+    assert [link.status for link in links(database_url)] == ["expired", "open"]
+
+
+def test_a_plan_link_paid_meanwhile_refuses_a_new_plan_link(stripe_ready, database_url):
+    starter = create_checkout_link(user_id="agent-35", item="starter", now=NOW)
+    stripe_ready.complete_checkout_session(starter.session_id)
+    with pytest.raises(CheckoutRefused, match="earlier starter link .* has been paid.*portal-link agent-35"):
+        link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-35", item="business")
+    assert [link.status for link in links(database_url)] == ["complete"]
+    assert len(session_posts(stripe_ready)) == 1
+
+
+def test_the_double_refuses_to_expire_a_session_that_is_not_open(stripe_ready, fake_stripe):
+    import stripe as stripe_module
+    from billing_core.stripe_client import get_stripe_client
+
+    session = stripe_ready.add_checkout_session(mode="payment")
+    client = get_stripe_client()
+    client.v1.checkout.sessions.expire(session["id"])
+    with pytest.raises(stripe_module.InvalidRequestError, match="can be expired"):
+        client.v1.checkout.sessions.expire(session["id"])
+    with pytest.raises(stripe_module.InvalidRequestError, match="unknown parameter: foo"):
+        client.v1.checkout.sessions.expire(session["id"], params={"foo": "1"})
