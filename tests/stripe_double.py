@@ -34,7 +34,9 @@ products and prices must exist, belong together and be active recurring prices),
 invoice_payments (list, filter ``invoice`` or ``payment[type]=payment_intent&payment[payment_intent]=``),
 events (list with ``limit``/``starting_after``/``ending_before``/``created[gte|gt|lte|lt]``/``type``/
 ``types[]``, newest first, ``has_more``; retrieve), and retrieve for charges, payment_intents, invoices,
-subscriptions, disputes and refunds. ``expand[]`` is accepted everywhere; ``product`` on prices and
+subscriptions, disputes and refunds; subscriptions/{id} (DELETE: cancel; a canceled one -> 400) and refunds
+(create by ``payment_intent`` or ``charge``; nothing left to refund -> 400 ``charge_already_refunded``).
+``expand[]`` is accepted everywhere; ``product`` on prices and
 ``line_items`` on checkout sessions are really expanded, other expansions are ignored.
 
 Test-side API (all return the stored dict; objects are plain dicts shaped like the current API):
@@ -161,6 +163,12 @@ INVOICE_PAYMENT_LIST = {**LIST, "invoice": str, "status": str,
 EVENT_LIST = {**LIST, "created": CREATED_RANGE | {"": int}, "type": str, "types": [str],
               "delivery_success": bool}
 RETRIEVE = dict(EXPAND)
+SUBSCRIPTION_CANCEL = {"cancellation_details": {"comment": str, "feedback": (
+    "customer_service", "low_quality", "missing_features", "other", "switched_service", "too_complex",
+    "too_expensive", "unused", "")}, "invoice_now": bool, "prorate": bool, **EXPAND}
+REFUND_CREATE = {"payment_intent": str, "charge": str, "amount": int, "metadata": METADATA,
+                 "reason": ("duplicate", "fraudulent", "requested_by_customer"), "instructions_email": str,
+                 "refund_application_fee": bool, "reverse_transfer": bool, **EXPAND}
 
 RETRIEVABLE = {  # path segment -> stored kind
     "charges": "charges", "payment_intents": "payment_intents", "invoices": "invoices",
@@ -851,6 +859,45 @@ class StripeState:
                 and all(r["payment"].get(name) == value for name, value in payment.items())]
         return _page(list(reversed(rows)), params, "/v1/invoice_payments")
 
+    def _cancel_subscription(self, params: dict, subscription_id: str) -> dict:
+        params = validate(params, SUBSCRIPTION_CANCEL)
+        subscription = self._get("subscriptions", subscription_id, "subscription")
+        if subscription.get("status") in ("canceled", "incomplete_expired"):
+            raise bad_request(f"A canceled subscription can not be canceled again: '{subscription_id}'.",
+                              code="resource_missing")
+        now = self._now()
+        subscription.update(status="canceled", canceled_at=now, ended_at=now, cancel_at_period_end=False,
+                            cancellation_details={"comment": None, "feedback": None, "reason": "cancellation_requested",
+                                                  **params.get("cancellation_details", {})})
+        return subscription
+
+    def _create_refund(self, params: dict) -> dict:
+        params = validate(params, REFUND_CREATE)
+        if bool(params.get("payment_intent")) == bool(params.get("charge")):
+            raise bad_request("You must pass either `payment_intent` or `charge` (not both).", param="charge")
+        charges = self._store("charges")
+        if params.get("charge"):
+            charge = self._get_param("charges", params["charge"], "charge", "charge")
+        else:
+            found = [c for c in charges.values() if c.get("payment_intent") == params["payment_intent"]]
+            if not found:
+                raise missing("payment_intent", params["payment_intent"], param="payment_intent")
+            charge = found[-1]
+        left = charge["amount"] - charge.get("amount_refunded", 0)
+        if left <= 0:
+            raise bad_request(f"Charge {charge['id']} has already been refunded.", code="charge_already_refunded")
+        amount = params.get("amount", left)
+        if not 0 < amount <= left:
+            raise bad_request(f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
+                              param="amount")
+        charge["amount_refunded"] = charge.get("amount_refunded", 0) + amount
+        charge["refunded"] = charge["amount_refunded"] >= charge["amount"]
+        refund = {"id": self._id("re"), "object": "refund", "amount": amount, "charge": charge["id"],
+                  "currency": charge["currency"], "payment_intent": charge.get("payment_intent"),
+                  "reason": params.get("reason"), "metadata": params.get("metadata", {}), "status": "succeeded",
+                  "created": self._now()}
+        return self.add_object("refunds", refund)
+
     def _list_events(self, params: dict) -> dict:
         params = validate(params, EVENT_LIST)
         types = params.get("types") or ([params["type"]] if "type" in params else None)
@@ -996,6 +1043,8 @@ ROUTES: dict[tuple[str, tuple[str, ...]], Callable] = {
     ("POST", ("customers",)): StripeState._create_customer,
     ("GET", ("invoice_payments",)): StripeState._list_invoice_payments,
     ("GET", ("events",)): StripeState._list_events,
+    ("DELETE", ("subscriptions", "*")): StripeState._cancel_subscription,
+    ("POST", ("refunds",)): StripeState._create_refund,
     ("GET", ("events", "*")): StripeState._retrieve_event,
 }
 
