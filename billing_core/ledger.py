@@ -734,3 +734,55 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
                             created_at=now))
     session.flush()
     return result
+
+
+# --- plan changes (billing_core/plan_changes.py decides; these write) ------------------------------
+
+DOWNGRADE_TAKEBACK = "downgrade_takeback"
+
+
+def _period_lots(session: Session, *, user_id: str, subscription_id: str, period_end: int, now: datetime) -> list[Lot]:
+    return sorted((lot for lot in lots(session, user_id)
+                   if lot.source == "subscription" and lot.subscription_id == subscription_id
+                   and lot.period_end == period_end and lot.remaining > 0 and not lot.closed(now)), key=_spend_order)
+
+
+def period_unspent(session: Session, *, user_id: str, subscription_id: str, period_end: int,
+                   now: datetime | None = None) -> int:
+    """A subscription period's credits still unspent (in its open lots; frozen ones count, held ones don't)."""
+    now = now or utcnow()
+    return sum(lot.remaining for lot in _period_lots(session, user_id=user_id, subscription_id=subscription_id,
+                                                     period_end=period_end, now=now))
+
+
+def grant_plan_change_topup(session: Session, *, user_id: str, subscription_id: str, period_end: int, credits: int,
+                            source_key: str, payment_id: int | None, expires_at: datetime | None,
+                            now: datetime | None = None) -> LedgerEntry | None:
+    """An upgrade's top-up for the rest of its period, once per source key, tied to the payment of the invoice
+    that carried its proration (so refunding that invoice takes it back). A subscription lot of that period,
+    expiring at `expires_at` (never with SUBSCRIPTION_CREDITS_ROLLOVER)."""
+    account = lock_account(session, user_id=user_id)
+    if get_settings().subscription_credits_rollover:
+        expires_at = None
+    return _grant(session, account, credits=credits, kind="upgrade_topup", source_key=source_key,
+                  lot_source="subscription", expires_at=expires_at, subscription_id=subscription_id,
+                  period_end=period_end, payment_id=payment_id, now=now)
+
+
+def take_back_for_downgrade(session: Session, *, user_id: str, subscription_id: str, period_end: int, credits: int,
+                            source_key: str, reason: str, now: datetime | None = None) -> int:
+    """Take up to `credits` from the period's unspent subscription credits (never packs or adjustments, never
+    into debt); what was taken. Once per source key."""
+    account = lock_account(session, user_id=user_id)
+    now = now or utcnow()
+    if credits <= 0 or _key_exists(session, f"{source_key}:0"):
+        return 0
+    period_lots = _period_lots(session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
+                               now=now)
+    take = min(credits, sum(lot.remaining for lot in period_lots))
+    if take <= 0:
+        return 0
+    _draw(session, account, credits=take, kind=DOWNGRADE_TAKEBACK, key_prefix=source_key, open_lots=period_lots,
+          allow_debt=False, subscription_id=subscription_id, period_end=period_end, reason=reason)
+    refresh_flag(session, account, now=now)
+    return take

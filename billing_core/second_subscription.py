@@ -192,3 +192,19 @@ def _refund_latest_payment(client, subscription: LiveSubscription, *,
         return None, 0, None, f"its latest payment {intents[0]} was already refunded"
     return (refund.id, int(refund.amount), refund.currency,
             f"refunded {refund.amount} {str(refund.currency).upper()} (minor units) of {intents[0]} as {refund.id}")
+
+
+def second_subscription_reason(session: Session, *, user_id: str, subscription_id: str) -> str | None:
+    """Why an event of `subscription_id` grants nothing: the user already has another live subscription
+    (None when this is the user's only one, or it is the live one, or it is already canceled)."""
+    this = session.get(Subscription, subscription_id)
+    if this is not None and this.status in (*ledger.LIVE_STATUSES, "canceled", "incomplete_expired"):
+        return None
+    other = session.execute(select(Subscription).where(
+        Subscription.user_id == user_id, Subscription.id != subscription_id,
+        Subscription.status.in_(ledger.LIVE_STATUSES)).order_by(Subscription.created_at)).scalars().first()
+    if other is None:
+        return None
+    return (f"second live subscription {subscription_id} for {user_id}, who already has {other.id} "
+            f"({other.tier}, {other.status}): nothing granted (one plan per user); an admin can cancel and refund "
+            "the newer subscription on the Customers page")
