@@ -230,7 +230,7 @@ def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | Non
         with session.begin_nested():  # a NeedsAttention undoes this event's effects, not the status row
             handled = handlers.handle(session, ctx)
     except NeedsAttention as exc:
-        return "needs_attention", printable(exc.reason, MAX_ERROR_CHARS), None
+        return "needs_attention", printable(exc.reason, MAX_ERROR_CHARS), exc.user_id
     except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
         return "needs_attention", safe_error_text(exc, ctx.settings), None
     if handled.ignored:

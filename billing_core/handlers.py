@@ -2,7 +2,7 @@
 
 Every handler runs inside the write transaction that also marks its event processed, so an event's
 effects and its status commit together or not at all. Every effect has a deterministic source key
-(`checkout:{session}`, `invoice:{invoice}:...`, `upgrade:{sub}:{period_end}:{tier}`), so redelivery,
+(`checkout:{session}`, `invoice:{invoice}:...`, `plan-change:{id}:...`), so redelivery,
 the same payment arriving as two event types, and the checkout success page all apply it once.
 
 Handlers read what the event says and never ask Stripe for it. The one thing an event can't say:
@@ -23,10 +23,11 @@ from typing import Any, Callable
 from sqlalchemy import select
 from sqlmodel import Session
 
-from . import ledger
+from . import ledger, plan_changes
 from .checkout import mark_link_status
 from .catalog import CATALOG, CatalogItem, allowance, find_item_for_price, get_item, UnknownItem
 from .models import Account, CheckoutLink, Dispute, Payment, Subscription, from_epoch, utcnow
+from .second_subscription import second_subscription_reason
 from .settings import Settings, get_settings
 
 log = logging.getLogger("billing_core.handlers")
@@ -46,9 +47,10 @@ DISPUTED = "disputed"  # a payment's status from its dispute's opening; stays af
 class NeedsAttention(Exception):
     """The event can't be applied without a person (unknown user, unknown price, unknown payment)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, user_id: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.user_id = user_id  # recorded on the event when known, so the Customers page finds it
 
 
 @dataclass
@@ -439,6 +441,17 @@ def _subscription_facts(sub: dict, settings: Settings) -> tuple[str | None, Cata
     return id_of(price), plan_for_price_object(price, settings), as_epoch(period_end, what="current_period_end")
 
 
+def _period_start(sub: dict) -> int | None:
+    start = dig(sub, "items", "data", 0, "current_period_start") or sub.get("current_period_start")  # older APIs
+    return as_epoch(start, what="current_period_start")
+
+
+def _refuse_second_subscription(session: Session, *, user_id: str, subscription_id: str) -> None:
+    reason = second_subscription_reason(session, user_id=user_id, subscription_id=subscription_id)
+    if reason:
+        raise NeedsAttention(reason, user_id=user_id)
+
+
 def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     sub = ctx.obj
     subscription_id = required_id(sub, "sub_", "subscription")
@@ -447,6 +460,8 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     user_id = resolve_user(session, ctx, explicit=metadata_user(sub), subscription_id=subscription_id,
                            customer_id=customer_id, what=f"subscription {subscription_id}")
     ledger.lock_account(session, user_id=user_id, stripe_customer_id=customer_id)
+    if not deleted:
+        _refuse_second_subscription(session, user_id=user_id, subscription_id=subscription_id)
     price_id, plan, period_end = _subscription_facts(sub, ctx.settings)
     if plan is None and not deleted:
         raise NeedsAttention(f"subscription {subscription_id} has price {price_id!r}, which is not a configured "
@@ -467,6 +482,8 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
         row.status = status
         # Periods only move forward. A paid renewal invoice advances the period without advancing state_at
         # (its other fields are not a snapshot), so an older snapshot applied after it must not move it back.
+        if period_end and period_end >= (row.current_period_end or 0):
+            row.current_period_start = _period_start(sub) or row.current_period_start
         row.current_period_end = max(row.current_period_end or 0, period_end or 0) or None
         row.cancel_at_period_end = bool(sub.get("cancel_at_period_end"))
         row.state_at = max(row.state_at or 0, ctx.created)
@@ -476,26 +493,26 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     if deleted:
         ledger.expire_subscription_credits(session, user_id=row.user_id, subscription_id=subscription_id,
                                            reason="subscription canceled")
-    elif ctx.type == "customer.subscription.updated":
-        _upgrade_topup(session, ctx, row=row, plan=plan, status=status, period_end=period_end,
-                       previous_tier=previous_tier if applied else None, previous_period_end=previous_period_end)
+    elif ctx.type == "customer.subscription.updated" and row.status not in ("canceled", "incomplete_expired"):
+        _note_plan_change(session, ctx, row=row, plan=plan, period_end=period_end,
+                          previous_period_end=previous_period_end)
     return Handled(user_id=row.user_id)
 
 
-def _upgrade_topup(session: Session, ctx: EventContext, *, row: Subscription, plan: CatalogItem, status: str,
-                   period_end: int | None, previous_tier: str | None, previous_period_end: int | None) -> None:
-    """A move to a higher tier mid-period tops the period up by the difference (once per period)."""
+def _note_plan_change(session: Session, ctx: EventContext, *, row: Subscription, plan: CatalogItem,
+                      period_end: int | None, previous_period_end: int | None) -> None:
+    """A price change reported by previous_attributes: inside the period it is a plan change (credits follow
+    the money, see plan_changes); with the period moved it took effect at renewal (the renewal invoice
+    grants the new allowance)."""
     old_plan = plan_for_price_object(dig(ctx.previous_attributes, "items", "data", 0, "price"), ctx.settings)
-    old_tier = old_plan.key if old_plan else previous_tier
-    old_period_end = (as_int(dig(ctx.previous_attributes, "items", "data", 0, "current_period_end"))
-                      or previous_period_end)
-    if old_period_end and period_end and old_period_end < period_end:
-        return  # a plan change taking effect at renewal: the renewal invoice grants the new allowance
-    if (not period_end or not old_tier or allowance(old_tier) <= 0 or allowance(plan.key) <= allowance(old_tier)
-            or status not in UPGRADABLE_STATUSES or row.status in ("canceled", "incomplete_expired")):
+    if old_plan is None:
         return
-    ledger.grant_upgrade_topup(session, user_id=row.user_id, subscription_id=row.id, period_end=period_end,
-                               from_tier=old_tier, to_tier=plan.key, source_key=upgrade_key(row.id, period_end, plan.key))
+    old_period_end = (as_int(dig(ctx.previous_attributes, "items", "data", 0, "current_period_end"))
+                      or as_int(ctx.previous_attributes.get("current_period_end")) or previous_period_end)
+    plan_changes.note_subscription_update(
+        session, user_id=row.user_id, subscription_id=row.id, event_id=ctx.id, changed_at=ctx.created,
+        old_tier=old_plan.key, new_tier=plan.key, period_start=_period_start(ctx.obj), period_end=period_end,
+        old_period_end=old_period_end)
 
 
 # --- invoices --------------------------------------------------------------------------------
@@ -520,18 +537,6 @@ def line_price(line: dict) -> str | None:
 def line_is_proration(line: dict) -> bool:
     return bool(dig(line, "parent", "subscription_item_details", "proration") or line.get("proration")
                 or dig(line, "parent", "invoice_item_details", "proration"))
-
-
-def _replaced_tier(plan_lines: list[tuple[dict, CatalogItem, int]], period_end: int) -> str:
-    """The plan a proration invoice credits back (its negative line for the same period), or 'none'."""
-    credited = [plan for line, plan, end in plan_lines
-                if end == period_end and line_is_proration(line) and as_int(line.get("amount")) < 0]
-    return max(credited, key=lambda plan: plan.credits).key if credited else "none"
-
-
-def upgrade_key(subscription_id: str, period_end: int, tier: str) -> str:
-    """The source key of an upgrade reported by a subscription event; its proration invoice claims that lot."""
-    return f"upgrade:{subscription_id}:{period_end}:{tier}"
 
 
 def _plan_lines(session: Session, invoice: dict, settings: Settings,
@@ -601,6 +606,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
     ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
                         email=as_text(invoice.get("customer_email"), what="customer email", max_len=320))
+    _refuse_second_subscription(session, user_id=user_id, subscription_id=subscription_id)
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
     base = None
@@ -618,16 +624,19 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
     written = []
-    for line, plan, period_end in upgrades:  # proration for a move to a higher tier mid-period
-        written.append(ledger.grant_upgrade_topup(
-            session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
-            from_tier=_replaced_tier(plan_lines, period_end), to_tier=plan.key, payment_id=payment.id,
-            source_key=f"invoice:{invoice_id}:upgrade:{period_end}",
-            claims_lot=upgrade_key(subscription_id, period_end, plan.key)))
     if base is not None:
         written.append(ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
             payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}"))
+        if written[-1] is not None:  # downgrades reported before these credits arrived take what they could not
+            plan_changes.settle_takebacks(session, user_id=user_id, subscription_id=subscription_id,
+                                          period_end=base[2])
+    changes = plan_changes.note_invoice(  # prorations: paid upgrades top up, downgrades take back
+        session, user_id=user_id, subscription_id=subscription_id, invoice=invoice, payment_id=payment.id,
+        plan_of_line=lambda line: _line_plan(session, invoice, line, ctx.settings, subscription_id),
+        period_start=row.current_period_start if row is not None else None,
+        paid_through=max((end for _line, _plan, end in plan_lines), default=None))
+    written.extend(changes)
     if any(written) or not payment.credits_granted:  # not again for the invoice's second event type
         payment.credits_granted = ledger.credits_paid_by(session, payment)
         session.add(payment)
@@ -652,6 +661,8 @@ def _subscription_after_payment(session: Session, ctx: EventContext, *, subscrip
     if base is not None:
         line, plan, period_end = base
         row.tier, row.price_id = plan.key, line_price(line)
+        if period_end >= (row.current_period_end or 0):
+            row.current_period_start = as_epoch(dig(line, "period", "start"), what="invoice line period start")
         row.current_period_end = max(row.current_period_end or 0, period_end)
     if row.status in REACTIVATED_BY_PAYMENT:
         row.status = "active"
