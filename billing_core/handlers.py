@@ -634,7 +634,8 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     changes = plan_changes.note_invoice(  # prorations: paid upgrades top up, downgrades take back
         session, user_id=user_id, subscription_id=subscription_id, invoice=invoice, payment_id=payment.id,
         plan_of_line=lambda line: _line_plan(session, invoice, line, ctx.settings, subscription_id),
-        period_start=row.current_period_start if row is not None else None,
+        known_period=((row.current_period_start, row.current_period_end)
+                      if row is not None and row.current_period_start and row.current_period_end else None),
         paid_through=max((end for _line, _plan, end in plan_lines), default=None))
     written.extend(changes)
     if any(written) or not payment.credits_granted:  # not again for the invoice's second event type

@@ -9,9 +9,11 @@ on one row.
 
 - An upgrade's top-up is granted when the invoice carrying its proration is paid (`payment_id` set), once.
 - A downgrade's take-back is taken at once, from the period's unspent subscription credits. What it could not
-  take because credits the money had paid for were not granted yet (the period's base invoice or an earlier
-  upgrade's paid proration arriving after the downgrade) is taken when they arrive; credits already spent are
-  never taken.
+  take (those credits were spent, or not granted yet: the period's base invoice or an upgrade's paid
+  proration arriving after the downgrade) is taken from the period's subscription credits that arrive later:
+  Stripe has already credited the customer for that time, so those later credits are paid with that money.
+  This makes the end result the same in every order of the events. Spent credits are never taken back, and
+  pack and adjustment credits are never touched.
 
 Every ledger entry carries a source key `plan-change:<row id>:...`; the handlers call this module inside the
 event's write transaction, after locking the account, so concurrent events of one user queue up.
@@ -63,9 +65,10 @@ def from_subscription_event(*, subscription_id: str, changed_at: int, period_sta
 
 
 def from_invoice(invoice: dict, *, subscription_id: str, plan_of_line: Callable[[dict], CatalogItem | None],
-                 period_start: int | None) -> list[ReportedChange]:
+                 known_period: tuple[int, int] | None) -> list[ReportedChange]:
     """The changes an invoice's proration lines carry: per change (lines sharing a period), the plan credited
-    for unused time and the plan charged for the remaining time."""
+    for unused time and the plan charged for the remaining time. `known_period`: the subscription's current
+    (start, end) as stored; its start makes the fraction exact for a change in that period."""
     raw = (invoice.get("lines") or {}).get("data") if isinstance(invoice.get("lines"), dict) else None
     plans: dict[int, CatalogItem] = {}
     lines: list[ProrationLine] = []
@@ -93,7 +96,7 @@ def from_invoice(invoice: dict, *, subscription_id: str, plan_of_line: Callable[
         new = plans[id(max(charged, key=lambda line: line.amount))]
         if old.key == new.key:
             continue
-        start = period_start if period_start and period_start < group[0].period_end else None
+        start = known_period[0] if known_period and known_period[1] == group[0].period_end else None
         try:
             fraction = fraction_from_lines(group, period_start=start)
         except ProrationError:
@@ -175,7 +178,7 @@ def apply(session: Session, row: PlanChange, *, expires_at: datetime | None = No
         if entry is not None:
             _set_applied(session, row, row.credits)
             settle_takebacks(session, user_id=row.user_id, subscription_id=row.subscription_id,
-                             period_end=row.period_end, after=row.changed_at)
+                             period_end=row.period_end)
     elif row.credits < 0 and row.applied > row.credits:
         taken = ledger.take_back_for_downgrade(
             session, user_id=row.user_id, subscription_id=row.subscription_id, period_end=row.period_end,
@@ -191,17 +194,15 @@ def _set_applied(session: Session, row: PlanChange, applied: int) -> None:
     session.flush()
 
 
-def settle_takebacks(session: Session, *, user_id: str, subscription_id: str, period_end: int,
-                     after: int | None = None) -> None:
-    """Credits the money paid for arrived for a period (its base grant, or an upgrade's top-up changed at
-    `after`): downgrades made later in that period take what they could not take before."""
+def settle_takebacks(session: Session, *, user_id: str, subscription_id: str, period_end: int) -> None:
+    """Subscription credits arrived for a period (its base grant, or an upgrade's top-up): its downgrades take
+    what they could not take before, earliest first."""
     stmt = (select(PlanChange).where(PlanChange.user_id == user_id, PlanChange.subscription_id == subscription_id,
                                      PlanChange.period_end == period_end, PlanChange.credits < 0,
                                      PlanChange.applied > PlanChange.credits)
             .order_by(PlanChange.changed_at, PlanChange.id))
     for row in session.execute(stmt).scalars().all():
-        if after is None or row.changed_at > after:
-            apply(session, row)
+        apply(session, row)
 
 
 def period_changes(session: Session, *, subscription_id: str, period_end: int) -> list[PlanChange]:
@@ -227,12 +228,12 @@ def note_subscription_update(session: Session, *, user_id: str, subscription_id:
 
 
 def note_invoice(session: Session, *, user_id: str, subscription_id: str, invoice: dict, payment_id: int | None,
-                 plan_of_line: Callable[[dict], CatalogItem | None], period_start: int | None,
+                 plan_of_line: Callable[[dict], CatalogItem | None], known_period: tuple[int, int] | None,
                  paid_through: int | None) -> list[PlanChange]:
     """A paid invoice's proration lines: each change on it recorded; upgrades granted (paid), downgrades taken
     back. `paid_through`: the latest period end on the invoice (a top-up paid on a later invoice lasts that long)."""
     found = from_invoice(invoice, subscription_id=subscription_id, plan_of_line=plan_of_line,
-                         period_start=period_start)
+                         known_period=known_period)
     expires_at = from_epoch(paid_through) if paid_through else None
     return [record(session, change, user_id=user_id, invoice_id=invoice["id"], payment_id=payment_id,
                    expires_at=expires_at) for change in found]

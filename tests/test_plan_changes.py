@@ -72,7 +72,8 @@ class Account:
             ledger.lock_account(session, user_id=self.user_id)
             plan_changes.note_invoice(session, user_id=self.user_id, subscription_id=self.sub, invoice=invoice,
                                       payment_id=self.payment(session, invoice_id) if paid else None,
-                                      plan_of_line=plan_of({t: t for t in CATALOG}), period_start=period_start,
+                                      plan_of_line=plan_of({t: t for t in CATALOG}),
+                                      known_period=(period_start, END) if period_start else None,
                                       paid_through=None)
 
     def balance(self):
