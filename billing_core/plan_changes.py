@@ -140,11 +140,12 @@ def _credits(change: ReportedChange) -> int:
 
 
 def record(session: Session, change: ReportedChange, *, user_id: str, event_id: str | None = None,
-           invoice_id: str | None = None, payment_id: int | None = None,
-           expires_at: datetime | None = None) -> PlanChange:
+           invoice_id: str | None = None, payment_id: int | None = None, expires_at: datetime | None = None,
+           rollover: bool = False) -> PlanChange:
     """Record one report of a change (a subscription event's `event_id`, or an invoice's `invoice_id` and,
     once paid, `payment_id`) and apply what is due. `expires_at`: when a top-up paid by this invoice ends
-    (the later of its period's end and the end of the period the paying invoice opens)."""
+    (the later of its period's end and the end of the period the paying invoice opens); `rollover`
+    (SUBSCRIPTION_CREDITS_ROLLOVER): top-ups never expire."""
     row = _find(session, change, event_id=event_id, invoice_id=invoice_id)
     if row is None:
         row = PlanChange(user_id=user_id, subscription_id=change.subscription_id, period_end=change.period_end,
@@ -160,7 +161,7 @@ def record(session: Session, change: ReportedChange, *, user_id: str, event_id: 
     row.updated_at = utcnow()
     session.add(row)
     session.flush()
-    apply(session, row, expires_at=expires_at)
+    apply(session, row, expires_at=expires_at, rollover=rollover)
     return row
 
 
@@ -168,13 +169,14 @@ def _fraction_text(fraction: Fraction | None) -> str:
     return UNKNOWN_FRACTION if fraction is None else f"{fraction.numerator}/{fraction.denominator}"
 
 
-def apply(session: Session, row: PlanChange, *, expires_at: datetime | None = None) -> None:
+def apply(session: Session, row: PlanChange, *, expires_at: datetime | None = None, rollover: bool = False) -> None:
     """Grant a paid upgrade's top-up, or take a downgrade's take-back (as far as unspent credits allow)."""
     if row.credits > 0 and row.payment_id is not None and row.applied == 0:
         entry = ledger.grant_plan_change_topup(
             session, user_id=row.user_id, subscription_id=row.subscription_id, period_end=row.period_end,
             credits=row.credits, source_key=f"plan-change:{row.id}:topup", payment_id=row.payment_id,
-            expires_at=max(from_epoch(row.period_end), expires_at) if expires_at else from_epoch(row.period_end))
+            expires_at=max(from_epoch(row.period_end), expires_at) if expires_at else from_epoch(row.period_end),
+            rollover=rollover)
         if entry is not None:
             _set_applied(session, row, row.credits)
             settle_takebacks(session, user_id=row.user_id, subscription_id=row.subscription_id,
@@ -229,11 +231,11 @@ def note_subscription_update(session: Session, *, user_id: str, subscription_id:
 
 def note_invoice(session: Session, *, user_id: str, subscription_id: str, invoice: dict, payment_id: int | None,
                  plan_of_line: Callable[[dict], CatalogItem | None], known_period: tuple[int, int] | None,
-                 paid_through: int | None) -> list[PlanChange]:
+                 paid_through: int | None, rollover: bool = False) -> list[PlanChange]:
     """A paid invoice's proration lines: each change on it recorded; upgrades granted (paid), downgrades taken
     back. `paid_through`: the latest period end on the invoice (a top-up paid on a later invoice lasts that long)."""
     found = from_invoice(invoice, subscription_id=subscription_id, plan_of_line=plan_of_line,
                          known_period=known_period)
     expires_at = from_epoch(paid_through) if paid_through else None
     return [record(session, change, user_id=user_id, invoice_id=invoice["id"], payment_id=payment_id,
-                   expires_at=expires_at) for change in found]
+                   expires_at=expires_at, rollover=rollover) for change in found]

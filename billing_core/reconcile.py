@@ -5,8 +5,9 @@
    oldest first: the same idempotent path as the sidecar, so a copy arriving by webhook at the same moment
    is stored once (the event id is unique) and applied once (every ledger effect has a unique source key).
 3. Report what still looks wrong: paid Checkout Sessions (payment mode) and paid subscription invoices
-   without their grant, grants without a paid payment, anything applied twice, and stored events of the
-   period that failed or need attention.
+   without their grant, grants without a paid payment, anything applied twice, stored events of the
+   period that failed or need attention, and credit lots or account totals that don't match their
+   entries (`check-ledger`).
 
 Running it again changes nothing: every event is then already stored.
 """
@@ -25,7 +26,9 @@ from sqlmodel import Session
 from . import db
 from .catalog import PLANS
 from .ledger import SUBSCRIPTION_GRANT_KINDS
+from .ledger_check import check_ledger
 from .models import LedgerEntry, Payment, StripeEvent, from_epoch, utcnow
+from .settings import Settings
 
 STRIPE_EVENT_RETENTION = timedelta(days=30)
 PAGE_SIZE = 100
@@ -81,11 +84,13 @@ class ReconcileReport:
     paid_invoices_without_grant: list[dict] = field(default_factory=list)
     grants_without_payment: list[dict] = field(default_factory=list)
     applied_twice: list[dict] = field(default_factory=list)
+    ledger_mismatches: list[dict] = field(default_factory=list)  # check-ledger: lots and totals vs the entries
 
     @property
     def problems(self) -> int:
         return (len(self.recovery_errors) + len(self.stored_needing_attention) + len(self.paid_sessions_without_grant)
-                + len(self.paid_invoices_without_grant) + len(self.grants_without_payment) + len(self.applied_twice))
+                + len(self.paid_invoices_without_grant) + len(self.grants_without_payment) + len(self.applied_twice)
+                + len(self.ledger_mismatches))
 
     def as_dict(self) -> dict:
         return {
@@ -100,6 +105,7 @@ class ReconcileReport:
             "paid_invoices_without_grant": self.paid_invoices_without_grant,
             "grants_without_payment": self.grants_without_payment,
             "applied_twice": self.applied_twice,
+            "ledger_mismatches": self.ledger_mismatches,
             "problems": self.problems,
             "ok": self.problems == 0,
         }
@@ -144,7 +150,7 @@ def _stored_row(engine: Engine, event_id: str) -> StripeEvent | None:
         return session.get(StripeEvent, event_id)
 
 
-def recover_events(missing: list[dict], *, engine: Engine, report: ReconcileReport,
+def recover_events(missing: list[dict], *, engine: Engine, settings: Settings, report: ReconcileReport,
                    progress: Progress | None = None) -> None:
     """Ingest each missing event, oldest first; one event's failure doesn't stop the others."""
     from . import events as event_store
@@ -153,7 +159,8 @@ def recover_events(missing: list[dict], *, engine: Engine, report: ReconcileRepo
     for done, event in enumerate(ordered, start=1):
         summary = {"id": event["id"], "type": event.get("type")}
         try:
-            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile", engine=engine)
+            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile", engine=engine,
+                               settings=settings)
         except Exception as exc:  # noqa: BLE001 - reported per event; the run goes on
             report.recovery_errors.append({**summary, "error": _one_line(exc)})
         else:
@@ -353,14 +360,13 @@ def stored_needing_attention(session: Session, *, created_gte: int, now: datetim
 
 # --- the whole run ----------------------------------------------------------------------------
 
-def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, progress: Progress | None = None,
-              now: datetime | None = None) -> ReconcileReport:
+def reconcile(*, since: timedelta, settings: Settings, engine: Engine, client=None,
+              progress: Progress | None = None, now: datetime | None = None) -> ReconcileReport:
     if since > STRIPE_EVENT_RETENTION:
         raise ReconcileError("Stripe keeps events for 30 days; reconcile at most 30d")
     if client is None:
-        from .stripe_client import get_stripe_client
-        client = get_stripe_client()
-    engine = engine or db.get_engine()
+        from .stripe_client import make_stripe_client
+        client = make_stripe_client(settings)
     now = now or utcnow()
     created_gte = int((now - since).timestamp())
     report = ReconcileReport(since=from_epoch(created_gte), until=now.replace(microsecond=0))
@@ -370,13 +376,15 @@ def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, pr
     with db.read_session(engine) as session:
         known = stored_event_ids(session, [e["id"] for e in events])
     report.already_stored = len(known)
-    recover_events([e for e in events if e["id"] not in known], engine=engine, report=report, progress=progress)
+    recover_events([e for e in events if e["id"] not in known], engine=engine, settings=settings, report=report,
+                   progress=progress)
 
     with db.read_session(engine) as session:
         report.paid_sessions_without_grant = paid_sessions_without_grant(session, events)
         report.paid_invoices_without_grant = paid_invoices_without_grant(session, events)
         report.grants_without_payment = grants_without_payment(session)
         report.applied_twice = applied_twice(session)
+        report.ledger_mismatches = check_ledger(session).mismatches
         recovered_failures = {row["id"] for row in report.recovery_errors}
         report.stored_needing_attention = [row for row in stored_needing_attention(session, created_gte=created_gte, now=now)
                                            if row["id"] not in recovered_failures]

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import stripe
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from . import db, ledger
 from .models import StripeEvent, Subscription
-from .settings import Settings, get_settings
-from .stripe_client import get_stripe_client, stripe_errors
+from .settings import Settings
+from .stripe_client import make_stripe_client, stripe_errors
 
 LIVE_STATUSES = ("active", "trialing", "past_due", "unpaid", "incomplete")
 COMMENT_PREFIX = "second live subscription of"
@@ -107,15 +108,14 @@ def _retrieve_all(client, ids: list[str]) -> list:
     return found
 
 
-def live_subscriptions(*, user_id: str, client=None, settings: Settings | None = None) -> list[LiveSubscription]:
+def live_subscriptions(*, user_id: str, settings: Settings, engine: Engine, client=None) -> list[LiveSubscription]:
     """The user's subscriptions that Stripe shows live, oldest first."""
-    settings = settings or get_settings()
     user_id = ledger.check_user_id(user_id)
-    with db.read_session() as session:
+    with db.read_session(engine) as session:
         ids = candidate_subscription_ids(session, user_id=user_id)
     if len(ids) < 2:
         return []  # one subscription or none: nothing to ask Stripe
-    client = client or get_stripe_client()
+    client = client or make_stripe_client(settings)
     with stripe_errors(f"looking up {user_id}'s subscriptions", settings=settings):
         found = [_live(s) for s in _retrieve_all(client, ids)]
     return sorted((s for s in found if s.status in LIVE_STATUSES), key=lambda s: (s.created, s.id))
@@ -140,14 +140,13 @@ def _canceled_by_us(client, ids: list[str], user_id: str) -> LiveSubscription | 
     return None
 
 
-def cancel_and_refund_newer(*, user_id: str, operator: str, client=None,
-                            settings: Settings | None = None) -> CancelResult:
+def cancel_and_refund_newer(*, user_id: str, operator: str, settings: Settings, engine: Engine,
+                            client=None) -> CancelResult:
     """Cancel the user's newer live subscription at once and refund its latest invoice payment in full."""
-    settings = settings or get_settings()
     user_id = ledger.check_user_id(user_id)
     operator = ledger.check_text(operator, what="the operator name", max_length=ledger.MAX_OPERATOR_LENGTH)
-    client = client or get_stripe_client()
-    live = live_subscriptions(user_id=user_id, client=client, settings=settings)
+    client = client or make_stripe_client(settings)
+    live = live_subscriptions(user_id=user_id, settings=settings, engine=engine, client=client)
     with stripe_errors(f"canceling {user_id}'s second subscription", settings=settings):
         if len(live) >= 2:
             newer, kept = live[-1], live[-2].id
@@ -156,7 +155,7 @@ def cancel_and_refund_newer(*, user_id: str, operator: str, client=None,
                 options={"idempotency_key": f"cancel-second-{newer.id}"})
             canceled_now = True
         else:
-            with db.read_session() as session:
+            with db.read_session(engine) as session:
                 ids = candidate_subscription_ids(session, user_id=user_id)
             newer = _canceled_by_us(client, ids, user_id)
             if newer is None:

@@ -63,8 +63,8 @@ if second_candidate:
             st.error("Tick the confirmation box to cancel and refund the newer subscription.")
         elif cancel_second:
             try:
-                outcome = second_subscription.cancel_and_refund_newer(user_id=user_id, operator=identity.name,
-                                                                     settings=settings)
+                outcome = second_subscription.cancel_and_refund_newer(
+                    user_id=user_id, operator=identity.name, settings=settings, engine=db.get_engine(url))
             except (second_subscription.SecondSubscriptionError, StripeProblem) as exc:
                 st.error(str(exc))
             else:

@@ -10,6 +10,7 @@ from billing_core.second_subscription import (SecondSubscriptionError, cancel_an
                                               candidate_subscription_ids, live_subscriptions)
 from dashboard_helpers import ADMIN, SUPPORT, add_operators, signed_in, texts
 from stripe_events import subscription_event
+from wiring import wiring
 
 T0 = 1_900_000_000
 
@@ -41,12 +42,12 @@ def test_candidates_are_stored_subscriptions_and_those_of_needs_attention_events
     with db.read_session() as session:
         assert candidate_subscription_ids(session, user_id="agent-1") == ["sub_first", "sub_second"]
         assert candidate_subscription_ids(session, user_id="agent-2") == []
-    assert [s.id for s in live_subscriptions(user_id="agent-1")] == ["sub_first", "sub_second"]
+    assert [s.id for s in live_subscriptions(**wiring(), user_id="agent-1")] == ["sub_first", "sub_second"]
 
 
 def test_cancel_and_refund_the_newer_subscription_with_exact_parameters(two_subscriptions):
     state = two_subscriptions
-    result = cancel_and_refund_newer(user_id="agent-1", operator="alice")
+    result = cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
     assert (result.subscription_id, result.kept_subscription_id, result.canceled_now) == ("sub_second", "sub_first",
                                                                                           True)
     assert (result.refunded_cents, result.currency) == (9999, "usd")
@@ -66,8 +67,8 @@ def test_cancel_and_refund_the_newer_subscription_with_exact_parameters(two_subs
 
 def test_a_second_click_changes_nothing_more(two_subscriptions):
     state = two_subscriptions
-    first = cancel_and_refund_newer(user_id="agent-1", operator="alice")
-    again = cancel_and_refund_newer(user_id="agent-1", operator="bob")
+    first = cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
+    again = cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="bob")
     assert (again.subscription_id, again.canceled_now, again.refund_id) == ("sub_second", False, first.refund_id)
     assert len(state.requests_to("DELETE", "/v1/subscriptions/sub_second")) == 1
     assert len(state.objects["refunds"]) == 1 and state.objects["charges"]["ch_second"]["amount_refunded"] == 9999
@@ -77,31 +78,31 @@ def test_a_refund_that_failed_after_the_cancellation_is_finished_by_the_next_cli
     state = two_subscriptions
     charge = state.objects["charges"].pop("ch_second")  # Stripe can't find the payment to refund yet
     with pytest.raises(Exception, match="refunding sub_second's latest payment failed"):
-        cancel_and_refund_newer(user_id="agent-1", operator="alice")
+        cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
     assert state.objects["subscriptions"]["sub_second"]["status"] == "canceled"
     state.objects["charges"]["ch_second"] = charge
-    result = cancel_and_refund_newer(user_id="agent-1", operator="alice")
+    result = cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
     assert (result.canceled_now, result.refunded_cents) == (False, 9999)
 
 
 def test_an_already_refunded_payment_is_reported_not_refunded_again(two_subscriptions):
     two_subscriptions.objects["charges"]["ch_second"]["amount_refunded"] = 9999
-    result = cancel_and_refund_newer(user_id="agent-1", operator="alice")
+    result = cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
     assert result.refund_id is None and "was already refunded" in result.note
 
 
 def test_one_live_subscription_is_refused(two_subscriptions):
     two_subscriptions.objects["subscriptions"]["sub_second"]["status"] = "canceled"
     with pytest.raises(SecondSubscriptionError, match="agent-1 has 1 live subscription in Stripe: nothing to cancel"):
-        cancel_and_refund_newer(user_id="agent-1", operator="alice")
+        cancel_and_refund_newer(**wiring(), user_id="agent-1", operator="alice")
     assert two_subscriptions.requests_to("POST", "/v1/refunds") == []
 
 
 def test_the_double_refuses_to_cancel_twice_and_unknown_parameters(two_subscriptions):
-    from billing_core.stripe_client import get_stripe_client
+    from billing_core.stripe_client import make_stripe_client
     import stripe
 
-    client = get_stripe_client()
+    client = make_stripe_client(wiring()["settings"])
     with pytest.raises(stripe.InvalidRequestError, match="unknown parameter: at_period_end"):
         client.v1.subscriptions.cancel("sub_first", params={"at_period_end": True})
     client.v1.subscriptions.cancel("sub_first")
