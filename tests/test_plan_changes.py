@@ -187,3 +187,17 @@ def test_random_changes_grant_the_formula_and_never_exceed_the_highest_allowance
     for report in data.draw(st.permutations(reports)):
         report()
     assert account.balance() == expected <= allowance("business")
+
+
+def test_back_and_forth_in_one_period_is_not_reported_as_granted_twice(database_url):
+    from billing_core.reconcile import applied_twice
+
+    account = Account()
+    for number, at in enumerate((START + DAY, START + 2 * DAY, START + 3 * DAY)):
+        account.event(f"evt_up{number}", "starter", "business", at)
+        account.invoice(f"in_up{number}", "starter", "business", at)
+        account.event(f"evt_down{number}", "business", "starter", at + 3600)
+    with db.read_session() as session:
+        assert [row for row in applied_twice(session) if row.get("user_id") == account.user_id] == []
+        assert sum(e.credits for e in ledger.history(session, account.user_id, limit=100)
+                   if e.kind == "upgrade_topup") > allowance("business")
