@@ -170,6 +170,7 @@ def test_upgrade_on_day_10_then_downgrade_on_day_20(sidecar):
                                     .order_by(PlanChange.changed_at)).scalars())
     assert [(r.from_tier, r.to_tier, r.credits, r.applied, r.fraction) for r in rows] == [
         ("starter", "business", 1267, 1267, "2/3"), ("business", "starter", -633, -633, "1/3")]
+    assert_ledger_consistent(customer.user)
 
 
 def test_a_downgrade_reported_first_by_its_proration_credit_invoice_takes_back_at_once(sidecar):
@@ -222,6 +223,18 @@ def test_pending_prorations_are_granted_with_the_next_invoice_and_last_its_perio
     assert [(e.credits, e.period_end) for e in topups] == [(133, END)]  # round(400 x 10/30)
     assert ledger.from_epoch(NEXT_END) == topups[0].expires_at.replace(tzinfo=ledger.from_epoch(0).tzinfo)
     assert customer.balance == 100 + 133 + 500 - 100  # the old period's base lot closed with the new grant
+
+
+def test_with_rollover_a_top_up_never_expires(database_url, monkeypatch):
+    monkeypatch.setenv("SUBSCRIPTION_CREDITS_ROLLOVER", "true")
+    configure_webhooks(monkeypatch)
+    with TestClient(create_app()) as client:
+        customer = Customer(client)
+        customer.send(*customer.change("starter", "business", START + 10 * DAY))
+    with db.read_session() as session:
+        [topup] = session.execute(select(LedgerEntry).where(LedgerEntry.user_id == customer.user,
+                                                            LedgerEntry.kind == "upgrade_topup")).scalars()
+    assert (topup.credits, topup.expires_at) == (1267, None)
 
 
 def test_a_pre_2025_proration_line_layout_is_read_too(sidecar):
@@ -301,3 +314,12 @@ def test_any_plan_changes_in_any_order_grant_the_formula_and_never_more_than_the
     customer.send(*delivered)
     assert customer.balance == expected <= ALLOWANCE["business"]
     assert customer.tier_shown == changes[-1][2]
+    assert_ledger_consistent(customer.user)
+
+
+def assert_ledger_consistent(user_id):
+    """check-ledger finds the user's lots and totals in step with the entries."""
+    from billing_core.ledger_check import check_ledger
+
+    with db.read_session() as session:
+        assert [row for row in check_ledger(session).mismatches if row["user_id"] == user_id] == []
