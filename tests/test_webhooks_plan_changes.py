@@ -323,3 +323,21 @@ def assert_ledger_consistent(user_id):
 
     with db.read_session() as session:
         assert [row for row in check_ledger(session).mismatches if row["user_id"] == user_id] == []
+
+
+def test_once_the_second_subscription_is_canceled_its_waiting_events_finish_and_grant_nothing(sidecar):
+    customer = Customer(sidecar)
+    second = Customer(sidecar, base=False, sub=f"{customer.sub}_second")
+    second.user, second.customer = customer.user, customer.customer
+    created = second.subscription("customer.subscription.created", "business", created=START + DAY)
+    paid = second.base_invoice("business", invoice_id=f"in_{second.sub}")
+    customer.send(created, paid)
+    deleted = second.subscription("customer.subscription.deleted", "business", created=START + DAY + 600,
+                                  status="canceled")
+    assert send(sidecar, deleted)["status"] == "processed"
+    with db.read_session() as session:
+        statuses = {evt["id"]: session.get(StripeEvent, evt["id"]).status for evt in (created, paid)}
+        row = session.get(Subscription, second.sub)
+    assert statuses == {created["id"]: "processed", paid["id"]: "processed"}  # retried when the deletion came
+    assert (row.status, row.tier) == ("canceled", "none")
+    assert (customer.balance, customer.tier_shown) == (100, "starter")
