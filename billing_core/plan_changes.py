@@ -31,7 +31,7 @@ from sqlmodel import Session
 from . import ledger
 from .catalog import CatalogItem, allowance
 from .models import PlanChange, from_epoch, utcnow
-from .proration import (ProrationError, ProrationLine, change_credits, changes, fraction_at, fraction_from_lines,
+from .proration import (ProrationError, ProrationLine, change_credits, fraction_at, fraction_from_lines,
                         is_proration, line_price_id)
 
 MATCH_SECONDS = 300  # a subscription event's `created` and the proration's date are the same request, seconds apart
@@ -69,9 +69,35 @@ def from_invoice(invoice: dict, *, subscription_id: str, plan_of_line: Callable[
     """The changes an invoice's proration lines carry: per change (lines sharing a period), the plan credited
     for unused time and the plan charged for the remaining time. `known_period`: the subscription's current
     (start, end) as stored; its start makes the fraction exact for a change in that period."""
-    raw = (invoice.get("lines") or {}).get("data") if isinstance(invoice.get("lines"), dict) else None
-    plans: dict[int, CatalogItem] = {}
-    lines: list[ProrationLine] = []
+    by_change: dict[tuple[int, int], list[tuple[ProrationLine, CatalogItem]]] = {}
+    for line, plan in _proration_lines_with_plans(invoice, plan_of_line):
+        by_change.setdefault((line.period_start, line.period_end), []).append((line, plan))
+    reported = []
+    for (changed_at, period_end), group in sorted(by_change.items()):
+        credited = [pair for pair in group if pair[0].is_credit]
+        charged = [pair for pair in group if not pair[0].is_credit]
+        if not credited or not charged:
+            continue  # not a change of plan (a quantity change, a lone credit)
+        old = min(credited, key=lambda pair: pair[0].amount)[1]
+        new = max(charged, key=lambda pair: pair[0].amount)[1]
+        if old.key == new.key:
+            continue
+        start = known_period[0] if known_period and known_period[1] == period_end else None
+        try:
+            fraction = fraction_from_lines([line for line, _plan in group], period_start=start)
+        except ProrationError:
+            fraction = None
+        if all(line.amount == 0 for line, _plan in charged):  # nothing charged (a trial): nothing to top up
+            fraction = Fraction(0)
+        reported.append(ReportedChange(subscription_id, period_end, changed_at, old.key, new.key, fraction, start))
+    return reported
+
+
+def _proration_lines_with_plans(invoice: dict, plan_of_line: Callable[[dict], CatalogItem | None]
+                                ) -> list[tuple[ProrationLine, CatalogItem]]:
+    """Each proration line whose plan is known, with the plan's whole-period amount as its full price."""
+    raw = invoice.get("lines", {}).get("data") if isinstance(invoice.get("lines"), dict) else None
+    found = []
     for line in raw if isinstance(raw, list) else []:
         if not isinstance(line, dict) or not is_proration(line):
             continue
@@ -82,30 +108,9 @@ def from_invoice(invoice: dict, *, subscription_id: str, plan_of_line: Callable[
         if not isinstance(period.get("start"), int) or not isinstance(period.get("end"), int):
             continue
         quantity = line.get("quantity") if isinstance(line.get("quantity"), int) and line["quantity"] > 0 else 1
-        found = ProrationLine(line_price_id(line), amount, period["start"], period["end"],
-                              plan.amount_cents * quantity)
-        plans[id(found)] = plan
-        lines.append(found)
-    reported = []
-    for group in changes(lines):
-        credited = [line for line in group if line.is_credit]
-        charged = [line for line in group if not line.is_credit]
-        if not credited or not charged:
-            continue
-        old = plans[id(max(credited, key=lambda line: -line.amount))]
-        new = plans[id(max(charged, key=lambda line: line.amount))]
-        if old.key == new.key:
-            continue
-        start = known_period[0] if known_period and known_period[1] == group[0].period_end else None
-        try:
-            fraction = fraction_from_lines(group, period_start=start)
-        except ProrationError:
-            fraction = None
-        if all(line.amount == 0 for line in charged):  # nothing charged (a trial): nothing to top up
-            fraction = Fraction(0)
-        reported.append(ReportedChange(subscription_id, group[0].period_end, group[0].period_start, old.key, new.key,
-                                       fraction, start))
-    return reported
+        found.append((ProrationLine(line_price_id(line), amount, period["start"], period["end"],
+                                    plan.amount_cents * quantity), plan))
+    return found
 
 
 def _candidates(session: Session, change: ReportedChange) -> list[PlanChange]:
