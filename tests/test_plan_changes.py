@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from billing_core import db, ledger, plan_changes
 from billing_core.catalog import CATALOG, allowance
-from billing_core.models import Payment, PlanChange
+from billing_core.models import Payment
 from billing_core.proration import fraction_at, round_half_up
 
 DAY = 86400
