@@ -483,7 +483,7 @@ CREDIT_FLOW_KINDS = {
     "granted": ledger.GRANT_KINDS,
     "spent": ("spend",),
     "expired": ("expire",),
-    "clawed back": ("clawback",),
+    "clawed back": ("clawback", ledger.DOWNGRADE_TAKEBACK),
 }
 
 
