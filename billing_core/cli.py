@@ -44,12 +44,18 @@ def cmd_init_db(args) -> int:
 def cmd_check_config(args) -> int:
     settings = get_settings()
     problems = check_config(settings)
+    endpoint_lines = []
     if args.stripe:
+        from .api_versions import check_webhook_endpoints
         from .catalog_sync import check_prices_against_stripe
         problems += check_prices_against_stripe(settings)
+        endpoints = check_webhook_endpoints(settings)
+        endpoint_lines, problems = endpoints.lines(), problems + endpoints.problems
     errors = [p for p in problems if p.level == "error"]
     mode = "demo mode (no Stripe key, data/demo.db)" if settings.demo_mode else f"{settings.stripe_mode} mode"
     print(f"configuration from {settings.env_file}: {mode}")
+    for line in endpoint_lines:
+        print(f"  {line}")
     for problem in problems:
         print(f"  {problem}")
     if not problems:
@@ -120,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_db)
 
     p = sub.add_parser("check-config", help="report every configuration problem at once")
-    p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe")
+    p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe and list "
+                                                         "the webhook endpoints (API version, events)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo-data", help="fill the demo database (data/demo.db) with sample customers")
@@ -149,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consume)
 
-    from . import checkout_cli, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+    from . import checkout_cli, operators_cli, reconcile_cli, support_cli, webhooks_cli  # commands beside their code
 
-    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
+    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli, support_cli):
         module.register(sub)
     return parser
 

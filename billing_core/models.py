@@ -175,3 +175,22 @@ class Operator(SQLModel, table=True):
     password_hash: str = Field(max_length=300)
     disabled: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class RefundRequest(SQLModel, table=True):
+    """A refund an operator created from the console (Stripe's refund id, who, why, for how much).
+    The ledger changes only when Stripe's `charge.refunded` arrives: the request is pending until the
+    payment's `amount_refunded` reaches `refunded_after` (the charge's cumulative refund with this one)."""
+    __tablename__ = "refund_request"
+    __table_args__ = (Index("ix_refund_request_payment_created", "payment_id", "created_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    payment_id: int = Field(foreign_key="payment.id")
+    user_id: str | None = Field(default=None, max_length=200)
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str = Field(max_length=3)
+    refunded_after: int = Field(sa_column=Column(BigInteger, nullable=False))
+    stripe_refund_id: str = Field(unique=True, max_length=100)
+    idempotency_key: str = Field(max_length=255)
+    operator: str = Field(max_length=200)
+    reason: str = Field(max_length=500)
+    created_at: datetime = Field(default_factory=utcnow)

@@ -34,7 +34,7 @@ KNOWN_NAMES = (
     *PRICE_SETTINGS.values(),
     "DATABASE_URL", "STRIPE_API_BASE", "BILLING_API_TOKEN", "WEBHOOK_HOST", "WEBHOOK_PORT",
     "SUBSCRIPTION_CREDITS_ROLLOVER", "CHECKOUT_LINK_EXPIRY_HOURS", "SUPPORT_ADJUSTMENT_LIMIT",
-    "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
+    "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS", "SUPPORT_CAN_REFUND",
 )
 SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -73,6 +73,7 @@ class Settings:
     operator_timezone: str = "UTC"
     admin_emails: tuple[str, ...] = ()
     support_emails: tuple[str, ...] = ()
+    support_can_refund: bool = False
     env_file: str = ""
     parse_problems: tuple[Problem, ...] = ()
 
@@ -225,6 +226,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         operator_timezone=raw.get("OPERATOR_TIMEZONE") or "UTC",
         admin_emails=_emails(raw, "ADMIN_EMAILS"),
         support_emails=_emails(raw, "SUPPORT_EMAILS"),
+        support_can_refund=_parse_bool(raw, "SUPPORT_CAN_REFUND", False, problems),
         env_file=str(path),
         parse_problems=tuple(problems),
     )

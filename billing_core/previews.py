@@ -1,0 +1,258 @@
+"""Dry runs: what an event would change, computed by running the real handler and rolling it back.
+
+`preview_event` (replay --dry-run, the Preview buttons) and the refund preview (billing_core.refunds) both
+run the same handler the webhook runs, inside a write transaction that is never committed:
+
+1. the handler runs in a SAVEPOINT; a listener on the session notes every ledger entry, payment,
+   subscription and account it adds or changes;
+2. the touched accounts' state (balance, tier, flag, payments) is read, then the SAVEPOINT is rolled back
+   and the same state is read again: the "before" and "after" of the diff;
+3. the whole transaction is rolled back, so nothing of the run stays (tests compare a dump of the database).
+
+Nothing here talks to Stripe except the handler's own `prefetch` (a read), before the transaction opens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlalchemy import event as sa_event, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from . import db, handlers, ledger
+from .catalog import UnknownItem, UnknownPrice
+from .events import UnknownEvent
+from .handlers import EventContext, NeedsAttention
+from .models import Account, LedgerEntry, Payment, StripeEvent, Subscription
+from .settings import Settings, get_settings
+
+PAYMENT_FIELDS = ("status", "amount_cents", "currency", "amount_refunded", "amount_disputed_lost", "credits_granted",
+                  "user_id")
+SUBSCRIPTION_FIELDS = ("tier", "status", "current_period_end", "cancel_at_period_end", "user_id")
+MAX_REASON_CHARS = 1000
+
+
+@dataclass
+class AccountChange:
+    """One account's state before and after the previewed event, and the ledger entries it would add."""
+    user_id: str
+    balance_before: int
+    balance_after: int
+    spendable_before: int
+    spendable_after: int
+    tier_before: str
+    tier_after: str
+    flagged_before: bool
+    flagged_after: bool
+    flag_reason_after: str | None
+    entries: list[dict] = field(default_factory=list)
+
+    @property
+    def credits_taken_back(self) -> int:
+        """Credits a refund or lost dispute would claw back (positive)."""
+        return -sum(e["credits"] for e in self.entries if e["kind"] == "clawback")
+
+    def as_dict(self) -> dict:
+        return {"user_id": self.user_id, "balance_before": self.balance_before, "balance_after": self.balance_after,
+                "spendable_before": self.spendable_before, "spendable_after": self.spendable_after,
+                "tier_before": self.tier_before, "tier_after": self.tier_after,
+                "flagged_before": self.flagged_before, "flagged_after": self.flagged_after,
+                "flag_reason_after": self.flag_reason_after, "entries": self.entries}
+
+
+@dataclass
+class FieldChange:
+    """A payment's or subscription's field the event would change (`before` None: the row is new)."""
+    table: str
+    row_id: str
+    field: str
+    before: object
+    after: object
+
+    def as_dict(self) -> dict:
+        return {"table": self.table, "id": self.row_id, "field": self.field, "before": self.before,
+                "after": self.after}
+
+
+@dataclass
+class Preview:
+    event_id: str
+    event_type: str
+    status_before: str | None
+    status_after: str
+    reason_after: str | None
+    accounts: list[AccountChange]
+    changes: list[FieldChange]
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.changes) or any(a.entries or a.tier_before != a.tier_after
+                                         or a.flagged_before != a.flagged_after for a in self.accounts)
+
+    def as_dict(self) -> dict:
+        return {"event_id": self.event_id, "type": self.event_type, "status_before": self.status_before,
+                "status_after": self.status_after, "reason_after": self.reason_after, "dry_run": True,
+                "accounts": [a.as_dict() for a in self.accounts],
+                "changes": [c.as_dict() for c in self.changes]}
+
+
+class _RollBack(Exception):
+    """Raised at the end of a preview so write_session rolls the transaction back."""
+
+    def __init__(self, result):
+        super().__init__("preview rolled back")
+        self.result = result
+
+
+def rolled_back(engine: Engine, work: Callable[[Session], object]):
+    """`work(session)` inside a write transaction that is always rolled back; returns what it returned."""
+    try:
+        with db.write_session(engine) as session:
+            raise _RollBack(work(session))
+    except _RollBack as done:
+        return done.result
+
+
+# --- watching what a handler touches ----------------------------------------------------------
+
+class _Touched:
+    def __init__(self):
+        self.entries: list[LedgerEntry] = []
+        self.payments: list[Payment] = []
+        self.subscriptions: list[Subscription] = []
+        self.users: set[str] = set()
+
+    def before_flush(self, session, _context, _instances) -> None:
+        for obj in list(session.new) + list(session.dirty):
+            if isinstance(obj, LedgerEntry) and obj in session.new:
+                self.entries.append(obj)
+            elif isinstance(obj, Payment) and obj not in self.payments:
+                self.payments.append(obj)
+            elif isinstance(obj, Subscription) and obj not in self.subscriptions:
+                self.subscriptions.append(obj)
+            elif isinstance(obj, Account):
+                self.users.add(obj.user_id)
+
+
+def _entry_row(entry: LedgerEntry) -> dict:
+    return {"credits": entry.credits, "kind": entry.kind, "lot": entry.lot_key, "source_key": entry.source_key,
+            "expires_at": entry.expires_at.isoformat() if entry.expires_at else None, "reason": entry.reason}
+
+
+def _account_state(session: Session, user_id: str) -> dict:
+    summary = ledger.account_summary(session, user_id)
+    return {"balance": summary.balance, "spendable": summary.spendable_balance, "tier": summary.tier,
+            "flagged": summary.flagged, "flag_reason": summary.flag_reason}
+
+
+def _rows_state(session: Session, model, ids: list, fields: tuple[str, ...]) -> dict:
+    if not ids:
+        return {}
+    rows = session.execute(select(model).where(model.id.in_(ids)).execution_options(populate_existing=True))
+    return {str(row.id): {name: getattr(row, name) for name in fields} for row in rows.scalars()}
+
+
+def _field_changes(table: str, before: dict, after: dict) -> list[FieldChange]:
+    changes = []
+    for row_id, fields in after.items():
+        old = before.get(row_id, {})
+        changes += [FieldChange(table, row_id, name, old.get(name), value)
+                    for name, value in fields.items() if old.get(name) != value]
+    return changes
+
+
+def _run_handler(session: Session, ctx: EventContext) -> tuple[str, str | None, str | None]:
+    """The status the event would get, as events.py decides it (its effects stay in the savepoint)."""
+    try:
+        with session.begin_nested():
+            handled = handlers.handle(session, ctx)
+    except NeedsAttention as exc:
+        return "needs_attention", handlers.printable(exc.reason, MAX_REASON_CHARS), None
+    except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:
+        return "needs_attention", handlers.printable(f"{type(exc).__name__}: {exc}", MAX_REASON_CHARS), None
+    if handled.ignored:
+        return "ignored", handled.note, handled.user_id
+    return "processed", None, handled.user_id
+
+
+def diff_in_session(session: Session, ctx: EventContext, *, status_before: str | None = None) -> Preview:
+    """Run `ctx`'s handler in a savepoint of `session`, read the state it leaves, roll the savepoint back and
+    read the state again. The caller rolls back the enclosing transaction."""
+    touched = _Touched()
+    sa_event.listen(session, "before_flush", touched.before_flush)
+    savepoint = session.begin_nested()
+    try:
+        status, reason, user_id = _run_handler(session, ctx)
+        session.flush()
+        users = sorted({u for u in ({user_id} | touched.users | {e.user_id for e in touched.entries}
+                                    | {p.user_id for p in touched.payments}
+                                    | {s.user_id for s in touched.subscriptions}) if u})
+        entries = {u: [_entry_row(e) for e in touched.entries if e.user_id == u] for u in users}
+        payment_ids = [p.id for p in touched.payments if p.id is not None]
+        subscription_ids = [s.id for s in touched.subscriptions if s.id is not None]
+        after = {u: _account_state(session, u) for u in users}
+        payments_after = _rows_state(session, Payment, payment_ids, PAYMENT_FIELDS)
+        subscriptions_after = _rows_state(session, Subscription, subscription_ids, SUBSCRIPTION_FIELDS)
+    finally:
+        savepoint.rollback()
+        sa_event.remove(session, "before_flush", touched.before_flush)
+    existing = set(session.execute(select(Account.user_id).where(Account.user_id.in_(users))).scalars()) if users else set()
+    before = {u: _account_state(session, u) if u in existing else None for u in users}
+    changes = (_field_changes("payment", _rows_state(session, Payment, payment_ids, PAYMENT_FIELDS), payments_after)
+               + _field_changes("subscription", _rows_state(session, Subscription, subscription_ids,
+                                                            SUBSCRIPTION_FIELDS), subscriptions_after))
+    accounts = [_account_change(u, before[u], after[u], entries[u]) for u in users]
+    return Preview(event_id=ctx.id, event_type=ctx.type, status_before=status_before, status_after=status,
+                   reason_after=reason, accounts=accounts, changes=changes)
+
+
+def _account_change(user_id: str, before: dict | None, after: dict, entries: list[dict]) -> AccountChange:
+    before = before or {"balance": 0, "spendable": 0, "tier": "none", "flagged": False}
+    return AccountChange(user_id=user_id, balance_before=before["balance"], balance_after=after["balance"],
+                         spendable_before=before["spendable"], spendable_after=after["spendable"],
+                         tier_before=before["tier"], tier_after=after["tier"], flagged_before=before["flagged"],
+                         flagged_after=after["flagged"], flag_reason_after=after["flag_reason"], entries=entries)
+
+
+# --- previews of stored events ----------------------------------------------------------------
+
+def preview_event(event_id: str, *, assigned_user_id: str | None = None, engine: Engine | None = None,
+                  settings: Settings | None = None) -> Preview:
+    """What `reprocess(event_id, assigned_user_id=...)` would change, without changing anything."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine(settings.database_url)
+    if assigned_user_id is not None:
+        assigned_user_id = ledger.check_user_id(assigned_user_id)
+    with db.read_session(engine) as session:
+        row = session.get(StripeEvent, event_id)
+        if row is None:
+            raise UnknownEvent(f"no stored event {event_id}")
+        event, status_before = json.loads(row.payload), row.status
+        assigned_user_id = assigned_user_id or row.assigned_user_id
+    facts = handlers.prefetch(event, read_session=lambda: db.read_session(engine))
+    ctx = EventContext(event=event, settings=settings, assigned_user_id=assigned_user_id, source="replay",
+                       facts=facts)
+    return preview_context(ctx, engine=engine, status_before=status_before)
+
+
+def preview_context(ctx: EventContext, *, engine: Engine, status_before: str | None = None) -> Preview:
+    return rolled_back(engine, lambda session: diff_in_session(session, ctx, status_before=status_before))
+
+
+def describe(preview: Preview) -> list[str]:
+    """The preview as lines of text (the CLI's output and the page's caption)."""
+    lines = [f"{preview.event_id} ({preview.event_type}): {preview.status_before or 'new'} -> {preview.status_after}"
+             + (f": {preview.reason_after}" if preview.reason_after else "") + " [dry run, nothing changed]"]
+    for account in preview.accounts:
+        tier = (f", tier {account.tier_before} -> {account.tier_after}" if account.tier_before != account.tier_after
+                else f", tier {account.tier_after}")
+        flag = (f", flagged -> {account.flagged_after}" if account.flagged_before != account.flagged_after else "")
+        lines.append(f"  {account.user_id}: balance {account.balance_before} -> {account.balance_after}{tier}{flag}")
+        lines += [f"    {e['credits']:+d} {e['kind']}" + (f" ({e['reason']})" if e["reason"] else "")
+                  for e in account.entries]
+    lines += [f"  {c.table} {c.row_id}: {c.field} {c.before!r} -> {c.after!r}" for c in preview.changes]
+    if not preview.changes_anything:
+        lines.append("  no changes")
+    return lines
