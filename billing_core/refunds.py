@@ -332,3 +332,28 @@ def refund_requests(session: Session, *, payment_ids: list[int] | None = None, u
              "amount_cents": r.amount_cents, "currency": r.currency, "operator": r.operator, "reason": r.reason,
              "created_at": r.created_at, "status": "applied" if refunded >= r.refunded_after else "pending"}
             for r, refunded in session.execute(stmt).all()]
+
+
+def payment_ref(payment: Payment) -> str | None:
+    """The id the Payments page shows for a payment (and `refund` accepts)."""
+    return payment.checkout_session_id or payment.invoice_id or payment.payment_intent_id or payment.charge_id
+
+
+def refundable_payments(session: Session, *, user_id: str | None = None, payment_ids: list[int] | None = None,
+                        limit: int = 50) -> list[dict]:
+    """Payments with something left to refund, newest first, with what is left (pending refunds counted)."""
+    stmt = (select(Payment).where(Payment.status.in_(REFUNDABLE_STATUSES), Payment.amount_cents > 0)
+            .order_by(Payment.created_at.desc(), Payment.id.desc()).limit(limit))
+    if user_id is not None:
+        stmt = stmt.where(Payment.user_id == user_id)
+    if payment_ids is not None:
+        stmt = stmt.where(Payment.id.in_(payment_ids))
+    found = []
+    for payment in session.execute(stmt).scalars():
+        left = refundable_cents(session, payment)
+        if left > 0 and payment_ref(payment):
+            found.append({"payment_id": payment.id, "ref": payment_ref(payment), "user_id": payment.user_id,
+                          "amount_cents": payment.amount_cents, "currency": payment.currency,
+                          "refunded_cents": payment.amount_refunded, "left_cents": left, "item": payment.item,
+                          "created_at": payment.created_at})
+    return found

@@ -21,6 +21,7 @@ PAGES = {
     "revenue": "pages/4_Revenue_and_credits.py",
     "events": "pages/5_Webhook_events.py",
     "settings": "pages/6_Settings.py",
+    "expiring": "pages/7_Expiring_credits.py",
 }
 ADMIN = ("alice", "correct-horse-battery")
 SUPPORT = ("sam", "support-password-1")

@@ -13,7 +13,7 @@ from dashboard_helpers import (ADMIN, fresh_sign_in_throttle_and_caches, PAGES, 
                                sign_in, signed_in, texts)
 
 PAGE_TITLES = {"links": "Checkout links", "customers": "Customers", "payments": "Payments",
-               "revenue": "Revenue & credits", "events": "Webhook events", "settings": "Settings"}
+               "revenue": "Revenue & credits", "events": "Webhook events", "settings": "Settings", "expiring": "Expiring credits"}
 
 
 @pytest.fixture
