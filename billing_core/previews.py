@@ -252,7 +252,15 @@ def describe(preview: Preview) -> list[str]:
         lines.append(f"  {account.user_id}: balance {account.balance_before} -> {account.balance_after}{tier}{flag}")
         lines += [f"    {e['credits']:+d} {e['kind']}" + (f" ({e['reason']})" if e["reason"] else "")
                   for e in account.entries]
-    lines += [f"  {c.table} {c.row_id}: {c.field} {c.before!r} -> {c.after!r}" for c in preview.changes]
+    rows: dict[tuple[str, str], list[FieldChange]] = {}
+    for change in preview.changes:
+        rows.setdefault((change.table, change.row_id), []).append(change)
+    for (table, row_id), changes in rows.items():
+        if all(c.before is None for c in changes):
+            lines.append(f"  {table} {row_id} (new): " + ", ".join(f"{c.field} {c.after!r}" for c in changes))
+        else:
+            lines.append(f"  {table} {row_id}: " + ", ".join(f"{c.field} {c.before!r} -> {c.after!r}"
+                                                           for c in changes))
     if not preview.changes_anything:
         lines.append("  no changes")
     return lines
