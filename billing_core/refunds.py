@@ -26,7 +26,7 @@ from . import db, handlers, ledger
 from .handlers import EventContext
 from .models import Account, Payment, RefundRequest, utcnow
 from .operators import Identity, PermissionDenied
-from .previews import Preview, diff_in_session, rolled_back
+from .previews import AccountChange, Preview, diff_in_session, rolled_back
 from .settings import Settings, get_settings
 
 STRIPE_REASON = "requested_by_customer"
@@ -53,6 +53,7 @@ class RefundOutcome:
     refund: str | None = None  # Stripe's refund id; None for a dry run
     operator: str | None = None
     reason: str | None = None
+    made_earlier: bool = False  # this request's refund existed already; nothing new was refunded
 
     @property
     def account(self):
@@ -73,7 +74,7 @@ class RefundOutcome:
                 "flagged_after": account.flagged_after if account else False,
                 "dry_run": self.refund is None, "refund": self.refund,
                 "status": "pending" if self.refund else "preview", "operator": self.operator,
-                "reason": self.reason}
+                "reason": self.reason, "made_earlier": self.made_earlier}
 
 
 # --- who may refund ----------------------------------------------------------------------------
@@ -245,10 +246,15 @@ def preview_refund(*, payment_ref: str, amount: int | None = None, engine: Engin
 
 # --- the refund -----------------------------------------------------------------------------------
 
-def idempotency_key(*, target: str, refunded_after: int, operator: str, reason: str, request: str = "") -> str:
+def request_digest(*, operator: str, reason: str, request: str, amount: int | None) -> str:
+    """Who asked, why, for how much, and the page's per-form token: one operator request."""
+    parts = (operator, reason, request, "rest" if amount is None else str(amount))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+def idempotency_key(*, target: str, refunded_after: int, digest: str) -> str:
     """The same operator request for the same cumulative amount of the same charge: one refund, however
-    often it is sent (a retry after a timeout, a second click)."""
-    digest = hashlib.sha256("\x00".join((operator, reason, request)).encode()).hexdigest()[:24]
+    often it is sent (a network retry, a repeat after a crash between Stripe's answer and our insert)."""
     return f"refund:{target}:{refunded_after}:{digest}"
 
 
@@ -286,13 +292,17 @@ def create_refund(*, payment_ref: str, amount: int | None = None, reason: str | 
     operator = ledger.check_text(operator, what="the operator name", max_length=ledger.MAX_OPERATOR_LENGTH)
     reason = (ledger.check_text(reason, what="the reason", max_length=MAX_REASON_LENGTH, allow_newlines=True)
               if reason and reason.strip() else "")
+    digest = request_digest(operator=operator, reason=reason, request=request, amount=amount)
+    if request:  # the page's form submitted again after its refund was made (a rerun cut off, a double click)
+        earlier = _made_earlier(engine, payment_ref=payment_ref, digest=digest)
+        if earlier is not None:
+            return earlier
     outcome = preview_refund(payment_ref=payment_ref, amount=amount, engine=engine, settings=settings)
     client = client or get_stripe_client()
     with db.read_session(engine) as session:
         payment = session.get(Payment, outcome.payment_id)
     target = _stripe_target(payment, client)
-    key = idempotency_key(target=next(iter(target.values())), refunded_after=outcome.refunded_after,
-                          operator=operator, reason=reason, request=request)
+    key = idempotency_key(target=next(iter(target.values())), refunded_after=outcome.refunded_after, digest=digest)
     metadata = {"operator": operator, "payment": outcome.payment} | ({"reason": reason} if reason else {})
     params = {**target, "amount": outcome.amount, "reason": STRIPE_REASON, "metadata": metadata}
     try:
@@ -304,6 +314,32 @@ def create_refund(*, payment_ref: str, amount: int | None = None, reason: str | 
     _record(engine, payment=payment, outcome=outcome, refund_id=refund.id, key=key, operator=operator, reason=reason)
     outcome.refund, outcome.operator, outcome.reason = refund.id, operator, reason or None
     return outcome
+
+
+def _made_earlier(engine: Engine, *, payment_ref: str, digest: str) -> RefundOutcome | None:
+    """The refund this very request already made, with the account as it is now; None when there is none."""
+    with db.read_session(engine) as session:
+        try:
+            payment = find_payment(session, payment_ref)
+        except RefundRefused:
+            return None
+        row = session.execute(select(RefundRequest).where(RefundRequest.payment_id == payment.id,
+                                                          RefundRequest.idempotency_key.endswith(f":{digest}"))
+                              ).scalars().first()
+        if row is None:
+            return None
+        now = ledger.account_summary(session, payment.user_id) if payment.user_id else None
+    account = [AccountChange(user_id=now.user_id, balance_before=now.balance, balance_after=now.balance,
+                             spendable_before=now.spendable_balance, spendable_after=now.spendable_balance,
+                             tier_before=now.tier, tier_after=now.tier, flagged_before=now.flagged,
+                             flagged_after=now.flagged, flag_reason_after=now.flag_reason)] if now else []
+    preview = Preview(event_id="", event_type="charge.refunded", status_before=None, status_after="processed",
+                      reason_after=None, accounts=account, changes=[])
+    return RefundOutcome(payment=payment_ref.strip(), payment_id=payment.id, user_id=payment.user_id,
+                         amount=row.amount_cents, currency=row.currency,
+                         refunded_before=row.refunded_after - row.amount_cents,
+                         refunded_after=row.refunded_after, preview=preview, refund=row.stripe_refund_id,
+                         operator=row.operator, reason=row.reason or None, made_earlier=True)
 
 
 def _record(engine: Engine, *, payment: Payment, outcome: RefundOutcome, refund_id: str, key: str, operator: str,

@@ -134,9 +134,11 @@ def _confirm(outcome: refunds.RefundOutcome, *, identity: Identity, settings: Se
         for name in ("outcome", "token", "amount", "reason", "confirm", "whole"):
             st.session_state.pop(f"{key}_{name}", None)
         data.clear_cached_aggregates()
-        st.session_state[f"{key}_done"] = (f"Refund {done.refund} of {money(done.amount, done.currency)} created in "
-                                           f"Stripe; pending until Stripe reports it, then "
-                                           f"{done.credits_taken_back:,} credits are taken back.")
+        st.session_state[f"{key}_done"] = (
+            f"Refund {done.refund} of {money(done.amount, done.currency)} was already made for this request; nothing "
+            "more was refunded." if done.made_earlier else
+            f"Refund {done.refund} of {money(done.amount, done.currency)} created in Stripe; pending until Stripe "
+            f"reports it, then {done.credits_taken_back:,} credits are taken back.")
         st.rerun()
 
 

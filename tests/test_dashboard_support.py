@@ -171,3 +171,19 @@ def test_expiring_credits_page_shows_totals_table_and_csv(database_url):
     at.radio(key="expiring_days").set_value(7).run()
     assert at.dataframe[0].value["User"].tolist() == ["a"]
     assert any(b.key == "expiring_csv" for b in at.get("download_button"))
+
+
+def test_the_same_filled_in_refund_form_refunds_once(database_url, shop):
+    """A rerun cut off after the refund was recorded submits the same form (the same token) again."""
+    at = preview_part(signed_in(ADMIN, "payments"))
+    at.checkbox(key="pay_refund_confirm").check().run()
+    at.session_state["pay_refund_token"] = "form-1"
+    button(at, "pay_refund_go").click()
+    at = at.run()
+    at = preview_part(at)  # the same inputs, and (as if the clean-up had been lost) the same token
+    at.checkbox(key="pay_refund_confirm").check().run()
+    at.session_state["pay_refund_token"] = "form-1"
+    button(at, "pay_refund_go").click()
+    at = at.run()
+    assert any("already made for this request" in s.value for s in at.success), [s.value for s in at.success]
+    assert len(shop.objects["refunds"]) == 1 and len(shop.requests_to("POST", "/v1/refunds")) == 1
