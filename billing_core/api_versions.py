@@ -72,7 +72,8 @@ def endpoint_problems(endpoints: list[dict]) -> list[Problem]:
     enabled = [e for e in endpoints if e.get("status") == "enabled"]
     if not enabled:
         return [Problem("warning", SETTING, "no enabled webhook endpoint in this Stripe account: no events arrive "
-                                            "(unless forwarded by `stripe listen`); add one for <your public URL>/api/stripe/webhook")]
+                                            "(unless forwarded by `stripe listen`); add one for "
+                                            "<your public URL>/api/stripe/webhook")]
     problems = []
     for e in enabled:
         version = e.get("api_version")

@@ -59,7 +59,8 @@ def expiring_lots(session: Session, *, after: datetime, until: datetime) -> list
     return [(user_id, int(credits), as_utc(expires_at)) for user_id, credits, expires_at in session.execute(stmt)]
 
 
-def expiring_credits(session: Session, *, days: int, now: datetime | None = None, tz_name: str = "UTC") -> ExpiringReport:
+def expiring_credits(session: Session, *, days: int, now: datetime | None = None,
+                     tz_name: str = "UTC") -> ExpiringReport:
     days = check_days(days)
     now = as_utc(now or utcnow())
     lots = expiring_lots(session, after=now, until=now + timedelta(days=days))

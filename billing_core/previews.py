@@ -198,8 +198,7 @@ def diff_in_session(session: Session, ctx: EventContext, *, status_before: str |
     finally:
         savepoint.rollback()
         sa_event.remove(session, "before_flush", touched.before_flush)
-    existing = set(session.execute(select(Account.user_id).where(Account.user_id.in_(users))).scalars()) if users else set()
-    before = {u: _account_state(session, u) if u in existing else None for u in users}
+    before = {u: _account_state(session, u) for u in users}  # a missing account reads as empty
     changes = (_field_changes("payment", _rows_state(session, Payment, payment_ids, PAYMENT_FIELDS), payments_after)
                + _field_changes("subscription", _rows_state(session, Subscription, subscription_ids,
                                                             SUBSCRIPTION_FIELDS), subscriptions_after))
@@ -208,8 +207,7 @@ def diff_in_session(session: Session, ctx: EventContext, *, status_before: str |
                    reason_after=reason, accounts=accounts, changes=changes)
 
 
-def _account_change(user_id: str, before: dict | None, after: dict, entries: list[dict]) -> AccountChange:
-    before = before or {"balance": 0, "spendable": 0, "tier": "none", "flagged": False}
+def _account_change(user_id: str, before: dict, after: dict, entries: list[dict]) -> AccountChange:
     return AccountChange(user_id=user_id, balance_before=before["balance"], balance_after=after["balance"],
                          spendable_before=before["spendable"], spendable_after=after["spendable"],
                          tier_before=before["tier"], tier_after=after["tier"], flagged_before=before["flagged"],

@@ -43,8 +43,9 @@ def show_preview(preview: Preview) -> None:
         table(entries, key=f"preview_entries_{preview.event_id}")
     if preview.changes:
         st.markdown("Fields it would change")
-        table([{"Table": c.table, "Row": c.row_id, "Field": c.field, "Before": "—" if c.before is None else str(c.before),
-                "After": str(c.after)} for c in preview.changes], key=f"preview_changes_{preview.event_id}")
+        table([{"Table": c.table, "Row": c.row_id, "Field": c.field,
+                "Before": "—" if c.before is None else str(c.before), "After": str(c.after)}
+               for c in preview.changes], key=f"preview_changes_{preview.event_id}")
     with st.expander("As text"):
         st.code("\n".join(describe(preview)), language=None)
 

@@ -135,8 +135,10 @@ pinned = api_versions.pinned_version()
 drifted = [v for v in versions if not v["pinned"]]
 if drifted:
     st.warning(f"{sum(v['events'] for v in drifted):,} event(s) of the last 30 days came in another API version "
-               f"than the pinned {pinned}; `python -m billing_core check-config --stripe` shows which endpoint sends them.")
-table([{"API version": v["api_version"] or "—", "Events": v["events"], "Last received": when(v["last_received"], settings),
+               f"than the pinned {pinned}; `python -m billing_core check-config --stripe` shows which endpoint "
+               "sends them.")
+table([{"API version": v["api_version"] or "—", "Events": v["events"],
+        "Last received": when(v["last_received"], settings),
         "": "pinned" if v["pinned"] else "differs from the pinned version"} for v in versions], key="ev_versions")
 st.caption(f"Pinned version: {pinned} (the installed stripe library's). Events of other versions are processed, "
            "but their fields may be elsewhere.")

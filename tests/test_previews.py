@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 from billing_core import db, expiring, ledger, previews
 from billing_core.api_versions import check_webhook_endpoints, recent_event_versions
 from billing_core.handlers import EVENT_TYPES
-from billing_core.models import StripeEvent, from_epoch, utcnow
+from billing_core.models import StripeEvent, utcnow
 from billing_core.settings import PROJECT_ROOT, get_settings
 from billing_core.webapp import create_app
 from db_dump import database_dump

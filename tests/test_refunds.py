@@ -15,11 +15,11 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from billing_core import db, ledger, refunds
-from billing_core.models import Payment, RefundRequest
+from billing_core.models import RefundRequest
 from billing_core.settings import PROJECT_ROOT
 from billing_core.webapp import create_app
 from db_dump import database_dump
-from stripe_events import PACK_AMOUNTS, checkout_completed, configure_webhooks, deliver, event, new_id
+from stripe_events import PACK_AMOUNTS, checkout_completed, configure_webhooks, deliver
 
 PACK_CREDITS = {"pack_100": 100, "pack_250": 250, "pack_500": 500, "pack_1000": 1000}
 _example = itertools.count(1)
