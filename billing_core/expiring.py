@@ -1,8 +1,8 @@
 """Subscription credits about to expire unspent: a day-by-day forecast and the accounts that hold the most.
 
 Only subscription lots expire (packs and adjustments never do). A lot counts when it is still open (no
-`expire` entry), holds credits, and its expiry time falls in (now, now + days]. Credits frozen by a past-due
-subscription or held by a dispute are not counted: they are not the customer's to spend before expiry.
+`expire` entry), holds credits, and its expiry time falls in (now, now + days]. Credits a dispute holds are not
+counted (they are not the lot's any more); credits frozen by a past-due subscription are, since they expire too.
 """
 from __future__ import annotations
 

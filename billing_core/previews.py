@@ -3,8 +3,9 @@
 `preview_event` (replay --dry-run, the Preview buttons) and the refund preview (billing_core.refunds) both
 run the same handler the webhook runs, inside a write transaction that is never committed:
 
-1. the handler runs in a SAVEPOINT; a listener on the session notes every ledger entry, payment,
-   subscription and account it adds or changes;
+1. the handler runs in a SAVEPOINT; the ledger entries it adds are those with an id above the largest before
+   (exact: on PostgreSQL the transaction reads one REPEATABLE READ snapshot, on SQLite it holds the write
+   lock), and a listener on the session notes the payments, subscriptions and accounts it changes;
 2. the touched accounts' state (balance, tier, flag, payments) is read, then the SAVEPOINT is rolled back
    and the same state is read again: the "before" and "after" of the diff;
 3. the whole transaction is rolled back, so nothing of the run stays (tests compare a dump of the database).
@@ -17,8 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import event as sa_event, select
+from sqlalchemy import event as sa_event, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from . import db, handlers, ledger
@@ -106,29 +108,40 @@ class _RollBack(Exception):
         self.result = result
 
 
+SERIALIZATION_RETRIES = 3
+
+
 def rolled_back(engine: Engine, work: Callable[[Session], object]):
-    """`work(session)` inside a write transaction that is always rolled back; returns what it returned."""
-    try:
-        with db.write_session(engine) as session:
-            raise _RollBack(work(session))
-    except _RollBack as done:
-        return done.result
+    """`work(session)` inside a write transaction that is always rolled back; returns what it returned.
+    On PostgreSQL the transaction sees one snapshot, so rows other transactions commit meanwhile don't show;
+    a row lock meeting a newer version of the row (a concurrent write) starts the preview again."""
+    for attempt in range(SERIALIZATION_RETRIES):
+        try:
+            with db.write_session(engine) as session:
+                if not db.is_sqlite(engine):
+                    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                raise _RollBack(work(session))
+        except _RollBack as done:
+            return done.result
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "40001" or attempt == SERIALIZATION_RETRIES - 1:
+                raise
 
 
 # --- watching what a handler touches ----------------------------------------------------------
 
 class _Touched:
+    """What the ORM flushes; the ledger may write its entries and lots with Core statements, so those are
+    found by id instead (`_entries_after`)."""
+
     def __init__(self):
-        self.entries: list[LedgerEntry] = []
         self.payments: list[Payment] = []
         self.subscriptions: list[Subscription] = []
         self.users: set[str] = set()
 
     def before_flush(self, session, _context, _instances) -> None:
         for obj in list(session.new) + list(session.dirty):
-            if isinstance(obj, LedgerEntry) and obj in session.new:
-                self.entries.append(obj)
-            elif isinstance(obj, Payment) and obj not in self.payments:
+            if isinstance(obj, Payment) and obj not in self.payments:
                 self.payments.append(obj)
             elif isinstance(obj, Subscription) and obj not in self.subscriptions:
                 self.subscriptions.append(obj)
@@ -136,9 +149,18 @@ class _Touched:
                 self.users.add(obj.user_id)
 
 
-def _entry_row(entry: LedgerEntry) -> dict:
-    return {"credits": entry.credits, "kind": entry.kind, "lot": entry.lot_key, "source_key": entry.source_key,
-            "expires_at": entry.expires_at.isoformat() if entry.expires_at else None, "reason": entry.reason}
+_ENTRIES = LedgerEntry.__table__
+
+
+def _last_entry_id(session: Session) -> int:
+    return int(session.execute(select(func.coalesce(func.max(_ENTRIES.c.id), 0))).scalar_one())
+
+
+def _entries_after(session: Session, last_id: int) -> list[dict]:
+    rows = session.execute(select(_ENTRIES).where(_ENTRIES.c.id > last_id).order_by(_ENTRIES.c.id)).mappings()
+    return [{"user_id": r["user_id"], "credits": r["credits"], "kind": r["kind"], "lot": r["lot_key"],
+             "source_key": r["source_key"], "reason": r["reason"],
+             "expires_at": r["expires_at"].isoformat() if r["expires_at"] else None} for r in rows]
 
 
 def _account_state(session: Session, user_id: str) -> dict:
@@ -181,15 +203,18 @@ def diff_in_session(session: Session, ctx: EventContext, *, status_before: str |
     """Run `ctx`'s handler in a savepoint of `session`, read the state it leaves, roll the savepoint back and
     read the state again. The caller rolls back the enclosing transaction."""
     touched = _Touched()
+    last_entry = _last_entry_id(session)
     sa_event.listen(session, "before_flush", touched.before_flush)
     savepoint = session.begin_nested()
     try:
         status, reason, user_id = _run_handler(session, ctx)
         session.flush()
-        users = sorted({u for u in ({user_id} | touched.users | {e.user_id for e in touched.entries}
+        added = _entries_after(session, last_entry)
+        users = sorted({u for u in ({user_id} | touched.users | {e["user_id"] for e in added}
                                     | {p.user_id for p in touched.payments}
                                     | {s.user_id for s in touched.subscriptions}) if u})
-        entries = {u: [_entry_row(e) for e in touched.entries if e.user_id == u] for u in users}
+        entries = {u: [{k: v for k, v in e.items() if k != "user_id"} for e in added if e["user_id"] == u]
+                   for u in users}
         payment_ids = [p.id for p in touched.payments if p.id is not None]
         subscription_ids = [s.id for s in touched.subscriptions if s.id is not None]
         after = {u: _account_state(session, u) for u in users}

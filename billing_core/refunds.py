@@ -33,6 +33,7 @@ STRIPE_REASON = "requested_by_customer"
 PAYMENT_PREFIXES = {"cs_": Payment.checkout_session_id, "in_": Payment.invoice_id,
                     "pi_": Payment.payment_intent_id, "ch_": Payment.charge_id}
 REFUNDABLE_STATUSES = ("paid", "partially_refunded")
+DISPUTED = "disputed"
 MAX_REASON_LENGTH = 500  # Stripe's limit for a metadata value
 
 
@@ -96,7 +97,7 @@ def find_payment(session: Session, payment_ref: str, *, aliases: dict | None = N
     ref = payment_ref.strip() if isinstance(payment_ref, str) else ""
     column = _column_for(ref)
     if column is None:
-        raise RefundRefused(f"unknown payment {handlers.shown(ref) or '(empty)'}: name it by its Checkout Session "
+        raise RefundRefused(f"unknown payment {_shown(ref) or '(empty)'}: name it by its Checkout Session "
                             "(cs_...), invoice (in_...), PaymentIntent (pi_...) or charge (ch_...)")
     for ident in [ref, *(aliases or {}).values()]:
         if ident and _column_for(ident) is not None:
@@ -109,6 +110,26 @@ def find_payment(session: Session, payment_ref: str, *, aliases: dict | None = N
 
 def _column_for(ref: str):
     return next((c for prefix, c in PAYMENT_PREFIXES.items() if ref.startswith(prefix)), None)
+
+
+def _shown(value: str) -> str:
+    return handlers.printable(value, 40) + ("..." if len(value) > 40 else "")
+
+
+def _stripe_id(value) -> str | None:
+    """An id string, or an expanded object's id; None for anything else."""
+    value = value.get("id") if isinstance(value, dict) else value
+    return value if isinstance(value, str) and value.isascii() and value.isprintable() and "_" in value else None
+
+
+def _invoice_paid_by(intent: str, *, client, settings: Settings) -> str | None:
+    from .stripe_client import stripe_errors
+
+    with stripe_errors(f"looking up the invoice paid by {intent}", settings=settings):
+        found = client.v1.invoice_payments.list(
+            params={"payment": {"type": "payment_intent", "payment_intent": intent}, "limit": 10})
+    invoices = [_stripe_id((r.to_dict() if hasattr(r, "to_dict") else r).get("invoice")) for r in found.data]
+    return next((i for i in invoices if i), None)
 
 
 def stripe_aliases(payment_ref: str, *, settings: Settings) -> dict:
@@ -125,8 +146,8 @@ def stripe_aliases(payment_ref: str, *, settings: Settings) -> dict:
         intent = ref
         if ref.startswith("ch_"):
             with stripe_errors(f"looking up charge {ref}", settings=settings):
-                intent = handlers.lenient_id(client.v1.charges.retrieve(ref).to_dict().get("payment_intent"))
-        invoice = handlers.invoice_for_payment_intent(intent, client=client) if intent else None
+                intent = _stripe_id(client.v1.charges.retrieve(ref).to_dict().get("payment_intent"))
+        invoice = _invoice_paid_by(intent, client=client, settings=settings) if intent else None
     except (StripeNotConfigured, StripeProblem):
         return {}
     return {"payment_intent": intent, "invoice": invoice}
@@ -152,7 +173,7 @@ def refundable_cents(session: Session, payment: Payment) -> int:
 def _checked_amount(session: Session, payment: Payment, payment_ref: str, amount) -> int:
     if payment.status in ("unpaid", "failed"):
         raise RefundRefused(f"payment {payment_ref} was never paid ({payment.status}): nothing to refund")
-    if payment.status == handlers.DISPUTED:
+    if payment.status == DISPUTED:
         raise RefundRefused(f"payment {payment_ref} is disputed: Stripe doesn't refund a disputed charge")
     left = refundable_cents(session, payment)
     if left <= 0:
@@ -273,7 +294,7 @@ def _stripe_target(payment: Payment, client) -> dict:
         for record in found.data:
             paid = (record.to_dict() if hasattr(record, "to_dict") else record).get("payment") or {}
             for name in ("payment_intent", "charge"):
-                ident = handlers.lenient_id(paid.get(name))
+                ident = _stripe_id(paid.get(name))
                 if ident:
                     return {name: ident}
     raise RefundRefused(f"Stripe names no charge for payment {payment.id}: refund it in Stripe's Dashboard")
