@@ -1,8 +1,9 @@
 """Subscription credits about to expire unspent: a day-by-day forecast and the accounts that hold the most.
 
-Only subscription lots expire (packs and adjustments never do). A lot counts when it is still open (no
-`expire` entry), holds credits, and its expiry time falls in (now, now + days]. Credits a dispute holds are not
-counted (they are not the lot's any more); credits frozen by a past-due subscription are, since they expire too.
+Only subscription lots expire (packs and adjustments never do). A lot counts when it is still open, holds
+credits, and its expiry time falls in (now, now + days]: one range scan of `credit_lot` over the partial index
+`ix_credit_lot_expiring` (open subscription lots by expiry). Credits a dispute holds are not counted (they are
+not the lot's any more); credits frozen by a past-due subscription are, since they expire too.
 """
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import and_, case, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import false, literal_column, select
 from sqlmodel import Session
 
 from .formatting import as_utc, zone
-from .models import LedgerEntry, utcnow
+from .models import CreditLot, utcnow
 
 MAX_DAYS = 366
-_GRANT = aliased(LedgerEntry, name="expiring_grant")
-_ENTRY = aliased(LedgerEntry, name="expiring_entry")
+LOT = CreditLot.__table__
+SUBSCRIPTION = literal_column("'subscription'")
 
 
 @dataclass
@@ -49,13 +49,10 @@ def check_days(days) -> int:
 
 def expiring_lots(session: Session, *, after: datetime, until: datetime) -> list[tuple[str, int, datetime]]:
     """(user id, credits left, expires at) of each open subscription lot expiring in (after, until]."""
-    grant, entry = _GRANT, _ENTRY
-    left = func.sum(entry.credits)
-    stmt = (select(grant.user_id, left, grant.expires_at)
-            .join(entry, and_(entry.user_id == grant.user_id, entry.lot_key == grant.source_key))
-            .where(grant.expires_at > after, grant.expires_at <= until, grant.lot_source == "subscription")
-            .group_by(grant.id, grant.user_id, grant.expires_at)
-            .having(left > 0, func.sum(case((entry.kind == "expire", 1), else_=0)) == 0))
+    # the literals match the partial index's predicate, so both databases use it
+    stmt = select(LOT.c.user_id, LOT.c.remaining, LOT.c.expires_at).where(
+        LOT.c.closed == false(), LOT.c.source == SUBSCRIPTION, LOT.c.expires_at > after,
+        LOT.c.expires_at <= until, LOT.c.remaining > 0)
     return [(user_id, int(credits), as_utc(expires_at)) for user_id, credits, expires_at in session.execute(stmt)]
 
 
