@@ -25,6 +25,7 @@ table([{"Setting": name, "Value": value} for name, value in (
     ("SUBSCRIPTION_CREDITS_ROLLOVER", str(settings.subscription_credits_rollover).lower()),
     ("CHECKOUT_LINK_EXPIRY_HOURS", str(settings.checkout_link_expiry_hours)),
     ("SUPPORT_ADJUSTMENT_LIMIT", f"{settings.support_adjustment_limit:,} credits"),
+    ("SUPPORT_CAN_REFUND", str(settings.support_can_refund).lower()),
 )], key="settings_values")
 
 problems = check_config(settings)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from billing_core import db, ledger
-from billing_core.models import RefundRequest, utcnow
+from billing_core.models import RefundRequest, StripeEvent, utcnow
 from billing_core.settings import reset_settings_cache
 from billing_core.webapp import create_app
 from dashboard_helpers import (ADMIN, SUPPORT, add_operators, fresh_sign_in_throttle_and_caches,  # noqa: F401
@@ -187,3 +187,19 @@ def test_the_same_filled_in_refund_form_refunds_once(database_url, shop):
     at = at.run()
     assert any("already made for this request" in s.value for s in at.success), [s.value for s in at.success]
     assert len(shop.objects["refunds"]) == 1 and len(shop.requests_to("POST", "/v1/refunds")) == 1
+
+
+def test_replay_of_the_chosen_event_is_admin_only(database_url, shop):
+    evt = checkout_completed(user_id="u8", item="pack_100", session_id="cs_test_r", payment_intent="pi_r")
+    with TestClient(create_app()) as client:
+        deliver(client, evt)
+    support = signed_in(SUPPORT, "events")
+    assert button(support, "ev_replay").disabled and not button(support, "ev_preview").disabled
+    at = signed_in(ADMIN, "events")
+    at.selectbox(key="ev_payload_pick").set_value(evt["id"]).run()
+    button(at, "ev_replay").click()
+    at = at.run()
+    assert any(f"Replayed {evt['id']}: processed" in s.value for s in at.success), [s.value for s in at.success]
+    with db.read_session() as session:
+        assert ledger.balance(session, "u8") == 100  # replayed once more, applied once
+        assert session.get(StripeEvent, evt["id"]).reprocessed_by == "alice"
