@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from .handlers import EVENT_TYPES
 from .models import StripeEvent, utcnow
-from .settings import Problem, Settings, get_settings
+from .settings import Problem, Settings
 
 RECENT_DAYS = 30
 SETTING = "webhook endpoints"
@@ -91,11 +91,10 @@ def endpoint_problems(endpoints: list[dict]) -> list[Problem]:
     return problems
 
 
-def check_webhook_endpoints(settings: Settings | None = None, *, client=None) -> EndpointCheck:
+def check_webhook_endpoints(settings: Settings, *, client=None) -> EndpointCheck:
     """The account's endpoints and what is wrong with them (check-config --stripe)."""
     from .stripe_client import StripeNotConfigured, describe_stripe_error, make_stripe_client
 
-    settings = settings or get_settings()
     try:
         client = client or make_stripe_client(settings)
         endpoints = list_endpoints(client)

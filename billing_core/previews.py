@@ -5,9 +5,9 @@ run the same handler the webhook runs, inside a write transaction that is never 
 
 1. the handler runs in a SAVEPOINT; the ledger entries it adds are those with an id above the largest before
    (exact: on PostgreSQL the transaction reads one REPEATABLE READ snapshot, on SQLite it holds the write
-   lock), and a listener on the session notes the payments, subscriptions and accounts it changes;
-2. the touched accounts' state (balance, tier, flag, payments) is read, then the SAVEPOINT is rolled back
-   and the same state is read again: the "before" and "after" of the diff;
+   lock); the accounts it touched are the event's user and those of the new entries;
+2. the touched accounts' state (balance, tier, flag, their payments and subscriptions) is read, then the
+   SAVEPOINT is rolled back and the same state is read again: the "before" and "after" of the diff;
 3. the whole transaction is rolled back, so nothing of the run stays (tests compare a dump of the database).
 
 Nothing here talks to Stripe except the handler's own `prefetch` (a read), before the transaction opens.
@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import event as sa_event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -27,8 +27,8 @@ from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
 from .events import UnknownEvent
 from .handlers import EventContext, NeedsAttention
-from .models import Account, LedgerEntry, Payment, StripeEvent, Subscription
-from .settings import Settings, get_settings
+from .models import LedgerEntry, Payment, StripeEvent, Subscription
+from .settings import Settings
 
 PAYMENT_FIELDS = ("status", "amount_cents", "currency", "amount_refunded", "amount_disputed_lost", "credits_granted",
                   "user_id")
@@ -128,26 +128,9 @@ def rolled_back(engine: Engine, work: Callable[[Session], object]):
                 raise
 
 
-# --- watching what a handler touches ----------------------------------------------------------
-
-class _Touched:
-    """What the ORM flushes; the ledger may write its entries and lots with Core statements, so those are
-    found by id instead (`_entries_after`)."""
-
-    def __init__(self):
-        self.payments: list[Payment] = []
-        self.subscriptions: list[Subscription] = []
-        self.users: set[str] = set()
-
-    def before_flush(self, session, _context, _instances) -> None:
-        for obj in list(session.new) + list(session.dirty):
-            if isinstance(obj, Payment) and obj not in self.payments:
-                self.payments.append(obj)
-            elif isinstance(obj, Subscription) and obj not in self.subscriptions:
-                self.subscriptions.append(obj)
-            elif isinstance(obj, Account):
-                self.users.add(obj.user_id)
-
+# --- reading what a handler changed -----------------------------------------------------------
+# The ledger and the handlers write with ORM objects and Core statements alike, so changes are found in the
+# tables themselves: entries by id, payments and subscriptions by the accounts the event touched.
 
 _ENTRIES = LedgerEntry.__table__
 
@@ -169,11 +152,14 @@ def _account_state(session: Session, user_id: str) -> dict:
             "flagged": summary.flagged, "flag_reason": summary.flag_reason}
 
 
-def _rows_state(session: Session, model, ids: list, fields: tuple[str, ...]) -> dict:
-    if not ids:
+def _rows_of(session: Session, model, users: list[str], fields: tuple[str, ...]) -> dict:
+    """{row id: {field: value}} of the users' payments or subscriptions."""
+    if not users:
         return {}
-    rows = session.execute(select(model).where(model.id.in_(ids)).execution_options(populate_existing=True))
-    return {str(row.id): {name: getattr(row, name) for name in fields} for row in rows.scalars()}
+    table = model.__table__
+    rows = session.execute(select(table.c.id, *(table.c[name] for name in fields))
+                           .where(table.c.user_id.in_(users))).mappings()
+    return {str(row["id"]): {name: row[name] for name in fields} for row in rows}
 
 
 def _field_changes(table: str, before: dict, after: dict) -> list[FieldChange]:
@@ -202,31 +188,25 @@ def _run_handler(session: Session, ctx: EventContext) -> tuple[str, str | None, 
 def diff_in_session(session: Session, ctx: EventContext, *, status_before: str | None = None) -> Preview:
     """Run `ctx`'s handler in a savepoint of `session`, read the state it leaves, roll the savepoint back and
     read the state again. The caller rolls back the enclosing transaction."""
-    touched = _Touched()
     last_entry = _last_entry_id(session)
-    sa_event.listen(session, "before_flush", touched.before_flush)
     savepoint = session.begin_nested()
     try:
         status, reason, user_id = _run_handler(session, ctx)
         session.flush()
         added = _entries_after(session, last_entry)
-        users = sorted({u for u in ({user_id} | touched.users | {e["user_id"] for e in added}
-                                    | {p.user_id for p in touched.payments}
-                                    | {s.user_id for s in touched.subscriptions}) if u})
+        users = sorted({u for u in ({user_id} | {e["user_id"] for e in added}) if u})
         entries = {u: [{k: v for k, v in e.items() if k != "user_id"} for e in added if e["user_id"] == u]
                    for u in users}
-        payment_ids = [p.id for p in touched.payments if p.id is not None]
-        subscription_ids = [s.id for s in touched.subscriptions if s.id is not None]
         after = {u: _account_state(session, u) for u in users}
-        payments_after = _rows_state(session, Payment, payment_ids, PAYMENT_FIELDS)
-        subscriptions_after = _rows_state(session, Subscription, subscription_ids, SUBSCRIPTION_FIELDS)
+        payments_after = _rows_of(session, Payment, users, PAYMENT_FIELDS)
+        subscriptions_after = _rows_of(session, Subscription, users, SUBSCRIPTION_FIELDS)
     finally:
         savepoint.rollback()
-        sa_event.remove(session, "before_flush", touched.before_flush)
+    session.expire_all()  # objects the handler loaded hold its (rolled back) values
     before = {u: _account_state(session, u) for u in users}  # a missing account reads as empty
-    changes = (_field_changes("payment", _rows_state(session, Payment, payment_ids, PAYMENT_FIELDS), payments_after)
-               + _field_changes("subscription", _rows_state(session, Subscription, subscription_ids,
-                                                            SUBSCRIPTION_FIELDS), subscriptions_after))
+    changes = (_field_changes("payment", _rows_of(session, Payment, users, PAYMENT_FIELDS), payments_after)
+               + _field_changes("subscription", _rows_of(session, Subscription, users, SUBSCRIPTION_FIELDS),
+                                subscriptions_after))
     accounts = [_account_change(u, before[u], after[u], entries[u]) for u in users]
     return Preview(event_id=ctx.id, event_type=ctx.type, status_before=status_before, status_after=status,
                    reason_after=reason, accounts=accounts, changes=changes)
@@ -241,11 +221,9 @@ def _account_change(user_id: str, before: dict, after: dict, entries: list[dict]
 
 # --- previews of stored events ----------------------------------------------------------------
 
-def preview_event(event_id: str, *, assigned_user_id: str | None = None, engine: Engine | None = None,
-                  settings: Settings | None = None) -> Preview:
+def preview_event(event_id: str, *, engine: Engine, settings: Settings,
+                  assigned_user_id: str | None = None) -> Preview:
     """What `reprocess(event_id, assigned_user_id=...)` would change, without changing anything."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     if assigned_user_id is not None:
         assigned_user_id = ledger.check_user_id(assigned_user_id)
     with db.read_session(engine) as session:
@@ -254,7 +232,7 @@ def preview_event(event_id: str, *, assigned_user_id: str | None = None, engine:
             raise UnknownEvent(f"no stored event {event_id}")
         event, status_before = json.loads(row.payload), row.status
         assigned_user_id = assigned_user_id or row.assigned_user_id
-    facts = handlers.prefetch(event, read_session=lambda: db.read_session(engine))
+    facts = handlers.prefetch(event, settings=settings, read_session=lambda: db.read_session(engine))
     ctx = EventContext(event=event, settings=settings, assigned_user_id=assigned_user_id, source="replay",
                        facts=facts)
     return preview_context(ctx, engine=engine, status_before=status_before)

@@ -27,7 +27,7 @@ from .handlers import EventContext
 from .models import Account, Payment, RefundRequest, utcnow
 from .operators import Identity, PermissionDenied
 from .previews import AccountChange, Preview, diff_in_session, rolled_back
-from .settings import Settings, get_settings
+from .settings import Settings
 
 STRIPE_REASON = "requested_by_customer"
 PAYMENT_PREFIXES = {"cs_": Payment.checkout_session_id, "in_": Payment.invoice_id,
@@ -253,11 +253,9 @@ def _plan(payment_ref: str, amount, engine: Engine, settings: Settings) -> tuple
         return payment.id, amount, before, before + amount, payment.currency, payment.user_id
 
 
-def preview_refund(*, payment_ref: str, amount: int | None = None, engine: Engine | None = None,
-                   settings: Settings | None = None) -> RefundOutcome:
+def preview_refund(*, payment_ref: str, engine: Engine, settings: Settings,
+                   amount: int | None = None) -> RefundOutcome:
     """What refunding `amount` cents (default: what is left) would take back, changing nothing."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     payment_id, amount, before, after, currency, user_id = _plan(payment_ref, amount, engine, settings)
     preview = rolled_back(engine, lambda session: _preview_in_session(session, payment_id, refunded_after=after,
                                                                       settings=settings))
@@ -300,16 +298,13 @@ def _stripe_target(payment: Payment, client) -> dict:
     raise RefundRefused(f"Stripe names no charge for payment {payment.id}: refund it in Stripe's Dashboard")
 
 
-def create_refund(*, payment_ref: str, amount: int | None = None, reason: str | None, operator: str,
-                  request: str = "", engine: Engine | None = None, settings: Settings | None = None,
-                  client=None) -> RefundOutcome:
+def create_refund(*, payment_ref: str, reason: str | None, operator: str, engine: Engine, settings: Settings,
+                  amount: int | None = None, request: str = "", client=None) -> RefundOutcome:
     """Refund in Stripe and record the request; the credits are taken back when charge.refunded arrives.
     `request` tells apart two deliberate refunds of the same amount by the same operator (the page passes
     one token per filled-in form)."""
-    from .stripe_client import StripeProblem, get_stripe_client, stripe_errors
+    from .stripe_client import StripeProblem, make_stripe_client, stripe_errors
 
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     operator = ledger.check_text(operator, what="the operator name", max_length=ledger.MAX_OPERATOR_LENGTH)
     reason = (ledger.check_text(reason, what="the reason", max_length=MAX_REASON_LENGTH, allow_newlines=True)
               if reason and reason.strip() else "")
@@ -319,7 +314,7 @@ def create_refund(*, payment_ref: str, amount: int | None = None, reason: str | 
         if earlier is not None:
             return earlier
     outcome = preview_refund(payment_ref=payment_ref, amount=amount, engine=engine, settings=settings)
-    client = client or get_stripe_client()
+    client = client or make_stripe_client(settings)
     with db.read_session(engine) as session:
         payment = session.get(Payment, outcome.payment_id)
     target = _stripe_target(payment, client)

@@ -9,6 +9,7 @@ import json
 import sys
 
 from . import db
+from .cli_common import CommandError
 from .settings import get_settings
 
 
@@ -27,19 +28,19 @@ def _one_line(outcome) -> str:
 
 
 def cmd_refund(args) -> int:
-    from .cli import CommandError
     from .refunds import RefundRefused, create_refund, parse_amount, preview_refund
     from .stripe_client import StripeProblem
 
     settings = get_settings()
     db.ensure_schema_current(settings.database_url)
+    engine = db.get_engine(settings.database_url)
     try:
         amount = parse_amount(args.amount)
         if args.dry_run:
-            outcome = preview_refund(payment_ref=args.payment, amount=amount, settings=settings)
+            outcome = preview_refund(payment_ref=args.payment, amount=amount, engine=engine, settings=settings)
         else:
             outcome = create_refund(payment_ref=args.payment, amount=amount, reason=args.reason,
-                                    operator=args.operator, settings=settings)
+                                    operator=args.operator, engine=engine, settings=settings)
     except (RefundRefused, StripeProblem) as exc:
         raise CommandError(str(exc)) from None
     if args.json:
@@ -68,7 +69,6 @@ def cmd_expiring(args) -> int:
 
 def cmd_replay_dry_run(args) -> int:
     """replay EVENT_ID... --dry-run: what reprocessing would change; nothing is committed."""
-    from .cli import CommandError
     from .events import UnknownEvent
     from .previews import describe, preview_event
 
@@ -78,10 +78,12 @@ def cmd_replay_dry_run(args) -> int:
         raise CommandError("give the EVENT_ID to preview")
     settings = get_settings()
     db.ensure_schema_current(settings.database_url)
+    engine = db.get_engine(settings.database_url)
     previews = []
     for event_id in args.event_ids:
         try:
-            previews.append(preview_event(event_id.strip(), assigned_user_id=args.user, settings=settings))
+            previews.append(preview_event(event_id.strip(), assigned_user_id=args.user, engine=engine,
+                                          settings=settings))
         except UnknownEvent as exc:
             raise CommandError(str(exc)) from None
     if args.json:

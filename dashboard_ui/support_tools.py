@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 
 import streamlit as st
 
-from billing_core import refunds
+from billing_core import db, refunds
 from billing_core.formatting import ZERO_DECIMAL
 from billing_core.operators import Identity
 from billing_core.previews import Preview, describe
@@ -97,7 +97,7 @@ def refund_panel(*, identity: Identity, settings: Settings, payments: list[dict]
         try:
             amount = None if whole == "whole" else parse_money(typed, row["currency"])
             st.session_state[f"{key}_outcome"] = (request, refunds.preview_refund(
-                payment_ref=ref, amount=amount, settings=settings))
+                payment_ref=ref, amount=amount, engine=db.get_engine(settings.database_url), settings=settings))
         except refunds.RefundRefused as exc:
             st.error(str(exc))
     shown = st.session_state.get(f"{key}_outcome")
@@ -126,7 +126,8 @@ def _confirm(outcome: refunds.RefundOutcome, *, identity: Identity, settings: Se
         try:
             refunds.check_refund_allowed(identity, settings)
             done = refunds.create_refund(payment_ref=outcome.payment, amount=outcome.amount, reason=reason,
-                                         operator=identity.name, request=token, settings=settings)
+                                         operator=identity.name, request=token, settings=settings,
+                                         engine=db.get_engine(settings.database_url))
         except (refunds.RefundRefused, StripeProblem, ValueError) as exc:
             st.error(str(exc))
             return

@@ -5,7 +5,7 @@ from datetime import datetime, time, timedelta
 
 import streamlit as st
 
-from billing_core import api_versions, previews, reports
+from billing_core import api_versions, db, previews, reports
 from billing_core.formatting import zone
 from billing_core.operators import check_admin, OperatorError
 from dashboard_ui import data
@@ -43,7 +43,7 @@ for event in queue:
         if preview:
             try:
                 show_preview(previews.preview_event(event["id"], assigned_user_id=assigned.strip() or None,
-                                                    settings=settings))
+                                                    engine=db.get_engine(url), settings=settings))
             except (ValueError, LookupError) as exc:
                 st.error(str(exc))
         if go:
@@ -104,7 +104,7 @@ if events:
     cols = st.columns([1, 1, 4])
     if cols[0].button("Preview replay", key="ev_preview"):
         try:
-            show_preview(previews.preview_event(chosen, settings=settings))
+            show_preview(previews.preview_event(chosen, engine=db.get_engine(url), settings=settings))
         except (ValueError, LookupError) as exc:
             st.error(str(exc))
     if cols[1].button("Replay", key="ev_replay", disabled=not identity.is_admin):

@@ -20,6 +20,7 @@ from billing_core.models import StripeEvent, utcnow
 from billing_core.settings import PROJECT_ROOT, get_settings
 from billing_core.webapp import create_app
 from db_dump import database_dump
+from wiring import wiring
 from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
                            event, invoice_paid, subscription_invoice)
 
@@ -35,6 +36,10 @@ def send(client, evt) -> dict:
     response = deliver(client, evt)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def preview_event(event_id, **kw):
+    return previews.preview_event(event_id, **kw, **wiring())
 
 
 def cli(*args):
@@ -55,7 +60,7 @@ def test_preview_with_an_assigned_user_shows_the_grant_and_changes_nothing(sidec
     evt = unassigned_pack()
     assert send(sidecar, evt)["status"] == "needs_attention"
     before = database_dump(database_url)
-    preview = previews.preview_event(evt["id"], assigned_user_id="u9")
+    preview = preview_event(evt["id"], assigned_user_id="u9")
     assert database_dump(database_url) == before
     data = preview.as_dict()
     assert (data["event_id"], data["status_before"], data["status_after"]) == (evt["id"], "needs_attention",
@@ -71,7 +76,7 @@ def test_preview_with_an_assigned_user_shows_the_grant_and_changes_nothing(sidec
 def test_preview_without_a_user_says_it_would_still_need_attention(sidecar):
     evt = unassigned_pack("y")
     send(sidecar, evt)
-    preview = previews.preview_event(evt["id"])
+    preview = preview_event(evt["id"])
     assert preview.status_after == "needs_attention" and "can't tell which user" in preview.reason_after
     assert preview.accounts == [] and not preview.changes_anything
 
@@ -83,14 +88,14 @@ def test_preview_of_a_refund_and_of_an_already_applied_event(sidecar, database_u
         session.add(StripeEvent(id=refund["id"], type=refund["type"], api_version=refund["api_version"],
                                 created=refund["created"], payload=json.dumps(refund), status="received"))
     before = database_dump(database_url)
-    data = previews.preview_event(refund["id"]).as_dict()
+    data = preview_event(refund["id"]).as_dict()
     assert database_dump(database_url) == before
     [account] = data["accounts"]
     assert (account["balance_before"], account["balance_after"], account["flagged_after"]) == (500, 0, False)
     assert [(e["credits"], e["kind"]) for e in account["entries"]] == [(-500, "clawback")]
     assert ("payment", "status", "refunded") in {(c["table"], c["field"], c["after"]) for c in data["changes"]}
     send(sidecar, refund)
-    again = previews.preview_event(refund["id"])
+    again = preview_event(refund["id"])
     assert again.status_after == "processed" and not again.changes_anything
 
 
@@ -105,7 +110,7 @@ def test_preview_of_a_first_invoice_shows_the_tier(sidecar, database_url):
         session.add(StripeEvent(id=evt["id"], type=evt["type"], api_version=evt["api_version"],
                                 created=evt["created"], payload=json.dumps(evt), status="failed"))
     before = database_dump(database_url)
-    [account] = previews.preview_event(evt["id"]).accounts
+    [account] = preview_event(evt["id"]).accounts
     assert database_dump(database_url) == before
     assert (account.tier_before, account.tier_after) == ("none", "starter")
     assert account.balance_after > 0 and account.entries[0]["kind"] == "subscription_grant"

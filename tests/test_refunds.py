@@ -19,6 +19,7 @@ from billing_core.models import RefundRequest
 from billing_core.settings import PROJECT_ROOT
 from billing_core.webapp import create_app
 from db_dump import database_dump
+from wiring import wiring
 from stripe_events import PACK_AMOUNTS, checkout_completed, configure_webhooks, deliver
 
 PACK_CREDITS = {"pack_100": 100, "pack_250": 250, "pack_500": 500, "pack_1000": 1000}
@@ -30,6 +31,14 @@ def sidecar(database_url, fake_stripe, monkeypatch):
     configure_webhooks(monkeypatch)
     with TestClient(create_app()) as client:
         yield client
+
+
+def preview(**kw):
+    return refunds.preview_refund(**kw, **wiring())
+
+
+def refund(**kw):
+    return refunds.create_refund(**kw, **wiring())
 
 
 def buy_pack(client, state, *, user="u1", item="pack_500", tag="p") -> str:
@@ -70,7 +79,7 @@ def test_preview_shows_the_clawback_and_changes_nothing(sidecar, fake_stripe, da
     buy_pack(sidecar, fake_stripe.state)  # 500 credits for $35.00
     spend("u1", 100, "job-1")
     before = database_dump(database_url)
-    outcome = refunds.preview_refund(payment_ref="cs_test_p", amount=1750)
+    outcome = preview(payment_ref="cs_test_p", amount=1750)
     assert database_dump(database_url) == before
     data = outcome.as_dict()
     assert (data["amount"], data["currency"], data["credits_taken_back"]) == (1750, "usd", 250)
@@ -82,7 +91,7 @@ def test_preview_shows_the_clawback_and_changes_nothing(sidecar, fake_stripe, da
 def test_preview_of_a_full_refund_after_spending_shows_negative_and_flagged(sidecar, fake_stripe):
     buy_pack(sidecar, fake_stripe.state)
     spend("u1", 400, "job-1")
-    data = refunds.preview_refund(payment_ref="pi_p").as_dict()
+    data = preview(payment_ref="pi_p").as_dict()
     assert data["amount"] == 3500 and data["credits_taken_back"] == 500
     assert (data["balance_before"], data["balance_after"], data["flagged_after"]) == (100, -400, True)
 
@@ -90,7 +99,7 @@ def test_preview_of_a_full_refund_after_spending_shows_negative_and_flagged(side
 @pytest.mark.parametrize("ref", ["cs_test_p", "pi_p"])
 def test_a_payment_is_found_by_any_id_the_payments_page_shows(sidecar, fake_stripe, ref):
     buy_pack(sidecar, fake_stripe.state)
-    assert refunds.preview_refund(payment_ref=ref, amount=700).credits_taken_back == 100
+    assert preview(payment_ref=ref, amount=700).credits_taken_back == 100
 
 
 # --- the refund -------------------------------------------------------------------------------
@@ -98,7 +107,7 @@ def test_a_payment_is_found_by_any_id_the_payments_page_shows(sidecar, fake_stri
 def test_refund_sends_exact_parameters_and_stays_pending_until_charge_refunded(sidecar, fake_stripe):
     state = fake_stripe.state
     buy_pack(sidecar, state)
-    outcome = refunds.create_refund(payment_ref="cs_test_p", amount=700, reason="double charge, ticket 42",
+    outcome = refund(payment_ref="cs_test_p", amount=700, reason="double charge, ticket 42",
                                     operator="alice")
     [request] = state.requests_to("POST", "/v1/refunds")
     assert request.params == {"payment_intent": "pi_p", "amount": "700", "reason": "requested_by_customer",
@@ -119,10 +128,10 @@ def test_refund_sends_exact_parameters_and_stays_pending_until_charge_refunded(s
 
 def test_a_pending_refund_counts_against_what_is_left(sidecar, fake_stripe):
     buy_pack(sidecar, fake_stripe.state)
-    refunds.create_refund(payment_ref="pi_p", amount=3000, reason="partial", operator="alice")
+    refund(payment_ref="pi_p", amount=3000, reason="partial", operator="alice")
     with pytest.raises(refunds.RefundRefused, match="over what is left .* 500 USD cents"):
-        refunds.preview_refund(payment_ref="pi_p", amount=600)
-    rest = refunds.preview_refund(payment_ref="pi_p")  # what is left, after the pending refund applies
+        preview(payment_ref="pi_p", amount=600)
+    rest = preview(payment_ref="pi_p")  # what is left, after the pending refund applies
     assert (rest.amount, rest.refunded_after) == (500, 3500)
     assert rest.as_dict()["balance_before"] == 500 - 429 and rest.as_dict()["balance_after"] == 0
 
@@ -131,7 +140,7 @@ def test_network_retry_reuses_the_idempotency_key_and_refunds_once(sidecar, fake
     state = fake_stripe.state
     buy_pack(sidecar, state)
     state.fail_next(connection_error=True)
-    refunds.create_refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
+    refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
     sent = state.requests_to("POST", "/v1/refunds")
     assert len(sent) == 2 and sent[0].idempotency_key == sent[1].idempotency_key
     assert len(state.objects["refunds"]) == 1
@@ -143,9 +152,9 @@ def test_a_request_cut_off_after_stripe_refunded_is_recorded_once_when_repeated(
     real_record = refunds._record
     monkeypatch.setattr(refunds, "_record", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("cut off")))
     with pytest.raises(RuntimeError):
-        refunds.create_refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
+        refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
     monkeypatch.setattr(refunds, "_record", real_record)
-    outcome = refunds.create_refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
+    outcome = refund(payment_ref="pi_p", amount=1000, reason="r", operator="alice")
     assert len(state.objects["refunds"]) == 1 and outcome.refund in state.objects["refunds"]
     keys = {r.idempotency_key for r in state.requests_to("POST", "/v1/refunds")}
     assert len(keys) == 1
@@ -179,12 +188,12 @@ def test_an_invoice_payment_is_refunded_through_the_payment_its_invoice_names(si
                                   billing_reason="subscription_create", lines=lines))
     granted = balance("u1")["balance"]
     assert granted > 0
-    preview = refunds.preview_refund(payment_ref="in_r1")
-    assert preview.credits_taken_back == granted
-    refunds.create_refund(payment_ref="in_r1", reason="cancelled in the first week", operator="alice")
+    shown = preview(payment_ref="in_r1")
+    assert shown.credits_taken_back == granted
+    refund(payment_ref="in_r1", reason="cancelled in the first week", operator="alice")
     assert state.requests_to("POST", "/v1/refunds")[0].params["payment_intent"] == "pi_inv"
     deliver_stripe_events(sidecar, state)
-    assert balance("u1")["balance"] == preview.as_dict()["balance_after"] == 0
+    assert balance("u1")["balance"] == shown.as_dict()["balance_after"] == 0
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -192,22 +201,22 @@ def test_an_invoice_payment_is_refunded_through_the_payment_its_invoice_names(si
 def test_refusals_name_the_problem(sidecar, fake_stripe):
     buy_pack(sidecar, fake_stripe.state)
     with pytest.raises(refunds.RefundRefused, match="unknown payment cs_test_nope"):
-        refunds.preview_refund(payment_ref="cs_test_nope")
+        preview(payment_ref="cs_test_nope")
     with pytest.raises(refunds.RefundRefused, match="unknown payment xyz"):
-        refunds.preview_refund(payment_ref="xyz")
+        preview(payment_ref="xyz")
     with pytest.raises(refunds.RefundRefused, match="over what is left"):
-        refunds.preview_refund(payment_ref="pi_p", amount=3501)
-    refunds.create_refund(payment_ref="pi_p", reason="all", operator="alice")
+        preview(payment_ref="pi_p", amount=3501)
+    refund(payment_ref="pi_p", reason="all", operator="alice")
     deliver_stripe_events(sidecar, fake_stripe.state)
     with pytest.raises(refunds.RefundRefused, match="already fully refunded"):
-        refunds.create_refund(payment_ref="pi_p", reason="again", operator="alice")
+        refund(payment_ref="pi_p", reason="again", operator="alice")
 
 
 def test_stripe_refusing_is_a_refusal(sidecar, fake_stripe):
     buy_pack(sidecar, fake_stripe.state)
     fake_stripe.state.objects["charges"]["ch_p"]["disputed"] = True
     with pytest.raises(refunds.RefundRefused, match="Stripe refused the refund: .*charged back"):
-        refunds.create_refund(payment_ref="pi_p", amount=100, reason="r", operator="alice")
+        refund(payment_ref="pi_p", amount=100, reason="r", operator="alice")
     with db.read_session() as session:
         assert session.execute(select(RefundRequest)).all() == []
 
@@ -245,15 +254,14 @@ def test_preview_equals_what_charge_refunded_later_does(sidecar, fake_stripe, hi
         if left <= 0:
             continue
         amount = max(1, int(left * share))
-        preview = refunds.preview_refund(payment_ref=intent, amount=amount).as_dict()
+        expected = preview(payment_ref=intent, amount=amount).as_dict()
         before = balance(user)
-        assert preview["balance_before"] == before["balance"]
-        refunds.create_refund(payment_ref=intent, amount=amount, reason="property", operator="prop",
-                              request=str(number))
+        assert expected["balance_before"] == before["balance"]
+        refund(payment_ref=intent, amount=amount, reason="property", operator="prop", request=str(number))
         deliver_stripe_events(sidecar, state)
         after = balance(user)
-        assert (after["balance"], after["flagged"]) == (preview["balance_after"], preview["flagged_after"])
-        assert before["balance"] - after["balance"] == preview["credits_taken_back"]
+        assert (after["balance"], after["flagged"]) == (expected["balance_after"], expected["flagged_after"])
+        assert before["balance"] - after["balance"] == expected["credits_taken_back"]
 
 
 # --- the CLI ----------------------------------------------------------------------------------
