@@ -26,6 +26,21 @@ row = st.columns(len(counts))
 for column, (status, count) in zip(row, counts.items()):
     column.metric(status.replace("_", " ").capitalize(), f"{count:,}")
 
+with data.read(url) as session:
+    versions = api_versions.recent_event_versions(session)
+pinned = api_versions.pinned_version()
+drifted = [v for v in versions if not v["pinned"]]
+if drifted:
+    st.warning(f"{sum(v['events'] for v in drifted):,} event(s) of the last 30 days came in another API version "
+               f"than the pinned {pinned}; `python -m billing_core check-config --stripe` shows which endpoint "
+               "sends them.")
+with st.expander(f"API versions of the last 30 days (pinned: {pinned})", expanded=bool(drifted)):
+    table([{"API version": v["api_version"] or "—", "Events": v["events"],
+            "Last received": when(v["last_received"], settings),
+            "": "pinned" if v["pinned"] else "differs from the pinned version"} for v in versions], key="ev_versions")
+    st.caption(f"Pinned version: {pinned} (the installed stripe library's). Events of other versions are "
+               "processed, but their fields may be elsewhere.")
+
 st.markdown("#### Needs attention")
 if not queue:
     st.write("Nothing needs attention.")
@@ -127,18 +142,3 @@ if events:
             st.json(json.loads(detail["payload"]), expanded=2)
         except ValueError:
             st.code(detail["payload"][:20_000], language=None)
-
-st.markdown("#### API versions, last 30 days")
-with data.read(url) as session:
-    versions = api_versions.recent_event_versions(session)
-pinned = api_versions.pinned_version()
-drifted = [v for v in versions if not v["pinned"]]
-if drifted:
-    st.warning(f"{sum(v['events'] for v in drifted):,} event(s) of the last 30 days came in another API version "
-               f"than the pinned {pinned}; `python -m billing_core check-config --stripe` shows which endpoint "
-               "sends them.")
-table([{"API version": v["api_version"] or "—", "Events": v["events"],
-        "Last received": when(v["last_received"], settings),
-        "": "pinned" if v["pinned"] else "differs from the pinned version"} for v in versions], key="ev_versions")
-st.caption(f"Pinned version: {pinned} (the installed stripe library's). Events of other versions are processed, "
-           "but their fields may be elsewhere.")
