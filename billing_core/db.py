@@ -14,7 +14,7 @@ from typing import Iterator
 
 from sqlalchemy import event, inspect
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, create_engine
@@ -178,6 +178,14 @@ def read_session(engine: Engine | None = None) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A read-only Core connection for one or two quick statements (no ORM session); never takes SQLite's
+    write lock."""
+    with (_deferred(engine) if is_sqlite(engine) else engine).connect() as connection:
+        yield connection
 
 
 def for_update(statement, session: Session):
