@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from . import checkout_cli, db, ledger, operators_cli, reconcile_cli, systemd_units, webhooks_cli  # commands kept beside their code
+from . import (checkout_cli, db, ledger, operators_cli, reconcile_cli, support_cli,  # commands kept beside their code
+               systemd_units, webhooks_cli)
 from .cli_common import CommandError
 from .settings import check_config, get_settings, mask_url_password
 
@@ -44,12 +45,16 @@ def cmd_init_db(args) -> int:
 def cmd_check_config(args) -> int:
     settings = get_settings()
     problems = check_config(settings)
+    endpoint_lines = []
     if args.stripe:
+        from .api_versions import check_webhook_endpoints
         from .catalog_sync import check_portal_against_stripe, check_prices_against_stripe
         price_problems = check_prices_against_stripe(settings)
         problems += price_problems
         if not any(p.setting == "STRIPE_SECRET_KEY" for p in price_problems):  # no key: said once already
             problems += check_portal_against_stripe(settings)
+        endpoints = check_webhook_endpoints(settings)
+        endpoint_lines, problems = endpoints.lines(), problems + endpoints.problems
     found: list[str] = []
     if args.database:
         found, database_problems = _check_database(settings, args)
@@ -57,7 +62,7 @@ def cmd_check_config(args) -> int:
     errors = [p for p in problems if p.level == "error"]
     mode = "demo mode (no Stripe key, data/demo.db)" if settings.demo_mode else f"{settings.stripe_mode} mode"
     print(f"configuration from {settings.env_file}: {mode}")
-    for line in found:
+    for line in endpoint_lines + found:
         print(f"  {line}")
     for problem in problems:
         print(f"  {problem}")
@@ -157,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="report every configuration problem at once")
     p.add_argument("--stripe", action="store_true", help="also check each configured price and the customer portal "
-                   "configuration against Stripe")
+                   "configuration against Stripe, and list the webhook endpoints (API version, events)")
     p.add_argument("--database", action="store_true",
                    help="also connect to the database: schema, and on PostgreSQL whether every process's pool fits "
                         "the server's max_connections")
@@ -202,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_check_ledger)
 
-    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli, systemd_units):
+    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli, systemd_units, support_cli):
         module.register(sub)
     return parser
 

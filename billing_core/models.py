@@ -132,6 +132,10 @@ class CreditLot(SQLModel, table=True):
         # no user_id here: the open-lots index must be the one a query by user finds
         Index("ix_credit_lot_subscription", "subscription_id", "period_end"),
         Index("ix_credit_lot_payment", "payment_id"),
+        # open subscription lots by expiry, for the expiring-credits forecast (a per-user query never
+        # matches its predicate, so it can't take the place of ix_credit_lot_open)
+        Index("ix_credit_lot_expiring", "expires_at", sqlite_where=text("closed = 0 AND source = 'subscription'"),
+              postgresql_where=text("closed = false AND source = 'subscription'")),
     )
     id: int | None = Field(default=None, primary_key=True)
     lot_key: str = Field(unique=True, max_length=255)  # the grant entry's source_key
@@ -288,3 +292,22 @@ class PlanChange(SQLModel, table=True):
     payment_id: int | None = Field(default=None, foreign_key="payment.id")  # that invoice's payment, once paid
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RefundRequest(SQLModel, table=True):
+    """A refund an operator created from the console (Stripe's refund id, who, why, for how much).
+    The ledger changes only when Stripe's `charge.refunded` arrives: the request is pending until the
+    payment's `amount_refunded` reaches `refunded_after` (the charge's cumulative refund with this one)."""
+    __tablename__ = "refund_request"
+    __table_args__ = (Index("ix_refund_request_payment_created", "payment_id", "created_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    payment_id: int = Field(foreign_key="payment.id")
+    user_id: str | None = Field(default=None, max_length=200)
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str = Field(max_length=3)
+    refunded_after: int = Field(sa_column=Column(BigInteger, nullable=False))
+    stripe_refund_id: str = Field(unique=True, max_length=100)
+    idempotency_key: str = Field(max_length=255)
+    operator: str = Field(max_length=200)
+    reason: str = Field(max_length=500)
+    created_at: datetime = Field(default_factory=utcnow)

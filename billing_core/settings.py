@@ -34,7 +34,7 @@ KNOWN_NAMES = (
     *PRICE_SETTINGS.values(),
     "DATABASE_URL", "STRIPE_API_BASE", "BILLING_API_TOKEN", "WEBHOOK_HOST", "WEBHOOK_PORT",
     "SUBSCRIPTION_CREDITS_ROLLOVER", "CHECKOUT_LINK_EXPIRY_HOURS", "SUPPORT_ADJUSTMENT_LIMIT",
-    "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
+    "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS", "SUPPORT_CAN_REFUND",
     # hardening (issue 13): where the dashboard and the credits API listen, named API tokens, operator limits
     "DASHBOARD_ADDRESS", "API_HOST", "API_PORT", "BILLING_API_TOKENS", "SESSION_IDLE_MINUTES",
     "SUPPORT_DAILY_ADJUSTMENT_CAP", "DASHBOARD_TRUSTED_PROXIES",
@@ -84,6 +84,7 @@ class Settings:
     billing_api_tokens: str = field(default="", repr=False)  # name:token,name:token
     session_idle_minutes: int = 30
     support_daily_adjustment_cap: int = 2000
+    support_can_refund: bool = False
     # deployment: each worker process keeps its own pool of up to db_pool_size + db_max_overflow connections
     webhook_workers: int = 1
     db_pool_size: int = 5
@@ -311,6 +312,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         session_idle_minutes=_parse_int(raw, "SESSION_IDLE_MINUTES", 30, problems, low=1, high=24 * 60),
         support_daily_adjustment_cap=_parse_int(raw, "SUPPORT_DAILY_ADJUSTMENT_CAP", 2000, problems, low=0,
                                                 high=10_000_000),
+        support_can_refund=_parse_bool(raw, "SUPPORT_CAN_REFUND", False, problems),
         webhook_workers=_parse_int(raw, "WEBHOOK_WORKERS", 1, problems, low=1, high=64),
         db_pool_size=_parse_int(raw, "DB_POOL_SIZE", 5, problems, low=1, high=1000),
         db_max_overflow=_parse_int(raw, "DB_MAX_OVERFLOW", 5, problems, low=0, high=1000),

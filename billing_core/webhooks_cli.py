@@ -116,6 +116,9 @@ def _print_result(result: events.IngestResult, as_json: bool) -> None:
 
 
 def cmd_replay(args) -> int:
+    if args.dry_run:
+        from .support_cli import cmd_replay_dry_run
+        return cmd_replay_dry_run(args)
     settings = get_settings()
     db.ensure_schema_current(settings.database_url)
     engine = db.get_engine(settings.database_url)
@@ -158,5 +161,8 @@ def register(sub) -> None:
     p.add_argument("--user", help="assign this user to the named events (for events kept as needs-attention)")
     p.add_argument("--operator", default=getpass.getuser(), help="who is replaying (recorded on each event; "
                                                                  "default: the login name)")
-    p.add_argument("--json", action="store_true", help='print one JSON object: {"results": [...]}')
+    p.add_argument("--dry-run", action="store_true", help="show what reprocessing would change (ledger entries, "
+                                                          "balances, tier, payment fields); commit nothing")
+    p.add_argument("--json", action="store_true", help='print one JSON object: {"results": [...]} (with --dry-run '
+                                                       'and one EVENT_ID: the preview itself)')
     p.set_defaults(func=cmd_replay)

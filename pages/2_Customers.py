@@ -4,12 +4,13 @@ import uuid
 
 import streamlit as st
 
-from billing_core import approvals, db, ledger, reports, second_subscription
+from billing_core import approvals, db, ledger, refunds, reports, second_subscription
 from billing_core.formatting import escape_markdown as md
 from billing_core.operators import OperatorError, adjustment_limit
 from billing_core.stripe_client import StripeProblem
 from dashboard_ui import data
 from dashboard_ui.common import money, pager, start_page, table, when
+from dashboard_ui.support_tools import refund_panel, refund_requests_table
 
 TIMELINE_PAGE = 50
 identity, settings = start_page("Customers")
@@ -148,6 +149,12 @@ table([{"When": when(r["at"], settings), "What": describe(r),
         "Detail": (r["detail"] if r["category"] == "ledger" else r["ref"]) or "",
         "Expires": when(r["expires_at"], settings) if r["expires_at"] else "",
         "Operator": r["operator"] or ""} for r in rows], key="timeline")
+
+with data.read(url) as session:
+    refundable = refunds.refundable_payments(session, user_id=user_id)
+    refund_rows = refunds.refund_requests(session, user_id=user_id)
+refund_panel(identity=identity, settings=settings, payments=refundable, key="cust_refund")
+refund_requests_table(refund_rows, settings, key="cust_refunds_table")
 
 st.markdown("#### Manual adjustment")
 limit = adjustment_limit(identity.role, settings)

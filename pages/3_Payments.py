@@ -1,13 +1,14 @@
-"""Payments: history with filters, totals (refunds shown), CSV download."""
+"""Payments: history with filters, totals (refunds shown), CSV download, refunds with a clawback preview."""
 from datetime import date, datetime, time, timedelta
 
 import streamlit as st
 
-from billing_core import reports
+from billing_core import refunds, reports
 from billing_core.catalog import CATALOG
 from billing_core.formatting import zone
 from dashboard_ui import data
 from dashboard_ui.common import money, pager, start_page, table, when
+from dashboard_ui.support_tools import refund_panel, refund_requests_table
 
 PAGE_SIZE = 50
 STATUSES = ("paid", "partially_refunded", "refunded", "disputed", "unpaid", "failed")
@@ -51,9 +52,13 @@ row[4].metric("Net", money(totals.net_cents))
 offset = pager("pay_page", total=totals.count, page_size=PAGE_SIZE)
 with data.read(url) as session:
     rows = reports.payments_page(session, filters=filters, limit=PAGE_SIZE, offset=offset)
+    refundable = refunds.refundable_payments(session, payment_ids=[r["id"] for r in rows])  # the refund panel's
+    requests = refunds.refund_requests(session, payment_ids=[r["id"] for r in rows])
+pending = {r["payment_id"] for r in requests if r["status"] == "pending"}
 table([{"When": when(r["created_at"], settings), "User": r["user_id"] or "",
         "Item": CATALOG[r["item"]].name if r["item"] in CATALOG else (r["item"] or ""),
-        "Status": r["status"], "Amount": money(r["amount_cents"], r["currency"]),
+        "Status": r["status"] + (" · refund pending" if r["id"] in pending else ""),
+        "Amount": money(r["amount_cents"], r["currency"]),
         "Refunded": money(r["amount_refunded"], r["currency"]) if r["amount_refunded"] else "",
         "Lost in dispute": money(r["amount_disputed_lost"], r["currency"]) if r["amount_disputed_lost"] else "",
         "Credits": r["credits_granted"], "Source": r["source"],
@@ -72,3 +77,6 @@ if totals.count > reports.MAX_CSV_ROWS:
     st.caption(f"The CSV holds the newest {reports.MAX_CSV_ROWS:,} payments of this filter; narrow the dates for more.")
 st.caption(f"Dates and times in {settings.operator_timezone}. Collected counts payments that were paid; "
            "net is collected minus refunds and disputes lost.")
+
+refund_panel(identity=identity, settings=settings, payments=refundable, key="pay_refund")
+refund_requests_table(requests, settings, key="pay_refunds_table")

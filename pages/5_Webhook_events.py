@@ -1,15 +1,17 @@
-"""Webhook events: filterable list, payload view, the needs-attention queue, replay of failed events."""
+"""Webhook events: filterable list, payload view, the needs-attention queue, replay of failed events, a dry-run
+preview before any replay, and the API versions of recent events against the pinned one."""
 import json
 from datetime import datetime, time, timedelta
 
 import streamlit as st
 
-from billing_core import reports
+from billing_core import api_versions, db, previews, reports
 from billing_core.formatting import escape_markdown as md, zone
 from billing_core.operators import check_admin, OperatorError
 from dashboard_ui import data
 from dashboard_ui.common import pager, start_page, table, when
 from dashboard_ui.actions import replay_failed_events, reprocess_event
+from dashboard_ui.support_tools import show_preview
 
 PAGE_SIZE = 50
 identity, settings = start_page("Webhook events")
@@ -23,6 +25,21 @@ with data.read(url) as session:
 row = st.columns(len(counts))
 for column, (status, count) in zip(row, counts.items()):
     column.metric(status.replace("_", " ").capitalize(), f"{count:,}")
+
+with data.read(url) as session:
+    versions = api_versions.recent_event_versions(session)
+pinned = api_versions.pinned_version()
+drifted = [v for v in versions if not v["pinned"]]
+if drifted:
+    st.warning(f"{sum(v['events'] for v in drifted):,} event(s) of the last 30 days came in another API version "
+               f"than the pinned {pinned}; `python -m billing_core check-config --stripe` shows which endpoint "
+               "sends them.")
+with st.expander(f"API versions of the last 30 days (pinned: {pinned})", expanded=bool(drifted)):
+    table([{"API version": v["api_version"] or "—", "Events": v["events"],
+            "Last received": when(v["last_received"], settings),
+            "": "pinned" if v["pinned"] else "differs from the pinned version"} for v in versions], key="ev_versions")
+    st.caption(f"Pinned version: {pinned} (the installed stripe library's). Events of other versions are "
+               "processed, but their fields may be elsewhere.")
 
 st.markdown("#### Needs attention")
 if not queue:
@@ -38,7 +55,15 @@ for event in queue:
         with st.form(f"reprocess_{event['id']}"):
             assigned = st.text_input("Assign to user id", value=event["assigned_user_id"] or event["user_id"] or "",
                                      key=f"assign_{event['id']}")
-            go = st.form_submit_button("Assign and reprocess", disabled=not identity.is_admin)
+            cols = st.columns(2)
+            preview = cols[0].form_submit_button("Preview")
+            go = cols[1].form_submit_button("Assign and reprocess", disabled=not identity.is_admin)
+        if preview:
+            try:
+                show_preview(previews.preview_event(event["id"], assigned_user_id=assigned.strip() or None,
+                                                    engine=db.get_engine(url), settings=settings))
+            except (ValueError, LookupError) as exc:
+                st.error(str(exc))
         if go:
             try:
                 check_admin(identity, "reprocess events")
@@ -94,6 +119,23 @@ table([{"Received": when(e["received_at"], settings, seconds=True), "Type": e["t
 
 if events:
     chosen = st.selectbox("Show the payload of", [e["id"] for e in events], key="ev_payload_pick")
+    cols = st.columns([1, 1, 4])
+    if cols[0].button("Preview replay", key="ev_preview"):
+        try:
+            show_preview(previews.preview_event(chosen, engine=db.get_engine(url), settings=settings))
+        except (ValueError, LookupError) as exc:
+            st.error(str(exc))
+    if cols[1].button("Replay", key="ev_replay", disabled=not identity.is_admin):
+        try:
+            check_admin(identity, "replay events")
+            outcome = reprocess_event(chosen, assigned_user_id=None, operator=identity.name)
+        except (OperatorError, ValueError, LookupError) as exc:
+            st.error(str(exc))
+        else:
+            data.clear_cached_aggregates()
+            st.session_state["events_done"] = ("success" if outcome.startswith(("processed", "ignored")) else
+                                               "warning", f"Replayed {chosen}: {outcome}")
+            st.rerun()
     with data.read(url) as session:
         detail = reports.event_detail(session, chosen)
     if detail:

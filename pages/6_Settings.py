@@ -30,6 +30,7 @@ table([{"Setting": name, "Value": value} for name, value in (
      or "(not set)"),
     ("API_HOST / API_PORT", "{}:{}".format(*settings.api_listener) if settings.api_listener_separate
      else "(the webhook listener)"),
+    ("SUPPORT_CAN_REFUND", str(settings.support_can_refund).lower()),
 )], key="settings_values")
 
 problems = check_config(settings)

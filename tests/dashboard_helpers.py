@@ -21,7 +21,8 @@ PAGES = {
     "revenue": "pages/4_Revenue_and_credits.py",
     "events": "pages/5_Webhook_events.py",
     "settings": "pages/6_Settings.py",
-    "operators": "pages/7_Operators.py",
+    "expiring": "pages/7_Expiring_credits.py",
+    "operators": "pages/8_Operators.py",
 }
 ADMIN = ("alice", "correct-horse-battery")
 SUPPORT = ("sam", "support-password-1")

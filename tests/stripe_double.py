@@ -34,8 +34,10 @@ products and prices must exist, belong together and be active recurring prices),
 invoice_payments (list, filter ``invoice`` or ``payment[type]=payment_intent&payment[payment_intent]=``),
 events (list with ``limit``/``starting_after``/``ending_before``/``created[gte|gt|lte|lt]``/``type``/
 ``types[]``, newest first, ``has_more``; retrieve), and retrieve for charges, payment_intents, invoices,
-subscriptions, disputes and refunds; subscriptions/{id} (DELETE: cancel; a canceled one -> 400) and refunds
-(create by ``payment_intent`` or ``charge``; nothing left to refund -> 400 ``charge_already_refunded``).
+subscriptions, disputes and refunds; subscriptions/{id} (DELETE: cancel; a canceled one -> 400); refunds (create:
+``charge`` or ``payment_intent``, ``amount`` at most what is left on the charge (nothing left -> 400
+``charge_already_refunded``), ``reason`` an enum; it updates the charge and records ``charge.refunded`` and
+``refund.created`` events, ``charges[id]["refunds"]`` not expanded, like Stripe); webhook_endpoints (list).
 ``expand[]`` is accepted everywhere; ``product`` on prices and
 ``line_items`` on checkout sessions are really expanded, other expansions are ignored.
 
@@ -51,6 +53,7 @@ Test-side API (all return the stored dict; objects are plain dicts shaped like t
   (``state.add_charge(...)`` is a shortcut)
 * ``state.add_event(type, data_object, *, id=None, created=None, api_version=None, livemode=None,
   previous_attributes=None) -> event``
+* ``state.add_webhook_endpoint(url=..., enabled_events=[...], api_version=None, status="enabled")``
 * ``state.fail_next(status=429, type="rate_limit_error", message=..., code=None, times=1)`` or
   ``state.fail_next(connection_error=True)``: the next request(s) fail before being handled
 * ``state.now`` (a callable, default ``time.time``) is the fake clock for ``created`` and ``expires_at`` checks
@@ -166,9 +169,11 @@ RETRIEVE = dict(EXPAND)
 SUBSCRIPTION_CANCEL = {"cancellation_details": {"comment": str, "feedback": (
     "customer_service", "low_quality", "missing_features", "other", "switched_service", "too_complex",
     "too_expensive", "unused", "")}, "invoice_now": bool, "prorate": bool, **EXPAND}
-REFUND_CREATE = {"payment_intent": str, "charge": str, "amount": int, "metadata": METADATA,
-                 "reason": ("duplicate", "fraudulent", "requested_by_customer"), "instructions_email": str,
+REFUND_CREATE = {"amount": int, "charge": str, "payment_intent": str, "currency": str, "customer": str,
+                 "instructions_email": str, "metadata": METADATA, "origin": ("customer_balance",),
+                 "reason": ("duplicate", "fraudulent", "requested_by_customer"),
                  "refund_application_fee": bool, "reverse_transfer": bool, **EXPAND}
+WEBHOOK_ENDPOINT_LIST = dict(LIST)
 
 RETRIEVABLE = {  # path segment -> stored kind
     "charges": "charges", "payment_intents": "payment_intents", "invoices": "invoices",
@@ -464,6 +469,16 @@ class StripeState:
             self._sequence += 1
             self._store("events")[event["id"]] = event
             return _public(event)
+
+    def add_webhook_endpoint(self, *, url: str, enabled_events: list[str], api_version: str | None = None,
+                             status: str = "enabled", id: str | None = None) -> dict:
+        with self._lock:
+            endpoint = {"id": id or self._id("we"), "object": "webhook_endpoint", "api_version": api_version,
+                        "application": None, "created": self._now(), "description": None,
+                        "enabled_events": list(enabled_events), "livemode": self.livemode, "metadata": {},
+                        "status": status, "url": url}
+            self._store("webhook_endpoints")[endpoint["id"]] = endpoint
+            return endpoint
 
     # ---- request handling (shared by FakeHTTPClient and StripeServer) ----
     def handle(self, method: str, url: str, headers: dict, body: str | bytes | None) -> tuple[int, dict]:
@@ -873,33 +888,6 @@ class StripeState:
                                                   **params.get("cancellation_details", {})})
         return subscription
 
-    def _create_refund(self, params: dict) -> dict:
-        params = validate(params, REFUND_CREATE)
-        if bool(params.get("payment_intent")) == bool(params.get("charge")):
-            raise bad_request("You must pass either `payment_intent` or `charge` (not both).", param="charge")
-        charges = self._store("charges")
-        if params.get("charge"):
-            charge = self._get_param("charges", params["charge"], "charge", "charge")
-        else:
-            found = [c for c in charges.values() if c.get("payment_intent") == params["payment_intent"]]
-            if not found:
-                raise missing("payment_intent", params["payment_intent"], param="payment_intent")
-            charge = found[-1]
-        left = charge["amount"] - charge.get("amount_refunded", 0)
-        if left <= 0:
-            raise bad_request(f"Charge {charge['id']} has already been refunded.", code="charge_already_refunded")
-        amount = params.get("amount", left)
-        if not 0 < amount <= left:
-            raise bad_request(f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
-                              param="amount")
-        charge["amount_refunded"] = charge.get("amount_refunded", 0) + amount
-        charge["refunded"] = charge["amount_refunded"] >= charge["amount"]
-        refund = {"id": self._id("re"), "object": "refund", "amount": amount, "charge": charge["id"],
-                  "currency": charge["currency"], "payment_intent": charge.get("payment_intent"),
-                  "reason": params.get("reason"), "metadata": params.get("metadata", {}), "status": "succeeded",
-                  "created": self._now()}
-        return self.add_object("refunds", refund)
-
     def _list_events(self, params: dict) -> dict:
         params = validate(params, EVENT_LIST)
         types = params.get("types") or ([params["type"]] if "type" in params else None)
@@ -914,6 +902,59 @@ class StripeState:
     def _retrieve_event(self, params: dict, event_id: str) -> dict:
         validate(params, RETRIEVE)
         return _public(self._get("events", event_id, "event"))
+
+    def _list_webhook_endpoints(self, params: dict) -> dict:
+        params = validate(params, WEBHOOK_ENDPOINT_LIST)
+        rows = list(reversed(list(self._store("webhook_endpoints").values())))
+        return _page(rows, params, "/v1/webhook_endpoints")
+
+    # ---- refunds ----
+    def _refunded_charge(self, params: dict) -> dict:
+        if params.get("charge") and params.get("payment_intent"):
+            raise bad_request("You may only specify one of these parameters: charge, payment_intent.",
+                              param="payment_intent")
+        if params.get("charge"):
+            return self._get_param("charges", params["charge"], "charge", "charge")
+        if not params.get("payment_intent"):
+            raise bad_request("One of the following params should be provided for this request: payment_intent "
+                              "or charge.", param="charge", code="parameter_missing")
+        intent_id = params["payment_intent"]
+        charges = [c for c in self._store("charges").values() if c.get("payment_intent") == intent_id]
+        if not charges:
+            if intent_id in self._store("payment_intents"):
+                raise bad_request(f"This PaymentIntent ({intent_id}) does not have a successful charge to refund.",
+                                  param="payment_intent")
+            raise missing("payment_intent", intent_id, param="payment_intent")
+        return charges[-1]
+
+    def _create_refund(self, params: dict) -> dict:
+        params = validate(params, REFUND_CREATE)
+        charge = self._refunded_charge(params)
+        left = charge["amount"] - charge.get("amount_refunded", 0)
+        if charge.get("disputed"):
+            raise bad_request(f"Charge {charge['id']} has been charged back; cannot issue a refund.",
+                              code="charge_disputed")
+        if left <= 0:
+            raise bad_request(f"Charge {charge['id']} has already been refunded.", code="charge_already_refunded")
+        amount = params.get("amount", left)
+        if amount <= 0:
+            raise bad_request("Invalid positive integer", param="amount")
+        if amount > left:
+            raise bad_request(f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
+                              param="amount", code="amount_too_large")
+        refund = {"id": self._id("re"), "object": "refund", "amount": amount, "balance_transaction": None,
+                  "charge": charge["id"], "created": self._now(), "currency": charge["currency"],
+                  "metadata": dict(params.get("metadata") or {}), "payment_intent": charge.get("payment_intent"),
+                  "reason": params.get("reason"), "receipt_number": None, "source_transfer_reversal": None,
+                  "status": "succeeded", "transfer_reversal": None, "customer": charge.get("customer"),
+                  "payment_method": None, "destination_details": {"type": "card", "card": {"type": "refund"}}}
+        self._store("refunds")[refund["id"]] = refund
+        charge["amount_refunded"] = charge.get("amount_refunded", 0) + amount
+        charge["refunded"] = charge["amount_refunded"] >= charge["amount"]
+        self.add_event("refund.created", dict(refund))
+        self.add_event("charge.refunded", {k: v for k, v in charge.items() if k != "refunds"},
+                       previous_attributes={"amount_refunded": charge["amount_refunded"] - amount})
+        return refund
 
     def _get(self, kind: str, object_id: str, label: str) -> dict:
         obj = self._store(kind).get(object_id)
@@ -1019,7 +1060,7 @@ def _page(rows: list[dict], params: dict, url: str) -> dict:
 def _pattern(route: list[str]) -> tuple[str, ...]:
     """Path segments with object ids replaced by '*' (ids are the segments after a collection name)."""
     known = {"checkout", "sessions", "billing_portal", "configurations", "products", "prices", "customers",
-             "invoice_payments", "events", "line_items", "expire", *RETRIEVABLE}
+             "invoice_payments", "events", "line_items", "expire", "webhook_endpoints", *RETRIEVABLE}
     return tuple(s if s in known else "*" for s in route)
 
 
@@ -1048,6 +1089,7 @@ ROUTES: dict[tuple[str, tuple[str, ...]], Callable] = {
     ("DELETE", ("subscriptions", "*")): StripeState._cancel_subscription,
     ("POST", ("refunds",)): StripeState._create_refund,
     ("GET", ("events", "*")): StripeState._retrieve_event,
+    ("GET", ("webhook_endpoints",)): StripeState._list_webhook_endpoints,
 }
 
 

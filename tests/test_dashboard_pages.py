@@ -16,7 +16,7 @@ from dashboard_helpers import (ADMIN, fresh_sign_in_throttle_and_caches, PAGES, 
 
 PAGE_TITLES = {"links": "Checkout links", "customers": "Customers", "payments": "Payments",
                "revenue": "Revenue & credits", "events": "Webhook events", "settings": "Settings",
-               "operators": "Operators"}
+               "operators": "Operators", "expiring": "Expiring credits"}
 
 
 @pytest.fixture
