@@ -1,12 +1,13 @@
-"""Dashboard speed at scale: each page's rerun time on `demo-data --scale large` (100,000 accounts,
+"""Dashboard speed at scale: each page's first load (cold caches) and rerun times on `demo-data --scale large` (100,000 accounts,
 200,000 payments, 1,000,000 ledger entries), the report queries each page runs, and the
 balance-with-breakdown query (ledger.account_summary) for one account among 100,000.
 
     .venv/bin/python bench/dashboard.py [--database-url sqlite:///data/bench_large.db] [--reruns 5]
 
 The database is filled on first use (about two minutes) and reused afterwards. Pages run in Streamlit's
-AppTest after signing in, as an operator's browser session would: the first run of a page (cold
-caches) and then `--reruns` reruns, each timed around `at.run()`. One JSON line per figure.
+AppTest after signing in, as an operator's browser session would: the first load of a page with
+Streamlit's data caches cleared, and then `--reruns` reruns, each timed around `at.run()`. A page is
+`under_1s` only when its first load and every rerun are under a second. One JSON line per figure.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ def bench_queries(url: str, user_id: str, *, repeat: int) -> None:
 
 
 def bench_pages(user_id: str, *, reruns: int) -> None:
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     for name, path in PAGES.items():
@@ -157,9 +159,11 @@ def bench_pages(user_id: str, *, reruns: int) -> None:
         at.text_input(key="sign_in_name").input(OPERATOR[0])
         at.text_input(key="sign_in_password").input(OPERATOR[1])
         next(b for b in at.button if b.label == "Sign in").click()
+        st.cache_data.clear()
         started = time.perf_counter()
-        at.run()  # signed in: Home (for the first page, with cold caches)
+        at.run()  # signed in: Home
         if path:
+            st.cache_data.clear()  # every page's first load starts from cold caches, as after a restart
             started = time.perf_counter()
             at.switch_page(path)
             at.run()
@@ -170,9 +174,10 @@ def bench_pages(user_id: str, *, reruns: int) -> None:
         errors = [str(e.value)[:200] for e in at.exception]
         times = timed(at.run, reruns)
         errors += [str(e.value)[:200] for e in at.exception]
-        emit({"benchmark": "dashboard", "page": name, "first_run_ms": ms(first), "reruns": reruns,
+        emit({"benchmark": "dashboard", "page": name, "first_load_ms": ms(first), "reruns": reruns,
               "rerun_p50_ms": ms(statistics.median(times)), "rerun_max_ms": ms(max(times)),
-              "under_1s": max(times) < 1.0, "exceptions": errors})
+              "first_load_under_1s": first < 1.0, "reruns_under_1s": max(times) < 1.0,
+              "under_1s": first < 1.0 and max(times) < 1.0, "exceptions": errors})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,3 +175,6 @@ class Operator(SQLModel, table=True):
     password_hash: str = Field(max_length=300)
     disabled: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+
+
+from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod  # noqa: E402,F401  (registers them)

@@ -1,14 +1,22 @@
 """What the dashboard shows, computed in SQL: aggregates (GROUP BY) and bounded pages of rows.
 
-Nothing here loads a whole table. Time series are grouped by UTC hour in SQL (a bounded number
-of rows) and folded into days and months of the operator's timezone in Python, so day and month
-boundaries are the operator's, DST included.
+Nothing here loads a whole table, and nothing on a page load scans the ledger or the payments: time
+series read the hourly rollups the database keeps with every write (billing_core/rollups.py, migration
+0007), plus the rows of the partial hours at a range's two ends, so a range's totals are exact. Hours
+are folded into days and months of the operator's timezone in Python, so day and month boundaries are
+the operator's, DST included.
+
+Money is never added across currencies: every money aggregate is grouped by currency.
 
 Definitions the pages rely on:
-- MRR: active and past-due subscriptions (past due still bills) times their plan's monthly price.
-- Revenue: money collected by payments that were paid (status other than unpaid/failed), net of
+- MRR (as Stripe defines it): the monthly amount of the subscriptions active at a moment, as billed for
+  their current period (discounts applied; a mid-period upgrade adds its proration scaled to a month).
+  Past-due subscriptions are counted apart (past-due MRR). Trials bill nothing. See rollups.py.
+- New MRR: MRR of subscriptions that start, or restart after a gap, in a month. Churned MRR: MRR of
+  subscriptions whose last billed span ended in the month (canceled, or not renewed) with none after it.
+- Cash collected: money collected by payments that were paid (status other than unpaid/failed), net of
   refunds and of disputes lost, dated by the payment's creation.
-- Credits outstanding: the sum of every balance (entries of lots past their expiry time excluded).
+- Credits outstanding: the sum of every account's balance (open lots and debt).
   Their worth is shown at the cheapest price a customer pays per pack credit:
   CREDIT_WORTH_CENTS = 6 (the 1000-credit pack, $60.00); the 100-credit pack's $0.10 is the upper end.
 """
@@ -20,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import Iterator
 
 from sqlalchemy import and_, case, cast, func, literal, null, or_, select, String, union_all
 from sqlalchemy.orm import aliased
@@ -29,6 +38,7 @@ from . import ledger
 from .catalog import CATALOG, PLANS
 from .formatting import as_utc, local_time, zone
 from .models import Account, CheckoutLink, Dispute, LedgerEntry, Payment, StripeEvent, Subscription, utcnow
+from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod
 from .settings import Settings
 
 MRR_STATUSES = ("active", "past_due")
@@ -85,7 +95,8 @@ def _local_period(hour_key: str, tz_name: str, granularity: str) -> str:
 @dataclass
 class SubscriptionStats:
     by_tier_status: dict[tuple[str, str], int]
-    mrr_cents: int
+    mrr: dict[str, int]  # currency -> MRR in minor units (active subscriptions)
+    past_due_mrr: dict[str, int]  # currency -> MRR of past-due subscriptions, counted apart
 
     def count(self, tier: str, statuses=("active", "trialing")) -> int:
         return sum(n for (t, s), n in self.by_tier_status.items() if t == tier and s in statuses)
@@ -99,13 +110,12 @@ class SubscriptionStats:
         return sum(n for (_, s), n in self.by_tier_status.items() if s in ("past_due", "unpaid"))
 
 
-def subscription_stats(session: Session) -> SubscriptionStats:
+def subscription_stats(session: Session, *, now: datetime | None = None) -> SubscriptionStats:
     rows = session.execute(select(Subscription.tier, Subscription.status, func.count())
                            .group_by(Subscription.tier, Subscription.status)).all()
     counts = {(tier, status): int(n) for tier, status, n in rows}
-    mrr = sum(n * CATALOG[tier].amount_cents for (tier, status), n in counts.items()
-              if status in MRR_STATUSES and tier in CATALOG)
-    return SubscriptionStats(by_tier_status=counts, mrr_cents=mrr)
+    mrr = mrr_at(session, at=now or utcnow())
+    return SubscriptionStats(by_tier_status=counts, mrr=mrr.get("active", {}), past_due_mrr=mrr.get("past_due", {}))
 
 
 def _collected():
@@ -116,27 +126,6 @@ def _net_amount():
     return Payment.amount_cents - Payment.amount_refunded - Payment.amount_disputed_lost
 
 
-@dataclass
-class RevenueTotals:
-    gross_cents: int
-    refunded_cents: int
-    disputed_lost_cents: int
-    net_cents: int
-    payments: int
-
-
-def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> RevenueTotals:
-    conditions = [_collected(), Payment.created_at >= since]
-    if until is not None:
-        conditions.append(Payment.created_at < until)
-    row = session.execute(select(func.count(), func.coalesce(func.sum(Payment.amount_cents), 0),
-                                 func.coalesce(func.sum(Payment.amount_refunded), 0),
-                                 func.coalesce(func.sum(Payment.amount_disputed_lost), 0))
-                          .where(*conditions)).one()
-    count, gross, refunded, lost = (int(v) for v in row)
-    return RevenueTotals(gross, refunded, lost, gross - refunded - lost, count)
-
-
 def _live_entries(now: datetime):
     """Ledger entries that still count: no lot, a lot that never expires, or one not yet expired."""
     grant = aliased(LedgerEntry)
@@ -145,8 +134,99 @@ def _live_entries(now: datetime):
     return join, condition
 
 
+# --- hours and rollups ----------------------------------------------------------------------------
+
+def hour_key(moment: datetime) -> str:
+    """The rollups' key of the UTC hour holding `moment`."""
+    return as_utc(moment).astimezone(timezone.utc).strftime("%Y-%m-%d %H")
+
+
+def _hour_floor(moment: datetime) -> datetime:
+    return as_utc(moment).astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceil(moment: datetime) -> datetime:
+    floor = _hour_floor(moment)
+    return floor if floor == as_utc(moment) else floor + timedelta(hours=1)
+
+
+def _split_hours(since: datetime, until: datetime) -> tuple[list[tuple[datetime, datetime]], tuple[str, str] | None]:
+    """[since, until) as the partial hours at its ends (read from the rows) and the whole hours between
+    (read from a rollup, as hour keys [first, stop))."""
+    if since >= until:
+        return [], None
+    first, last = _hour_ceil(since), _hour_floor(until)
+    if first >= last:
+        return [(since, until)], None
+    edges = [(low, high) for low, high in ((since, first), (last, until)) if low < high]
+    return edges, (hour_key(first), hour_key(last))
+
+
+@dataclass
+class RevenueTotals:
+    currency: str
+    gross_cents: int = 0
+    refunded_cents: int = 0
+    disputed_lost_cents: int = 0
+    payments: int = 0
+
+    @property
+    def net_cents(self) -> int:
+        return self.gross_cents - self.refunded_cents - self.disputed_lost_cents
+
+
+def _collected_payments_by_hour(session: Session, *, since: datetime, until: datetime):
+    """(hour key, kind, currency, payments, gross, refunded, lost) of collected payments created in
+    [since, until): whole hours from payment_hourly, the partial hours at the ends from payment."""
+    edges, whole = _split_hours(since, until)
+    rows = []
+    if whole is not None:
+        rows += session.execute(
+            select(PaymentHourly.hour, PaymentHourly.kind, PaymentHourly.currency, func.sum(PaymentHourly.payments),
+                   func.sum(PaymentHourly.amount_cents), func.sum(PaymentHourly.refunded_cents),
+                   func.sum(PaymentHourly.disputed_lost_cents))
+            .where(PaymentHourly.collected.is_(True), PaymentHourly.hour >= whole[0], PaymentHourly.hour < whole[1])
+            .group_by(PaymentHourly.hour, PaymentHourly.kind, PaymentHourly.currency)).all()
+    hour = _hour_key(session, Payment.created_at)
+    for low, high in edges:
+        rows += session.execute(
+            select(hour, func.coalesce(Payment.kind, "other"), Payment.currency, func.count(),
+                   func.sum(Payment.amount_cents), func.sum(Payment.amount_refunded),
+                   func.sum(Payment.amount_disputed_lost))
+            .where(_collected(), Payment.created_at >= low, Payment.created_at < high)
+            .group_by(hour, Payment.kind, Payment.currency)).all()
+    return [(key, kind or "other", currency, *(int(v or 0) for v in values))
+            for key, kind, currency, *values in rows]
+
+
+def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> list[RevenueTotals]:
+    """Cash collected in [since, until), one total per currency, largest first."""
+    totals: dict[str, RevenueTotals] = {}
+    for _, _, currency, count, gross, refunded, lost in _collected_payments_by_hour(
+            session, since=since, until=until or utcnow()):
+        found = totals.setdefault(currency, RevenueTotals(currency))
+        found.payments += count
+        found.gross_cents += gross
+        found.refunded_cents += refunded
+        found.disputed_lost_cents += lost
+    return sorted((t for t in totals.values() if t.payments), key=lambda t: (-t.net_cents, t.currency))
+
+
+def _has_lots(session: Session) -> bool:
+    """Whether the ledger keeps materialised lots and account totals (migration 0003)."""
+    return "balance" in Account.__table__.c
+
+
 def _lapsed(session: Session, *, after: datetime | None, until: datetime) -> int:
     """Credits left in lots whose expiry time fell in (after, until]: they stopped counting then."""
+    if _has_lots(session):
+        from .models import CreditLot
+
+        conditions = [CreditLot.expires_at <= until]
+        if after is not None:
+            conditions.append(CreditLot.expires_at > after)
+        return int(session.execute(select(func.coalesce(func.sum(CreditLot.remaining), 0))
+                                   .where(*conditions)).scalar_one())
     grant = aliased(LedgerEntry)
     conditions = [grant.expires_at <= until]  # only grants carry an expiry
     if after is not None:
@@ -158,8 +238,10 @@ def _lapsed(session: Session, *, after: datetime | None, until: datetime) -> int
 
 
 def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
-    """The sum of all balances: every entry, less what is left in lots past their expiry time.
-    Two aggregates over the ledger (cache the result in the page layer)."""
+    """The sum of all balances. With account totals (migration 0003) one pass over the accounts; before,
+    every entry less what is left in lots past their expiry time."""
+    if _has_lots(session):
+        return int(session.execute(select(func.coalesce(func.sum(Account.balance), 0))).scalar_one())
     now = now or utcnow()
     total = int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0))).scalar_one())
     return total - _lapsed(session, after=None, until=now)
@@ -285,13 +367,47 @@ def timeline_length(session: Session, *, user_id: str) -> int:
 
 
 def account_overview(session: Session, *, user_id: str, now: datetime | None = None) -> dict:
-    """The ledger's account summary plus what this account paid."""
+    """The ledger's account summary plus what this account paid: `payments` (collected) and `net_paid`,
+    {currency: minor units net of refunds and lost disputes}."""
     summary = ledger.account_summary(session, user_id, now=now).as_dict()
-    paid = session.execute(select(func.count(), func.coalesce(func.sum(_net_amount()), 0))
-                           .where(Payment.user_id == summary["user_id"], _collected())).one()
-    summary["payments"], summary["net_paid_cents"] = int(paid[0]), int(paid[1])
+    rows = session.execute(select(Payment.currency, func.count(), func.coalesce(func.sum(_net_amount()), 0))
+                           .where(Payment.user_id == summary["user_id"], _collected())
+                           .group_by(Payment.currency).order_by(Payment.currency)).all()
+    summary["payments"] = sum(int(n) for _, n, _ in rows)
+    summary["net_paid"] = {currency: int(net) for currency, _, net in rows}
     return summary
 
+
+LEDGER_CSV_COLUMNS = ("created_at", "kind", "credits", "lot_key", "lot_source", "expires_at", "subscription_id",
+                      "period_end", "payment_id", "reference", "operator", "reason", "source_key")
+
+
+def ledger_csv_lines(session: Session, *, user_id: str, tz_name: str) -> Iterator[str]:
+    """Every ledger entry of one account as CSV lines, oldest first, read in batches (times in the operator's
+    timezone; text a spreadsheet would run as a formula defused)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+
+    def line(values) -> str:
+        out.seek(0)
+        out.truncate()
+        writer.writerow(values)
+        return out.getvalue()
+
+    yield line(LEDGER_CSV_COLUMNS)
+    columns = [getattr(LedgerEntry, name) for name in LEDGER_CSV_COLUMNS]
+    stmt = (select(*columns).where(LedgerEntry.user_id == user_id)
+            .order_by(LedgerEntry.created_at, LedgerEntry.id).execution_options(yield_per=5000))
+    for row in session.execute(stmt):
+        values = dict(row._mapping)
+        for name in ("created_at", "expires_at"):
+            if values[name] is not None:
+                values[name] = local_time(values[name], tz_name).isoformat()
+        yield line([_csv_cell(values[n]) for n in LEDGER_CSV_COLUMNS])
+
+
+def ledger_csv(session: Session, *, user_id: str, tz_name: str) -> str:
+    return "".join(ledger_csv_lines(session, user_id=user_id, tz_name=tz_name))
 
 # --- payments ---------------------------------------------------------------------------------
 
@@ -334,6 +450,7 @@ def payments_page(session: Session, *, filters: PaymentFilter, limit: int = 50, 
 
 @dataclass
 class PaymentTotals:
+    currency: str
     count: int
     amount_cents: int
     refunded_cents: int
@@ -345,16 +462,17 @@ class PaymentTotals:
         return self.amount_cents - self.refunded_cents - self.disputed_lost_cents
 
 
-def payments_totals(session: Session, *, filters: PaymentFilter) -> PaymentTotals:
-    """Totals of the filtered payments; amounts count only money that was collected."""
+def payments_totals(session: Session, *, filters: PaymentFilter) -> list[PaymentTotals]:
+    """Totals of the filtered payments, one per currency (most payments first); amounts count only money
+    that was collected."""
     collected = case((_collected(), Payment.amount_cents), else_=0)
-    row = session.execute(select(func.count(), func.coalesce(func.sum(collected), 0),
-                                 func.coalesce(func.sum(Payment.amount_refunded), 0),
-                                 func.coalesce(func.sum(Payment.amount_disputed_lost), 0),
-                                 func.coalesce(func.sum(Payment.credits_granted), 0))
-                          .where(*filters.conditions())).one()
-    return PaymentTotals(*(int(v) for v in row))
-
+    rows = session.execute(select(Payment.currency, func.count(), func.coalesce(func.sum(collected), 0),
+                                  func.coalesce(func.sum(Payment.amount_refunded), 0),
+                                  func.coalesce(func.sum(Payment.amount_disputed_lost), 0),
+                                  func.coalesce(func.sum(Payment.credits_granted), 0))
+                           .where(*filters.conditions()).group_by(Payment.currency)).all()
+    totals = [PaymentTotals(currency, *(int(v) for v in values)) for currency, *values in rows]
+    return sorted(totals, key=lambda t: (-t.count, t.currency))
 
 def payment_statuses(session: Session) -> list[str]:
     return sorted(s for (s,) in session.execute(select(Payment.status).distinct()).all())
@@ -462,21 +580,88 @@ def event_detail(session: Session, event_id: str) -> dict | None:
 
 def revenue_series(session: Session, *, since: datetime, until: datetime, tz_name: str,
                    granularity: str = "day") -> list[dict]:
-    """Net revenue per local day (or month), split into plans and packs: [{period, kind, net_cents}]."""
-    hour = _hour_key(session, Payment.created_at)
-    stmt = (select(hour, Payment.kind, func.sum(_net_amount()))
-            .where(_collected(), Payment.created_at >= since, Payment.created_at < until)
-            .group_by(hour, Payment.kind))
-    totals: dict[tuple[str, str], int] = defaultdict(int)
-    for key, kind, net in session.execute(stmt).all():
-        totals[(_local_period(key, tz_name, granularity), kind or "other")] += int(net or 0)
-    return [{"period": p, "kind": k, "net_cents": v} for (p, k), v in sorted(totals.items())]
+    """Cash collected per local day (or month), net of refunds and lost disputes, split into plans and
+    packs and by currency: [{period, kind, currency, net_cents}]."""
+    totals: dict[tuple[str, str, str], int] = defaultdict(int)
+    for key, kind, currency, _, gross, refunded, lost in _collected_payments_by_hour(
+            session, since=since, until=until):
+        totals[(_local_period(key, tz_name, granularity), kind, currency)] += gross - refunded - lost
+    return [{"period": p, "kind": k, "currency": c, "net_cents": v} for (p, k, c), v in sorted(totals.items())]
+
+
+def _mrr_changes(session: Session, *, until: datetime) -> list[tuple[str, str, str, int, int]]:
+    """(hour, currency, state, change, new) of every hour up to and including until's hour, in order."""
+    rows = session.execute(select(MrrHourly.hour, MrrHourly.currency, MrrHourly.state, MrrHourly.change_cents,
+                                  MrrHourly.new_cents)
+                           .where(MrrHourly.hour <= hour_key(until)).order_by(MrrHourly.hour)).all()
+    return [(hour, currency, state, int(change), int(new)) for hour, currency, state, change, new in rows]
+
+
+def mrr_at(session: Session, *, at: datetime) -> dict[str, dict[str, int]]:
+    """MRR at a moment (to the hour): {state: {currency: minor units}}, states `active` and `past_due`."""
+    found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    rows = session.execute(select(MrrHourly.state, MrrHourly.currency, func.sum(MrrHourly.change_cents))
+                           .where(MrrHourly.hour <= hour_key(at))
+                           .group_by(MrrHourly.state, MrrHourly.currency)).all()
+    for state, currency, total in rows:
+        if int(total or 0):
+            found[state][currency] += int(total)
+    return {state: dict(by_currency) for state, by_currency in found.items()}
+
+
+def _month_ends(*, since: datetime, until: datetime, tz_name: str) -> list[tuple[str, datetime, datetime]]:
+    """(local month, its first instant or since, its end or until) for each month from since's to until's."""
+    starts = local_month_starts(since=since, until=until, tz_name=tz_name)
+    found = []
+    for start, end in zip(starts, starts[1:]):
+        low, high = max(start, since), min(end, until)
+        if low < high:
+            found.append((local_time(start, tz_name).strftime("%Y-%m"), low, high))
+    return found
 
 
 def mrr_series(session: Session, *, since: datetime, until: datetime, tz_name: str) -> list[dict]:
-    """Recurring revenue billed per local month (plan payments, net): MRR as it actually came in."""
-    rows = revenue_series(session, since=since, until=until, tz_name=tz_name, granularity="month")
-    return [{"period": r["period"], "net_cents": r["net_cents"]} for r in rows if r["kind"] == "plan"]
+    """MRR at each local month's end (the current month: at `until`), with the new and churned MRR of the
+    month, per currency and state: [{period, currency, state, mrr_cents, new_cents, churned_cents}].
+    The last point at `until` equals mrr_at(until), Home's MRR."""
+    months = _month_ends(since=since, until=until, tz_name=tz_name)
+    if not months:
+        return []
+    changes = _mrr_changes(session, until=until)
+    churned = _churned_by_hour(session, since=months[0][1], until=until)
+    running: dict[tuple[str, str], int] = defaultdict(int)
+    found, position = [], 0
+    for period, low, high in months:
+        is_last = high == until
+        stop = hour_key(high) if not is_last else None  # month ends: hours before; until: its hour too
+        new: dict[tuple[str, str], int] = defaultdict(int)
+        while position < len(changes) and (is_last or changes[position][0] < stop):
+            hour, currency, state, change, added = changes[position]
+            running[(currency, state)] += change
+            if hour >= hour_key(low):
+                new[(currency, state)] += added
+            position += 1
+        lost: dict[tuple[str, str], int] = defaultdict(int)
+        for (key_hour, currency, state), cents in churned.items():
+            if hour_key(low) <= key_hour and (is_last or key_hour < stop):
+                lost[(currency, state)] += cents
+        for currency, state in sorted(set(running) | set(new) | set(lost)):
+            values = (running[(currency, state)], new[(currency, state)], lost[(currency, state)])
+            if any(values):
+                found.append({"period": period, "currency": currency, "state": state, "mrr_cents": values[0],
+                              "new_cents": values[1], "churned_cents": values[2]})
+    return found
+
+
+def _churned_by_hour(session: Session, *, since: datetime, until: datetime) -> dict[tuple[str, str, str], int]:
+    """MRR of spans that ended in [since, until) with no span after them: {(hour, currency, state): cents}."""
+    hour = _hour_key(session, SubscriptionPeriod.ends_at)
+    rows = session.execute(
+        select(hour, SubscriptionPeriod.currency, SubscriptionPeriod.state, func.sum(SubscriptionPeriod.amount_cents))
+        .where(SubscriptionPeriod.has_successor.is_(False), SubscriptionPeriod.ends_at >= since,
+               SubscriptionPeriod.ends_at < until, SubscriptionPeriod.ends_at > SubscriptionPeriod.starts_at)
+        .group_by(hour, SubscriptionPeriod.currency, SubscriptionPeriod.state)).all()
+    return {(key, currency, state): int(cents) for key, currency, state, cents in rows}
 
 
 CREDIT_FLOW_KINDS = {
@@ -485,45 +670,66 @@ CREDIT_FLOW_KINDS = {
     "expired": ("expire",),
     "clawed back": ("clawback",),
 }
+FLOW_OF_KIND = {kind: flow for flow, kinds in CREDIT_FLOW_KINDS.items() for kind in kinds}
+
+
+def _ledger_by_hour(session: Session, *, since: datetime, until: datetime) -> list[tuple[str, str, int]]:
+    """(hour key, kind, credits) of the entries written in [since, until): whole hours from ledger_hourly,
+    the partial hours at the ends from the entries (a covering index on created_at, kind, credits)."""
+    edges, whole = _split_hours(since, until)
+    kinds = list(FLOW_OF_KIND)
+    rows = []
+    if whole is not None:
+        rows += session.execute(select(LedgerHourly.hour, LedgerHourly.kind, func.sum(LedgerHourly.credits))
+                                .where(LedgerHourly.hour >= whole[0], LedgerHourly.hour < whole[1],
+                                       LedgerHourly.kind.in_(kinds))
+                                .group_by(LedgerHourly.hour, LedgerHourly.kind)).all()
+    hour = _hour_key(session, LedgerEntry.created_at)
+    for low, high in edges:
+        rows += session.execute(select(hour, LedgerEntry.kind, func.sum(LedgerEntry.credits))
+                                .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high,
+                                       LedgerEntry.kind.in_(kinds))
+                                .group_by(hour, LedgerEntry.kind)).all()
+    return [(key, kind, int(credits or 0)) for key, kind, credits in rows]
 
 
 def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
     """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
 
-    Expired counts both explicit expiries (cancellation, next period's grant) and what was left in lots
-    whose expiry time passed, dated by that time. One range query per month over a covering index
-    (created_at, kind, credits): no per-row date arithmetic, exact local month boundaries."""
-    sums = [func.coalesce(func.sum(case((LedgerEntry.kind.in_(kinds), LedgerEntry.credits), else_=0)), 0)
-            for kinds in CREDIT_FLOW_KINDS.values()]
-    starts = local_month_starts(since=since, until=now, tz_name=tz_name)
-    found = []
-    for start, end in zip(starts, starts[1:]):
-        low, high = max(start, since), min(end, now)
-        if low >= high:
-            continue
-        period = local_time(start, tz_name).strftime("%Y-%m")
-        row = session.execute(select(*sums).where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high)).one()
-        totals = dict(zip(CREDIT_FLOW_KINDS, (abs(int(v)) for v in row)))
-        totals["expired"] += max(0, _lapsed(session, after=low, until=high))
-        found += [{"period": period, "flow": flow, "credits": credits} for flow, credits in totals.items() if credits]
-    return found
+    From the hourly ledger rollup. Expired counts both explicit expiries (cancellation, next period's
+    grant) and what was left in lots whose expiry time passed, dated by that time."""
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for key, kind, credits in _ledger_by_hour(session, since=since, until=now):
+        totals[(_local_period(key, tz_name, "month"), FLOW_OF_KIND[kind])] += abs(credits)
+    for period, low, high in _month_ends(since=since, until=now, tz_name=tz_name):
+        totals[(period, "expired")] += max(0, _lapsed(session, after=low, until=high))
+    return [{"period": period, "flow": flow, "credits": credits}
+            for (period, flow), credits in sorted(totals.items()) if credits]
 
 
-def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
-    """How many accounts hold how many credits, bucketed in SQL: [{bucket, accounts}]."""
-    now = now or utcnow()
-    join, condition = _live_entries(now)
-    per_account = (select(LedgerEntry.user_id.label("user_id"), func.sum(LedgerEntry.credits).label("balance"))
-                   .select_from(join).where(condition).group_by(LedgerEntry.user_id).subquery())
+def _bucket_case(balance):
     whens = []
     for low, high, label in BALANCE_BUCKETS:
         parts = []
         if low is not None:
-            parts.append(per_account.c.balance >= low)
+            parts.append(balance >= low)
         if high is not None:
-            parts.append(per_account.c.balance <= high)
+            parts.append(balance <= high)
         whens.append((and_(*parts), label))
-    bucket = case(*whens, else_="0")
+    return case(*whens, else_="0")
+
+
+def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
+    """How many accounts hold how many credits, bucketed in SQL: [{bucket, accounts}]."""
+    if _has_lots(session):
+        bucket = _bucket_case(Account.balance)
+        rows = dict(session.execute(select(bucket, func.count()).group_by(bucket)).all())
+        return [{"bucket": label, "accounts": int(rows.get(label, 0))} for _, _, label in BALANCE_BUCKETS]
+    now = now or utcnow()
+    join, condition = _live_entries(now)
+    per_account = (select(LedgerEntry.user_id.label("user_id"), func.sum(LedgerEntry.credits).label("balance"))
+                   .select_from(join).where(condition).group_by(LedgerEntry.user_id).subquery())
+    bucket = _bucket_case(per_account.c.balance)
     rows = dict(session.execute(select(bucket, func.count()).select_from(per_account).group_by(bucket)).all())
     with_entries = sum(rows.values())
     rows["0"] = rows.get("0", 0) + max(0, account_count(session) - with_entries)
@@ -534,7 +740,7 @@ def balance_distribution(session: Session, *, now: datetime | None = None) -> li
 class Overview:
     """Everything Home shows, gathered in one read transaction."""
     subscriptions: SubscriptionStats
-    revenue_30d: RevenueTotals
+    revenue_30d: list[RevenueTotals]
     flagged_accounts: int
     accounts: int
     events: dict[str, int]
@@ -544,8 +750,8 @@ class Overview:
 
 def overview(session: Session, *, settings: Settings, now: datetime | None = None) -> Overview:
     now = now or utcnow()
-    return Overview(subscriptions=subscription_stats(session),
-                    revenue_30d=revenue_since(session, since=now - timedelta(days=30)),
+    return Overview(subscriptions=subscription_stats(session, now=now),
+                    revenue_30d=revenue_since(session, since=now - timedelta(days=30), until=now),
                     flagged_accounts=flagged_accounts(session), accounts=account_count(session),
                     events=event_status_counts(session), webhook=webhook_health(session, settings=settings, now=now),
                     now=now)
