@@ -175,34 +175,41 @@ class RevenueTotals:
         return self.gross_cents - self.refunded_cents - self.disputed_lost_cents
 
 
-def _collected_payments_by_hour(session: Session, *, since: datetime, until: datetime):
-    """(hour key, kind, currency, payments, gross, refunded, lost) of collected payments created in
+def _rows(session: Session, stmt) -> list:
+    """Plain rows through Core: thousands of rollup rows without the ORM's per-row cost."""
+    return session.connection().execute(stmt).all()
+
+
+def _collected_payments(session: Session, *, since: datetime, until: datetime, by_hour: bool = False):
+    """(hour key or None, kind, currency, payments, gross, refunded, lost) of collected payments created in
     [since, until): whole hours from payment_hourly, the partial hours at the ends from payment."""
     edges, whole = _split_hours(since, until)
     rows = []
     if whole is not None:
-        rows += session.execute(
-            select(PaymentHourly.hour, PaymentHourly.kind, PaymentHourly.currency, func.sum(PaymentHourly.payments),
-                   func.sum(PaymentHourly.amount_cents), func.sum(PaymentHourly.refunded_cents),
-                   func.sum(PaymentHourly.disputed_lost_cents))
-            .where(PaymentHourly.collected.is_(True), PaymentHourly.hour >= whole[0], PaymentHourly.hour < whole[1])
-            .group_by(PaymentHourly.hour, PaymentHourly.kind, PaymentHourly.currency)).all()
-    hour = _hour_key(session, Payment.created_at)
+        hour = PaymentHourly.hour if by_hour else literal(None)
+        keys = (PaymentHourly.hour,) if by_hour else ()
+        rows += _rows(session, select(hour, PaymentHourly.kind, PaymentHourly.currency,
+                                      func.sum(PaymentHourly.payments), func.sum(PaymentHourly.amount_cents),
+                                      func.sum(PaymentHourly.refunded_cents),
+                                      func.sum(PaymentHourly.disputed_lost_cents))
+                      .where(PaymentHourly.collected.is_(True), PaymentHourly.hour >= whole[0],
+                             PaymentHourly.hour < whole[1])
+                      .group_by(*keys, PaymentHourly.kind, PaymentHourly.currency))
+    hour = _hour_key(session, Payment.created_at) if by_hour else literal(None)
     for low, high in edges:
-        rows += session.execute(
-            select(hour, func.coalesce(Payment.kind, "other"), Payment.currency, func.count(),
-                   func.sum(Payment.amount_cents), func.sum(Payment.amount_refunded),
-                   func.sum(Payment.amount_disputed_lost))
-            .where(_collected(), Payment.created_at >= low, Payment.created_at < high)
-            .group_by(hour, Payment.kind, Payment.currency)).all()
+        keys = (hour,) if by_hour else ()
+        rows += _rows(session, select(hour, func.coalesce(Payment.kind, "other"), Payment.currency, func.count(),
+                                      func.sum(Payment.amount_cents), func.sum(Payment.amount_refunded),
+                                      func.sum(Payment.amount_disputed_lost))
+                      .where(_collected(), Payment.created_at >= low, Payment.created_at < high)
+                      .group_by(*keys, Payment.kind, Payment.currency))
     return [(key, kind or "other", currency, *(int(v or 0) for v in values))
             for key, kind, currency, *values in rows]
-
 
 def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> list[RevenueTotals]:
     """Cash collected in [since, until), one total per currency, largest first."""
     totals: dict[str, RevenueTotals] = {}
-    for _, _, currency, count, gross, refunded, lost in _collected_payments_by_hour(
+    for _, _, currency, count, gross, refunded, lost in _collected_payments(
             session, since=since, until=until or utcnow()):
         found = totals.setdefault(currency, RevenueTotals(currency))
         found.payments += count
@@ -464,15 +471,60 @@ class PaymentTotals:
 
 def payments_totals(session: Session, *, filters: PaymentFilter) -> list[PaymentTotals]:
     """Totals of the filtered payments, one per currency (most payments first); amounts count only money
-    that was collected."""
+    that was collected. Filters of time and plan/pack only read the hourly rollup (and the partial hours
+    at the range's ends); any other filter reads the matching payments."""
+    if filters.status or filters.user_id or (filters.item and filters.item not in ("plan", "pack")):
+        rows = _payment_totals_rows(session, filters)
+    else:
+        rows = _payment_totals_from_rollup(session, filters)
+    totals: dict[str, PaymentTotals] = {}
+    for currency, *values in rows:
+        found = totals.setdefault(currency, PaymentTotals(currency, 0, 0, 0, 0, 0))
+        for name, value in zip(("count", "amount_cents", "refunded_cents", "disputed_lost_cents", "credits_granted"),
+                               values):
+            setattr(found, name, getattr(found, name) + int(value or 0))
+    return sorted((t for t in totals.values() if t.count), key=lambda t: (-t.count, t.currency))
+
+
+def _payment_totals_rows(session: Session, filters: PaymentFilter, *, since: datetime | None = None,
+                         until: datetime | None = None) -> list:
     collected = case((_collected(), Payment.amount_cents), else_=0)
-    rows = session.execute(select(Payment.currency, func.count(), func.coalesce(func.sum(collected), 0),
-                                  func.coalesce(func.sum(Payment.amount_refunded), 0),
-                                  func.coalesce(func.sum(Payment.amount_disputed_lost), 0),
-                                  func.coalesce(func.sum(Payment.credits_granted), 0))
-                           .where(*filters.conditions()).group_by(Payment.currency)).all()
-    totals = [PaymentTotals(currency, *(int(v) for v in values)) for currency, *values in rows]
-    return sorted(totals, key=lambda t: (-t.count, t.currency))
+    conditions = filters.conditions()
+    if since is not None:
+        conditions += [Payment.created_at >= since, Payment.created_at < until]
+    return _rows(session, select(Payment.currency, func.count(), func.sum(collected), func.sum(Payment.amount_refunded),
+                                 func.sum(Payment.amount_disputed_lost), func.sum(Payment.credits_granted))
+                 .where(*conditions).group_by(Payment.currency))
+
+
+def _payment_totals_from_rollup(session: Session, filters: PaymentFilter) -> list:
+    if filters.start is None:
+        first = session.execute(select(func.min(PaymentHourly.hour))).scalar_one()
+        start = datetime.fromisoformat(f"{first}:00:00+00:00") if first else utcnow()
+    else:
+        start = filters.start
+    end = filters.end or utcnow() + timedelta(hours=2)  # past the newest payment's hour
+    edges, whole = _split_hours(start, end)
+    rows = []
+    if whole is not None:
+        conditions = [PaymentHourly.hour >= whole[0], PaymentHourly.hour < whole[1]]
+        if filters.item:
+            conditions.append(PaymentHourly.kind == filters.item)
+        amount = case((PaymentHourly.collected.is_(True), PaymentHourly.amount_cents), else_=0)
+        rows += _rows(session, select(PaymentHourly.currency, func.sum(PaymentHourly.payments), func.sum(amount),
+                                      func.sum(PaymentHourly.refunded_cents),
+                                      func.sum(PaymentHourly.disputed_lost_cents),
+                                      func.sum(PaymentHourly.credits_granted))
+                      .where(*conditions).group_by(PaymentHourly.currency))
+    edge_filters = PaymentFilter(item=filters.item)
+    for low, high in edges:
+        rows += _payment_totals_rows(session, edge_filters, since=low, until=high)
+    if filters.start is None:  # anything dated before the first rollup hour (none unless clocks disagree)
+        rows += _payment_totals_rows(session, edge_filters, since=datetime.min.replace(tzinfo=timezone.utc),
+                                     until=start)
+    if filters.end is None:
+        rows += _payment_totals_rows(session, edge_filters, since=end, until=datetime.max.replace(tzinfo=timezone.utc))
+    return rows
 
 def payment_statuses(session: Session) -> list[str]:
     return sorted(s for (s,) in session.execute(select(Payment.status).distinct()).all())
@@ -581,21 +633,29 @@ def event_detail(session: Session, event_id: str) -> dict | None:
 def revenue_series(session: Session, *, since: datetime, until: datetime, tz_name: str,
                    granularity: str = "day") -> list[dict]:
     """Cash collected per local day (or month), net of refunds and lost disputes, split into plans and
-    packs and by currency: [{period, kind, currency, net_cents}]."""
+    packs and by currency: [{period, kind, currency, net_cents}]. Days fold hourly sums; months are one
+    range query each."""
     totals: dict[tuple[str, str, str], int] = defaultdict(int)
-    for key, kind, currency, _, gross, refunded, lost in _collected_payments_by_hour(
-            session, since=since, until=until):
-        totals[(_local_period(key, tz_name, granularity), kind, currency)] += gross - refunded - lost
+    if granularity == "month":
+        for period, low, high in _month_ends(since=since, until=until, tz_name=tz_name):
+            for _, kind, currency, _, gross, refunded, lost in _collected_payments(session, since=low, until=high):
+                totals[(period, kind, currency)] += gross - refunded - lost
+    else:
+        for key, kind, currency, _, gross, refunded, lost in _collected_payments(
+                session, since=since, until=until, by_hour=True):
+            totals[(_local_period(key, tz_name, granularity), kind, currency)] += gross - refunded - lost
     return [{"period": p, "kind": k, "currency": c, "net_cents": v} for (p, k, c), v in sorted(totals.items())]
 
-
-def _mrr_changes(session: Session, *, until: datetime) -> list[tuple[str, str, str, int, int]]:
-    """(hour, currency, state, change, new) of every hour up to and including until's hour, in order."""
-    rows = session.execute(select(MrrHourly.hour, MrrHourly.currency, MrrHourly.state, MrrHourly.change_cents,
-                                  MrrHourly.new_cents)
-                           .where(MrrHourly.hour <= hour_key(until)).order_by(MrrHourly.hour)).all()
-    return [(hour, currency, state, int(change), int(new)) for hour, currency, state, change, new in rows]
-
+def _mrr_sums(session: Session, *, since_hour: str | None, stop_hour: str, inclusive: bool = False):
+    """{(currency, state): (change, new)} summed over the hours in [since_hour, stop_hour) (or up to and
+    including stop_hour)."""
+    conditions = [MrrHourly.hour <= stop_hour if inclusive else MrrHourly.hour < stop_hour]
+    if since_hour is not None:
+        conditions.append(MrrHourly.hour >= since_hour)
+    rows = _rows(session, select(MrrHourly.currency, MrrHourly.state, func.sum(MrrHourly.change_cents),
+                                 func.sum(MrrHourly.new_cents))
+                 .where(*conditions).group_by(MrrHourly.currency, MrrHourly.state))
+    return {(currency, state): (int(change or 0), int(new or 0)) for currency, state, change, new in rows}
 
 def mrr_at(session: Session, *, at: datetime) -> dict[str, dict[str, int]]:
     """MRR at a moment (to the hour): {state: {currency: minor units}}, states `active` and `past_due`."""
@@ -623,46 +683,35 @@ def _month_ends(*, since: datetime, until: datetime, tz_name: str) -> list[tuple
 def mrr_series(session: Session, *, since: datetime, until: datetime, tz_name: str) -> list[dict]:
     """MRR at each local month's end (the current month: at `until`), with the new and churned MRR of the
     month, per currency and state: [{period, currency, state, mrr_cents, new_cents, churned_cents}].
-    The last point at `until` equals mrr_at(until), Home's MRR."""
+    The last point at `until` equals mrr_at(until), Home's MRR. A few range queries per month."""
     months = _month_ends(since=since, until=until, tz_name=tz_name)
     if not months:
         return []
-    changes = _mrr_changes(session, until=until)
-    churned = _churned_by_hour(session, since=months[0][1], until=until)
-    running: dict[tuple[str, str], int] = defaultdict(int)
-    found, position = [], 0
+    running = {key: change for key, (change, _) in _mrr_sums(session, since_hour=None,
+                                                              stop_hour=hour_key(months[0][1])).items()}
+    found = []
     for period, low, high in months:
         is_last = high == until
-        stop = hour_key(high) if not is_last else None  # month ends: hours before; until: its hour too
-        new: dict[tuple[str, str], int] = defaultdict(int)
-        while position < len(changes) and (is_last or changes[position][0] < stop):
-            hour, currency, state, change, added = changes[position]
-            running[(currency, state)] += change
-            if hour >= hour_key(low):
-                new[(currency, state)] += added
-            position += 1
-        lost: dict[tuple[str, str], int] = defaultdict(int)
-        for (key_hour, currency, state), cents in churned.items():
-            if hour_key(low) <= key_hour and (is_last or key_hour < stop):
-                lost[(currency, state)] += cents
-        for currency, state in sorted(set(running) | set(new) | set(lost)):
-            values = (running[(currency, state)], new[(currency, state)], lost[(currency, state)])
+        month = _mrr_sums(session, since_hour=hour_key(low), stop_hour=hour_key(high), inclusive=is_last)
+        lost = _churned(session, since=low, until=high)
+        for key, (change, _) in month.items():
+            running[key] = running.get(key, 0) + change
+        for currency, state in sorted(set(running) | set(lost)):
+            values = (running.get((currency, state), 0), month.get((currency, state), (0, 0))[1],
+                      lost.get((currency, state), 0))
             if any(values):
                 found.append({"period": period, "currency": currency, "state": state, "mrr_cents": values[0],
                               "new_cents": values[1], "churned_cents": values[2]})
     return found
 
-
-def _churned_by_hour(session: Session, *, since: datetime, until: datetime) -> dict[tuple[str, str, str], int]:
-    """MRR of spans that ended in [since, until) with no span after them: {(hour, currency, state): cents}."""
-    hour = _hour_key(session, SubscriptionPeriod.ends_at)
-    rows = session.execute(
-        select(hour, SubscriptionPeriod.currency, SubscriptionPeriod.state, func.sum(SubscriptionPeriod.amount_cents))
-        .where(SubscriptionPeriod.has_successor.is_(False), SubscriptionPeriod.ends_at >= since,
-               SubscriptionPeriod.ends_at < until, SubscriptionPeriod.ends_at > SubscriptionPeriod.starts_at)
-        .group_by(hour, SubscriptionPeriod.currency, SubscriptionPeriod.state)).all()
-    return {(key, currency, state): int(cents) for key, currency, state, cents in rows}
-
+def _churned(session: Session, *, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+    """MRR of spans that ended in [since, until) with no span after them: {(currency, state): cents}."""
+    rows = _rows(session, select(SubscriptionPeriod.currency, SubscriptionPeriod.state,
+                                 func.sum(SubscriptionPeriod.amount_cents))
+                 .where(SubscriptionPeriod.has_successor.is_(False), SubscriptionPeriod.ends_at >= since,
+                        SubscriptionPeriod.ends_at < until, SubscriptionPeriod.ends_at > SubscriptionPeriod.starts_at)
+                 .group_by(SubscriptionPeriod.currency, SubscriptionPeriod.state))
+    return {(currency, state): int(cents) for currency, state, cents in rows}
 
 CREDIT_FLOW_KINDS = {
     "granted": ledger.GRANT_KINDS,
@@ -673,39 +722,40 @@ CREDIT_FLOW_KINDS = {
 FLOW_OF_KIND = {kind: flow for flow, kinds in CREDIT_FLOW_KINDS.items() for kind in kinds}
 
 
-def _ledger_by_hour(session: Session, *, since: datetime, until: datetime) -> list[tuple[str, str, int]]:
-    """(hour key, kind, credits) of the entries written in [since, until): whole hours from ledger_hourly,
-    the partial hours at the ends from the entries (a covering index on created_at, kind, credits)."""
+def _ledger_sums(session: Session, *, since: datetime, until: datetime) -> dict[str, int]:
+    """{kind: credits} of the entries written in [since, until): whole hours from ledger_hourly, the
+    partial hours at the ends from the entries (a covering index on created_at, kind, credits)."""
     edges, whole = _split_hours(since, until)
     kinds = list(FLOW_OF_KIND)
     rows = []
     if whole is not None:
-        rows += session.execute(select(LedgerHourly.hour, LedgerHourly.kind, func.sum(LedgerHourly.credits))
-                                .where(LedgerHourly.hour >= whole[0], LedgerHourly.hour < whole[1],
-                                       LedgerHourly.kind.in_(kinds))
-                                .group_by(LedgerHourly.hour, LedgerHourly.kind)).all()
-    hour = _hour_key(session, LedgerEntry.created_at)
+        rows += _rows(session, select(LedgerHourly.kind, func.sum(LedgerHourly.credits))
+                      .where(LedgerHourly.hour >= whole[0], LedgerHourly.hour < whole[1], LedgerHourly.kind.in_(kinds))
+                      .group_by(LedgerHourly.kind))
     for low, high in edges:
-        rows += session.execute(select(hour, LedgerEntry.kind, func.sum(LedgerEntry.credits))
-                                .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high,
-                                       LedgerEntry.kind.in_(kinds))
-                                .group_by(hour, LedgerEntry.kind)).all()
-    return [(key, kind, int(credits or 0)) for key, kind, credits in rows]
-
+        rows += _rows(session, select(LedgerEntry.kind, func.sum(LedgerEntry.credits))
+                      .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high, LedgerEntry.kind.in_(kinds))
+                      .group_by(LedgerEntry.kind))
+    totals: dict[str, int] = defaultdict(int)
+    for kind, credits in rows:
+        totals[kind] += int(credits or 0)
+    return totals
 
 def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
     """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
 
-    From the hourly ledger rollup. Expired counts both explicit expiries (cancellation, next period's
-    grant) and what was left in lots whose expiry time passed, dated by that time."""
-    totals: dict[tuple[str, str], int] = defaultdict(int)
-    for key, kind, credits in _ledger_by_hour(session, since=since, until=now):
-        totals[(_local_period(key, tz_name, "month"), FLOW_OF_KIND[kind])] += abs(credits)
+    From the hourly ledger rollup, one range query per month. Expired counts both explicit expiries
+    (cancellation, next period's grant) and what was left in lots whose expiry time passed, dated by that
+    time."""
+    found = []
     for period, low, high in _month_ends(since=since, until=now, tz_name=tz_name):
-        totals[(period, "expired")] += max(0, _lapsed(session, after=low, until=high))
-    return [{"period": period, "flow": flow, "credits": credits}
-            for (period, flow), credits in sorted(totals.items()) if credits]
-
+        totals: dict[str, int] = defaultdict(int)
+        for kind, credits in _ledger_sums(session, since=low, until=high).items():
+            totals[FLOW_OF_KIND[kind]] += abs(credits)
+        totals["expired"] += max(0, _lapsed(session, after=low, until=high))
+        found += [{"period": period, "flow": flow, "credits": totals[flow]} for flow in CREDIT_FLOW_KINDS
+                  if totals[flow]]
+    return found
 
 def _bucket_case(balance):
     whens = []

@@ -246,3 +246,21 @@ def test_migration_backfills_the_rollups_as_the_triggers_keep_them(old_database,
         backfilled = spans(session)
     with db.read_session(engine) as session:
         assert backfilled == spans(session)
+
+
+@pytest.mark.parametrize("window", [(None, None), (at(3, 15, 9), None), (None, at(4, 2)),
+                                    (at(3, 1, 12), at(4, 6, 0) + timedelta(minutes=30))])
+@pytest.mark.parametrize("item", [None, "plan", "pack"])
+def test_payment_totals_from_the_rollup_equal_the_rows(engine, window, item):
+    write_history(engine)
+    start, end = window
+    start = start and start + timedelta(minutes=17)  # partial hours at both ends
+    filters = reports.PaymentFilter(start=start, end=end, item=item)
+    with db.read_session(engine) as session:
+        from_rollup = reports.payments_totals(session, filters=filters)
+        from_rows = reports.payments_totals(session, filters=reports.PaymentFilter(start=start, end=end, item=item,
+                                                                                    user_id=None, status=None))
+        direct = reports._payment_totals_rows(session, filters)
+    assert from_rollup == from_rows
+    assert {c: (int(n), int(a)) for c, n, a, *_ in direct} == {t.currency: (t.count, t.amount_cents)
+                                                                 for t in from_rollup}
