@@ -3,7 +3,8 @@ measuring the dashboard at scale.
 
 The rows follow the ledger's data model exactly (see ledger.py): every grant opens a lot keyed by its
 own source key; spends, expiries, clawbacks and dispute holds draw on a lot and never take more than
-it holds; each spend has its Consumption record. They are written with bulk Core inserts in one
+it holds; each spend has its Consumption record. Each lot's `credit_lot` row and each account's totals
+are filled as the ledger keeps them (`check-ledger` is clean). They are written with bulk Core inserts in one
 transaction per chunk of accounts, so the whole set takes about a minute on SQLite.
 
 Every account has exactly two payments and ten ledger entries:
@@ -24,7 +25,7 @@ from sqlalchemy import func, select
 
 from . import db
 from .catalog import PACKS, PLANS
-from .models import Account, Consumption, Dispute, LedgerEntry, Payment, Subscription, utcnow
+from .models import Account, Consumption, CreditLot, Dispute, LedgerEntry, Payment, Subscription, utcnow
 from .settings import mask_url_password
 
 ACCOUNTS = 100_000
@@ -49,6 +50,7 @@ class Rows:
     subscriptions: list = field(default_factory=list)
     payments: list = field(default_factory=list)
     entries: list = field(default_factory=list)
+    lots: list = field(default_factory=list)
     consumptions: list = field(default_factory=list)
     disputes: list = field(default_factory=list)
 
@@ -60,7 +62,9 @@ class AccountBuilder:
         self.rows, self.rng, self.user_id = rows, rng, user_id
         self.next_payment_id = next_payment_id
         self.remaining: dict[str, int] = {}
+        self.lots: dict[str, dict] = {}  # credit_lot rows by lot key
         self.balance = 0
+        self.debt = 0
         self.spends = 0
 
     def entry(self, *, credits: int, kind: str, source_key: str, lot_key: str | None, at: datetime, **extra) -> None:
@@ -70,9 +74,33 @@ class AccountBuilder:
                   "created_at": at}
         values.update(extra)
         self.rows.entries.append(values)
+        if values["lot_source"] is not None:
+            self.lots[source_key] = {
+                "lot_key": source_key, "user_id": self.user_id, "source": values["lot_source"], "granted": credits,
+                "remaining": 0, "held": 0, "expires_at": values["expires_at"],
+                "subscription_id": values["subscription_id"], "period_end": values["period_end"],
+                "payment_id": values["payment_id"], "allowance_from": None, "allowance_to": None,
+                "closed": False, "closed_at": None, "created_at": at}
         if lot_key is not None:
             self.remaining[lot_key] = self.remaining.get(lot_key, 0) + credits
+            lot = self.lots[lot_key]
+            lot["remaining"] += credits
+            if kind in ("dispute_hold", "dispute_release"):
+                lot["held"] -= credits
+            if kind == "expire" or (lot["source"] != "subscription" and lot["remaining"] == 0 and lot["held"] == 0):
+                lot["closed"], lot["closed_at"] = True, at
+        else:
+            self.debt += credits
         self.balance += credits
+
+    def close_lots(self, now: datetime) -> dict:
+        """The lots into rows, those whose time has passed closed; the account's totals as the ledger keeps them."""
+        for lot in self.lots.values():
+            if not lot["closed"] and lot["expires_at"] is not None and lot["expires_at"] <= now:
+                lot["closed"], lot["closed_at"] = True, lot["expires_at"]
+            self.rows.lots.append(lot)
+        return {"balance": self.debt + sum(lot["remaining"] for lot in self.lots.values() if not lot["closed"]),
+                "debt": self.debt}
 
     def payment(self, *, at: datetime, item, **extra) -> int:
         payment_id = self.next_payment_id()
@@ -192,13 +220,14 @@ def _chunk(start: int, stop: int, rng: random.Random, now: datetime, next_paymen
         created = min(e["created_at"] for e in rows.entries[-10:]) - timedelta(minutes=1)
         rows.accounts.append({"user_id": user_id, "email": f"big{n:06d}@example.com",
                               "stripe_customer_id": f"cus_big{n:06d}", "flagged": False, "flag_reason": None,
-                              "open_disputes": 0, "created_at": created, "updated_at": created, **extra})
+                              "open_disputes": 0, "created_at": created, "updated_at": created,
+                              **builder.close_lots(now), **extra})
     return rows
 
 
 def _insert(conn, rows: Rows) -> None:
     for model, values in ((Account, rows.accounts), (Subscription, rows.subscriptions), (Payment, rows.payments),
-                          (LedgerEntry, rows.entries), (Consumption, rows.consumptions), (Dispute, rows.disputes)):
+                          (LedgerEntry, rows.entries), (CreditLot, rows.lots), (Consumption, rows.consumptions), (Dispute, rows.disputes)):
         if values:
             conn.execute(model.__table__.insert(), values)
 

@@ -495,7 +495,8 @@ def _upgrade_topup(session: Session, ctx: EventContext, *, row: Subscription, pl
             or status not in UPGRADABLE_STATUSES or row.status in ("canceled", "incomplete_expired")):
         return
     ledger.grant_upgrade_topup(session, user_id=row.user_id, subscription_id=row.id, period_end=period_end,
-                               from_tier=old_tier, to_tier=plan.key, source_key=upgrade_key(row.id, period_end, plan.key))
+                               from_tier=old_tier, to_tier=plan.key, source_key=upgrade_key(row.id, period_end, plan.key),
+                               rollover=ctx.settings.subscription_credits_rollover)
 
 
 # --- invoices --------------------------------------------------------------------------------
@@ -623,11 +624,13 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
             session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
             from_tier=_replaced_tier(plan_lines, period_end), to_tier=plan.key, payment_id=payment.id,
             source_key=f"invoice:{invoice_id}:upgrade:{period_end}",
-            claims_lot=upgrade_key(subscription_id, period_end, plan.key)))
+            claims_lot=upgrade_key(subscription_id, period_end, plan.key),
+            rollover=ctx.settings.subscription_credits_rollover))
     if base is not None:
         written.append(ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
-            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}"))
+            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}",
+            rollover=ctx.settings.subscription_credits_rollover))
     if any(written) or not payment.credits_granted:  # not again for the invoice's second event type
         payment.credits_granted = ledger.credits_paid_by(session, payment)
         session.add(payment)

@@ -1,14 +1,22 @@
-"""The credit ledger: append-only entries grouped in lots.
+"""The credit ledger: append-only entries grouped in lots, with each lot and each account's totals kept
+as rows beside them.
 
 Every grant opens a lot whose key is the grant's own source key; spends, expiries, clawbacks and
-dispute holds are entries drawing on a lot (`lot_key`). A lot is closed when its `expires_at` has
-passed or it has an `expire` entry; nothing is ever added to a closed lot, so a closed lot's
-remaining credits simply stop counting. Debt (a clawback beyond what a payment's lots still hold)
-is an entry with no lot, settled by the next grant.
+dispute holds are entries drawing on a lot (`lot_key`). Debt (a clawback beyond what a payment's lots
+still hold) is an entry with no lot, settled by the next grant. `ledger_entry` is the append-only record
+of truth; `credit_lot` (granted, remaining, held, closed) and the account's `balance` and `debt` are kept
+in the same transaction as the entries that change them, so no operation reads the account's history:
+they touch the account row, its open lots (partial index) and rows found by a unique key.
 
-Every function here runs inside the caller's write transaction and first locks the account
-(`lock_account`), so concurrent writers on one account queue up: SQLite by BEGIN IMMEDIATE,
-PostgreSQL by SELECT ... FOR UPDATE on the account row.
+A lot is closed when an `expire` entry closes it (cancellation, the next period's grant), when its
+`expires_at` has passed (closed on the account's next write; reads leave it out meanwhile), or when it
+is a pack or adjustment lot with nothing left and nothing held (nothing can ever be added to it again).
+Nothing is ever added to a closed lot, so its remaining credits simply stop counting.
+
+Every function here runs inside the caller's write transaction and first locks the account, so
+concurrent writers on one account queue up: SQLite by BEGIN IMMEDIATE, PostgreSQL by SELECT ... FOR
+UPDATE on the account row. `python -m billing_core check-ledger` verifies the lots and totals against
+the entries.
 """
 from __future__ import annotations
 
@@ -21,16 +29,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, bindparam, case, false, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
 from .catalog import allowance
 from .db import for_update
-from .models import Account, Consumption, LedgerEntry, Payment, Subscription, from_epoch, utcnow
-from .settings import get_settings
+from .models import (DISPUTE_KINDS_SQL, Account, Consumption, CreditLot, LedgerEntry, Payment, Subscription,
+                     from_epoch, utcnow)
 
 GRANT_KINDS = ("subscription_grant", "upgrade_topup", "pack_grant", "adjustment")
 SUBSCRIPTION_GRANT_KINDS = ("subscription_grant", "upgrade_topup")
@@ -67,21 +75,28 @@ class WouldGoNegative(LedgerError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lot:
+    """A credit_lot row as one write (or read) sees it; writes change it in memory and in the table."""
+    id: int
     key: str
     source: str
     granted: int
     remaining: int
+    held: int
     expires_at: datetime | None
     subscription_id: str | None
     period_end: int | None
     payment_id: int | None
     created_at: datetime
-    expired_marks: int
+    closed: bool
+    frozen: bool = False  # a subscription lot whose subscription is past due or unpaid
 
-    def closed(self, now: datetime) -> bool:
-        return self.expired_marks > 0 or (self.expires_at is not None and self.expires_at <= now)
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def open_at(self, now: datetime) -> bool:
+        return not self.closed and not self.expired(now)
 
 
 @dataclass
@@ -227,97 +242,119 @@ def current_subscription(session: Session, user_id: str) -> Subscription | None:
     return session.exec(stmt).scalars().first()
 
 
-# --- reading ------------------------------------------------------------------------------
+# --- tables and statements built once ---------------------------------------------------------
 
-# Built once: a fresh aliased() per call makes SQLAlchemy re-adapt every column it touches, which
-# cost ~10 ms per lots() call, several times per spend and per webhook event (see docs/BENCHMARKS.md).
-_GRANT = aliased(LedgerEntry, name="grant")
-_ENTRY = aliased(LedgerEntry, name="entry")
+LOT = CreditLot.__table__
+ENTRY = LedgerEntry.__table__
+ACCOUNT = Account.__table__
+CONSUMPTION = Consumption.__table__
+SUBSCRIPTION = Subscription.__table__
+OPEN = LOT.c.closed == false()  # rendered as a literal, so both databases use the partial index on open lots
 
-
-def lots(session: Session, user_id: str) -> list[Lot]:
-    grant, entry = _GRANT, _ENTRY
-    stmt = (
-        select(grant.source_key, grant.lot_source, grant.credits, func.sum(entry.credits), grant.expires_at,
-               grant.subscription_id, grant.period_end, grant.payment_id, grant.created_at,
-               func.sum(case((entry.kind == "expire", 1), else_=0)))
-        .join(entry, and_(entry.user_id == grant.user_id, entry.lot_key == grant.source_key))
-        .where(grant.user_id == user_id, grant.lot_source.is_not(None))
-        .group_by(grant.id, grant.source_key, grant.lot_source, grant.credits, grant.expires_at,
-                  grant.subscription_id, grant.period_end, grant.payment_id, grant.created_at)
-    )
-    return [Lot(key=r[0], source=r[1], granted=r[2], remaining=int(r[3] or 0), expires_at=r[4],
-                subscription_id=r[5], period_end=r[6], payment_id=r[7], created_at=r[8], expired_marks=int(r[9] or 0))
-            for r in session.execute(stmt).all()]
-
-
-def unlotted_total(session: Session, user_id: str) -> int:
-    stmt = select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
-        LedgerEntry.user_id == user_id, LedgerEntry.lot_key.is_(None))
-    return int(session.execute(stmt).scalar_one())
-
-
-def balance(session: Session, user_id: str, *, now: datetime | None = None) -> int:
-    """Credits held now: every entry, except those in lots whose expiry time has passed."""
-    now = now or utcnow()
-    grant = _GRANT
-    stmt = (select(func.coalesce(func.sum(LedgerEntry.credits), 0))
-            .select_from(LedgerEntry)
-            # source keys are unique, so each entry finds its grant through that index; adding user_id here
-            # let PostgreSQL without table statistics scan all of the user's entries per entry (quadratic)
-            .outerjoin(grant, grant.source_key == LedgerEntry.lot_key)
-            .where(LedgerEntry.user_id == user_id,
-                   or_(LedgerEntry.lot_key.is_(None), grant.expires_at.is_(None), grant.expires_at > now)))
-    return int(session.execute(stmt).scalar_one())
+_LOT_COLUMNS = (LOT.c.id, LOT.c.lot_key, LOT.c.source, LOT.c.granted, LOT.c.remaining, LOT.c.held, LOT.c.expires_at,
+                LOT.c.subscription_id, LOT.c.period_end, LOT.c.payment_id, LOT.c.created_at, LOT.c.closed)
+_FROZEN = and_(LOT.c.source == "subscription", SUBSCRIPTION.c.status.in_(FROZEN_STATUSES))
+_OPEN_LOTS = (select(*_LOT_COLUMNS, case((_FROZEN, True), else_=False))
+              .select_from(LOT.outerjoin(SUBSCRIPTION, and_(SUBSCRIPTION.c.id == LOT.c.subscription_id,
+                                                            SUBSCRIPTION.c.user_id == LOT.c.user_id)))
+              .where(LOT.c.user_id == bindparam("user_id"), OPEN))
+_LOTS_OF_PAYMENT = select(*_LOT_COLUMNS).where(LOT.c.payment_id == bindparam("payment_id"),
+                                               LOT.c.user_id == bindparam("user_id"))
+_ACCOUNT_STATE = select(ACCOUNT.c.user_id, ACCOUNT.c.flagged, ACCOUNT.c.flag_reason, ACCOUNT.c.open_disputes,
+                        ACCOUNT.c.balance, ACCOUNT.c.debt).where(ACCOUNT.c.user_id == bindparam("user_id"))
+_ACCOUNT_STATE_LOCKED = _ACCOUNT_STATE.with_for_update()
+_DONE_SPEND = select(CONSUMPTION.c.credits, CONSUMPTION.c.balance_after, CONSUMPTION.c.spendable_after).where(
+    CONSUMPTION.c.user_id == bindparam("user_id"), CONSUMPTION.c.reference == bindparam("reference"))
+_UPDATE_LOT = (update(LOT).where(LOT.c.id == bindparam("lot_id"))
+               .values(remaining=bindparam("remaining"), held=bindparam("held"), closed=bindparam("closed"),
+                       closed_at=bindparam("closed_at")))
+_UPDATE_TOTALS = (update(ACCOUNT).where(ACCOUNT.c.user_id == bindparam("account_id"))
+                  .values(balance=bindparam("balance"), debt=bindparam("debt")))
+_UPDATE_TOTALS_AND_FLAG = (update(ACCOUNT).where(ACCOUNT.c.user_id == bindparam("account_id"))
+                           .values(balance=bindparam("balance"), debt=bindparam("debt"),
+                                   flagged=bindparam("flagged"), flag_reason=bindparam("flag_reason"),
+                                   updated_at=bindparam("updated_at")))
+_INSERT_ENTRY = ENTRY.insert()
+_INSERT_LOT = LOT.insert()
+_INSERT_CONSUMPTION = CONSUMPTION.insert()
+_ENTRY_DEFAULTS = {column.name: None for column in ENTRY.columns if column.name != "id"}
 
 
-def _frozen_subscriptions(session: Session, user_id: str) -> set[str]:
-    stmt = select(Subscription.id).where(Subscription.user_id == user_id, Subscription.status.in_(FROZEN_STATUSES))
-    return set(session.execute(stmt).scalars().all())
+def _lot_from_row(row) -> Lot:
+    return Lot(id=row[0], key=row[1], source=row[2], granted=row[3], remaining=row[4], held=row[5],
+               expires_at=row[6], subscription_id=row[7], period_end=row[8], payment_id=row[9],
+               created_at=row[10], closed=bool(row[11]), frozen=bool(row[12]) if len(row) > 12 else False)
 
 
 def _spend_order(lot: Lot):
     return (lot.expires_at is None, lot.expires_at or lot.created_at, lot.created_at, lot.key)
 
 
-def _open_lots(session: Session, user_id: str, now: datetime, *, spendable_only: bool) -> list[Lot]:
-    frozen = _frozen_subscriptions(session, user_id) if spendable_only else set()
-    found = [lot for lot in lots(session, user_id)
-             if lot.remaining > 0 and not lot.closed(now)
-             and not (lot.source == "subscription" and lot.subscription_id in frozen)]
-    return sorted(found, key=_spend_order)
+def _flag_for(open_disputes: int, balance_now: int) -> tuple[bool, str | None]:
+    reasons = []
+    if open_disputes > 0:
+        reasons.append("open dispute")
+    if balance_now < 0:
+        reasons.append("negative balance")
+    return bool(reasons), ", ".join(reasons) or None
+
+
+# --- reading ------------------------------------------------------------------------------
+
+def open_lots(session: Session, user_id: str, *, now: datetime | None = None) -> list[Lot]:
+    """The lots that count now, soonest expiry first (packs and adjustments last), each marked frozen or not."""
+    now = now or utcnow()
+    rows = session.connection().execute(_OPEN_LOTS, {"user_id": user_id}).all()
+    return sorted((lot for lot in map(_lot_from_row, rows) if not lot.expired(now)), key=_spend_order)
+
+
+def _debt(session: Session, user_id: str) -> int | None:
+    return session.connection().execute(select(ACCOUNT.c.debt).where(ACCOUNT.c.user_id == user_id)).scalar()
+
+
+def _spendable(lots: list[Lot], debt: int) -> int:
+    return max(0, sum(lot.remaining for lot in lots if lot.remaining > 0 and not lot.frozen) + debt)
+
+
+def balance(session: Session, user_id: str, *, now: datetime | None = None) -> int:
+    """Credits held now: the open lots whose expiry time hasn't passed, plus debt (negative)."""
+    now = now or utcnow()
+    lots_now = (select(func.coalesce(func.sum(LOT.c.remaining), 0))
+                .where(LOT.c.user_id == ACCOUNT.c.user_id, OPEN,
+                       or_(LOT.c.expires_at.is_(None), LOT.c.expires_at > now))
+                .scalar_subquery())
+    found = session.connection().execute(select(ACCOUNT.c.debt + lots_now).where(ACCOUNT.c.user_id == user_id)).scalar()
+    return int(found or 0)
 
 
 def spendable_balance(session: Session, user_id: str, *, now: datetime | None = None,
                       flagged: bool | None = None) -> int:
+    """What the DevOps Agent may spend now: open lots not frozen, less debt; 0 while the account is flagged."""
     now = now or utcnow()
+    row = session.connection().execute(_ACCOUNT_STATE, {"user_id": user_id}).first()
+    if row is None:
+        return 0
     if flagged is None:
-        flagged = bool(session.execute(select(Account.flagged).where(Account.user_id == user_id)).scalar())
+        flagged = bool(row.flagged)
     if flagged:
         return 0
-    total = sum(lot.remaining for lot in _open_lots(session, user_id, now, spendable_only=True))
-    return max(0, total + unlotted_total(session, user_id))
+    return _spendable(open_lots(session, user_id, now=now), int(row.debt))
 
 
-def breakdown(session: Session, user_id: str, *, now: datetime | None = None) -> list[dict]:
-    """What the balance is made of: each open lot, soonest expiry first, and any debt."""
-    now = now or utcnow()
-    frozen = _frozen_subscriptions(session, user_id)
-    rows = []
-    for lot in sorted((lot for lot in lots(session, user_id) if lot.remaining != 0 and not lot.closed(now)),
-                      key=_spend_order):
-        rows.append({
-            "source": lot.source, "credits": lot.remaining, "granted": lot.granted,
-            "expires_at": lot.expires_at.isoformat() if lot.expires_at else None,
-            "subscription_id": lot.subscription_id,
-            "frozen": lot.source == "subscription" and lot.subscription_id in frozen,
-            "lot": lot.key,
-        })
-    debt = unlotted_total(session, user_id)
+def _breakdown(lots: list[Lot], debt: int) -> list[dict]:
+    rows = [{"source": lot.source, "credits": lot.remaining, "granted": lot.granted,
+             "expires_at": lot.expires_at.isoformat() if lot.expires_at else None,
+             "subscription_id": lot.subscription_id, "frozen": lot.frozen, "lot": lot.key}
+            for lot in lots if lot.remaining != 0]
     if debt:
         rows.append({"source": "debt", "credits": debt, "granted": 0, "expires_at": None,
                      "subscription_id": None, "frozen": False, "lot": None})
     return rows
+
+
+def breakdown(session: Session, user_id: str, *, now: datetime | None = None) -> list[dict]:
+    """What the balance is made of: each open lot, soonest expiry first, and any debt."""
+    return _breakdown(open_lots(session, user_id, now=now), int(_debt(session, user_id) or 0))
 
 
 def account_summary(session: Session, user_id: str, *, now: datetime | None = None) -> AccountSummary:
@@ -327,17 +364,19 @@ def account_summary(session: Session, user_id: str, *, now: datetime | None = No
     sub = current_subscription(session, user_id) if account else None
     tier = sub.tier if sub and sub.status in LIVE_STATUSES else "none"
     flagged = bool(account and account.flagged)
+    lots_now = open_lots(session, user_id, now=now) if account else []
+    debt = int(account.debt or 0) if account else 0
     return AccountSummary(
         user_id=user_id, exists=account is not None,
-        balance=balance(session, user_id, now=now) if account else 0,
-        spendable_balance=spendable_balance(session, user_id, now=now, flagged=flagged) if account else 0,
+        balance=sum(lot.remaining for lot in lots_now) + debt if account else 0,
+        spendable_balance=0 if flagged or not account else _spendable(lots_now, debt),
         tier=tier, subscription_status=sub.status if sub else None, subscription_id=sub.id if sub else None,
         current_period_end=sub.current_period_end if sub else None,
         cancel_at_period_end=bool(sub and sub.cancel_at_period_end),
         flagged=flagged, flag_reason=account.flag_reason if account else None,
         email=account.email if account else None,
         stripe_customer_id=account.stripe_customer_id if account else None,
-        breakdown=breakdown(session, user_id, now=now) if account else [],
+        breakdown=_breakdown(lots_now, debt) if account else [],
     )
 
 
@@ -347,10 +386,20 @@ def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0)
     return list(session.exec(stmt).scalars().all())
 
 
+def credits_paid_by(session: Session, payment: Payment) -> int:
+    """What a payment granted, counting lots it claimed after a subscription event granted them."""
+    if not payment.user_id:
+        return 0
+    return int(session.connection().execute(
+        select(func.coalesce(func.sum(LOT.c.granted), 0))
+        .where(LOT.c.payment_id == payment.id, LOT.c.user_id == payment.user_id)).scalar_one())
+
+
 # --- writing ------------------------------------------------------------------------------
 
 def _key_exists(session: Session, source_key: str) -> bool:
-    return session.execute(select(LedgerEntry.id).where(LedgerEntry.source_key == source_key)).first() is not None
+    return session.connection().execute(
+        select(ENTRY.c.id).where(ENTRY.c.source_key == source_key)).first() is not None
 
 
 def _digest(*parts: str) -> str:
@@ -371,103 +420,236 @@ def recorded_at(when: datetime):
         _recording_time.reset(token)
 
 
-def _write(session: Session, **values) -> LedgerEntry:
-    entry = LedgerEntry(created_at=_recording_time.get() or utcnow(), **values)
-    session.add(entry)
-    session.flush()
-    return entry
+_INSERT_ENTRY_ONCE = {
+    name: insert(ENTRY).on_conflict_do_nothing(index_elements=["source_key"]).returning(ENTRY.c.id)
+    for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
+
+
+def _insert_entry_ignoring_duplicate(session: Session, values: dict) -> int | None:
+    """Insert an entry unless its source key is already there; the new id, or None for a duplicate."""
+    return session.connection().execute(_INSERT_ENTRY_ONCE[session.get_bind().dialect.name], values).scalar()
+
+
+class _Book:
+    """One account's ledger for one write: its totals and open lots, locked, changed in memory and in the
+    tables together. Lots whose expiry time has passed are closed when the book is opened."""
+
+    def __init__(self, session: Session, row, now: datetime):
+        self.session, self.conn, self.now = session, session.connection(), now
+        self.user_id: str = row.user_id
+        self.flagged, self.flag_reason = bool(row.flagged), row.flag_reason
+        self.open_disputes = int(row.open_disputes or 0)
+        self.balance, self.debt = int(row.balance), int(row.debt)
+        self._written = (self.balance, self.debt, self.flagged, self.flag_reason)
+        self.lots: dict[int, Lot] = {}
+        self._load_open_lots()
+
+    # reading
+    def _load_open_lots(self) -> None:
+        expired = []
+        for row in self.conn.execute(_OPEN_LOTS, {"user_id": self.user_id}).all():
+            lot = _lot_from_row(row)
+            self.lots[lot.id] = lot
+            if lot.expired(self.now):
+                expired.append(lot)
+        for lot in expired:  # time passed since the account's last write: the lot stops counting
+            lot.closed = True
+            self.balance -= lot.remaining
+            self.save_lot(lot)
+        if expired:
+            self.save_totals()
+
+    def open_lots(self, *, spendable_only: bool) -> list[Lot]:
+        """Open lots holding credits, in spending order."""
+        return sorted((lot for lot in self.lots.values()
+                       if not lot.closed and lot.remaining > 0 and not (spendable_only and lot.frozen)),
+                      key=_spend_order)
+
+    def spendable(self) -> int:
+        return 0 if self.flagged else _spendable([lot for lot in self.lots.values() if not lot.closed], self.debt)
+
+    def payment_lots(self, payment_id: int) -> list[Lot]:
+        """The lots a payment paid for (granted with it, or claimed by it later), open or closed."""
+        found = []
+        for row in self.conn.execute(_LOTS_OF_PAYMENT, {"payment_id": payment_id, "user_id": self.user_id}).all():
+            found.append(self.lots.get(row[0]) or _lot_from_row(row))
+        return found
+
+    # writing
+    def write(self, **values) -> dict:
+        entry = {**_ENTRY_DEFAULTS, "user_id": self.user_id, "created_at": _recording_time.get() or utcnow(), **values}
+        self.conn.execute(_INSERT_ENTRY, entry)
+        return entry
+
+    def save_lot(self, lot: Lot) -> None:
+        if not lot.closed and lot.remaining == 0 and lot.held == 0 and lot.source != "subscription":
+            lot.closed = True  # a spent pack or adjustment can never receive credits again
+        self.conn.execute(_UPDATE_LOT, {"lot_id": lot.id, "remaining": lot.remaining, "held": lot.held,
+                                        "closed": lot.closed, "closed_at": self.now if lot.closed else None})
+
+    def change_lot(self, lot: Lot, *, credits: int, held: int = 0) -> None:
+        """`credits` into (or, negative, out of) an open lot; `held` moves between remaining and held."""
+        lot.remaining += credits
+        lot.held += held
+        self.balance += credits
+        self.save_lot(lot)
+
+    def refresh_flag(self) -> None:
+        self.flagged, self.flag_reason = _flag_for(self.open_disputes, self.balance)
+
+    def save_totals(self) -> None:
+        """Write the account's totals (and flag) when they changed; keep a loaded Account object in step."""
+        state = (self.balance, self.debt, self.flagged, self.flag_reason)
+        if state == self._written:
+            return
+        if (self.flagged, self.flag_reason) != self._written[2:]:
+            updated_at = utcnow()
+            self.conn.execute(_UPDATE_TOTALS_AND_FLAG, {
+                "account_id": self.user_id, "balance": self.balance, "debt": self.debt, "flagged": self.flagged,
+                "flag_reason": self.flag_reason, "updated_at": updated_at})
+        else:
+            updated_at = None
+            self.conn.execute(_UPDATE_TOTALS, {"account_id": self.user_id, "balance": self.balance, "debt": self.debt})
+        self._written = state
+        loaded = self.session.identity_map.get(self.session.identity_key(Account, self.user_id))
+        if loaded is not None:
+            for name, value in (("balance", self.balance), ("debt", self.debt), ("flagged", self.flagged),
+                                ("flag_reason", self.flag_reason)):
+                set_committed_value(loaded, name, value)
+            if updated_at is not None:
+                set_committed_value(loaded, "updated_at", updated_at)
+
+    def finish(self, *, refresh_flag: bool) -> None:
+        if refresh_flag:
+            self.refresh_flag()
+        self.save_totals()
+
+
+def _open_book(session: Session, user_id: str, *, now: datetime | None, create: bool = True) -> _Book | None:
+    """Lock the account (creating it when missing and `create`) and open its book."""
+    user_id = check_user_id(user_id)
+    session.flush()  # an Account changed in this session (open_disputes) must be read as changed
+    statement = _ACCOUNT_STATE_LOCKED if session.get_bind().dialect.name == "postgresql" else _ACCOUNT_STATE
+    conn = session.connection()
+    row = conn.execute(statement, {"user_id": user_id}).first()
+    if row is None and create:
+        created = utcnow()
+        _insert_ignore(session, {"user_id": user_id, "email": None, "flagged": False, "open_disputes": 0,
+                                 "created_at": created, "updated_at": created})
+        row = conn.execute(statement, {"user_id": user_id}).first()
+    if row is None:
+        return None
+    return _Book(session, row, now or utcnow())
 
 
 def refresh_flag(session: Session, account: Account, *, now: datetime | None = None) -> None:
     """Flag an account while a dispute is open or its balance is negative."""
-    reasons = []
-    if account.open_disputes > 0:
-        reasons.append("open dispute")
-    if balance(session, account.user_id, now=now) < 0:
-        reasons.append("negative balance")
-    flagged, reason = bool(reasons), ", ".join(reasons) or None
+    flagged, reason = _flag_for(account.open_disputes, balance(session, account.user_id, now=now))
     if (account.flagged, account.flag_reason) != (flagged, reason):
         account.flagged, account.flag_reason, account.updated_at = flagged, reason, utcnow()
         session.add(account)
         session.flush()
 
 
-def _grant(session: Session, account: Account, *, credits: int, kind: str, source_key: str, lot_source: str,
-           expires_at: datetime | None = None, now: datetime | None = None, **extra) -> LedgerEntry | None:
-    if credits <= 0 or _key_exists(session, source_key):
+def _grant(book: _Book, *, credits: int, kind: str, source_key: str, lot_source: str,
+           expires_at: datetime | None = None, **extra) -> LedgerEntry | None:
+    """Open a lot: its grant entry (once per source key), the lot row, and settle any earlier debt from it."""
+    if credits <= 0:
         return None
-    entry = _write(session, user_id=account.user_id, credits=credits, kind=kind, source_key=source_key,
-                   lot_key=source_key, lot_source=lot_source, expires_at=expires_at, **extra)
-    debt = unlotted_total(session, account.user_id)
-    if debt < 0:  # the new lot pays off earlier debt, so the debt can't resurface when the lot expires
-        settled = min(-debt, credits)
-        _write(session, user_id=account.user_id, credits=-settled, kind="debt_settlement",
-               source_key=f"{source_key}:settles-debt", lot_key=source_key)
-        _write(session, user_id=account.user_id, credits=settled, kind="debt_settlement",
-               source_key=f"{source_key}:debt-settled", lot_key=None)
-    refresh_flag(session, account, now=now)
-    return entry
+    values = {**_ENTRY_DEFAULTS, "user_id": book.user_id, "credits": credits, "kind": kind, "source_key": source_key,
+              "lot_key": source_key, "lot_source": lot_source, "expires_at": expires_at,
+              "created_at": _recording_time.get() or utcnow(), **extra}
+    entry_id = _insert_entry_ignoring_duplicate(book.session, values)
+    if entry_id is None:
+        return None
+    settled = min(-book.debt, credits) if book.debt < 0 else 0
+    lot = Lot(id=0, key=source_key, source=lot_source, granted=credits, remaining=credits - settled, held=0,
+              expires_at=expires_at, subscription_id=extra.get("subscription_id"),
+              period_end=extra.get("period_end"), payment_id=extra.get("payment_id"),
+              created_at=values["created_at"], closed=False)
+    lot.closed = lot.expired(book.now) or (lot.remaining == 0 and lot_source != "subscription")
+    lot.id = book.conn.execute(_INSERT_LOT, {
+        "lot_key": lot.key, "user_id": book.user_id, "source": lot.source, "granted": lot.granted,
+        "remaining": lot.remaining, "held": 0, "expires_at": lot.expires_at, "subscription_id": lot.subscription_id,
+        "period_end": lot.period_end, "payment_id": lot.payment_id, "allowance_from": extra.get("allowance_from"),
+        "allowance_to": extra.get("allowance_to"), "closed": lot.closed,
+        "closed_at": book.now if lot.closed else None, "created_at": lot.created_at}).inserted_primary_key[0]
+    book.lots[lot.id] = lot
+    if settled:  # the new lot pays off earlier debt, so the debt can't resurface when the lot expires
+        book.write(credits=-settled, kind="debt_settlement", source_key=f"{source_key}:settles-debt", lot_key=source_key)
+        book.write(credits=settled, kind="debt_settlement", source_key=f"{source_key}:debt-settled", lot_key=None)
+        book.debt += settled
+    book.balance += settled + (0 if lot.closed else lot.remaining)
+    book.finish(refresh_flag=True)
+    return LedgerEntry(id=entry_id, **values)
 
 
-def _draw(session: Session, account: Account, *, credits: int, kind: str, key_prefix: str, open_lots: list[Lot],
-          allow_debt: bool, **extra) -> list[LedgerEntry]:
+def _draw(book: _Book, *, credits: int, kind: str, key_prefix: str, lots: list[Lot], allow_debt: bool,
+          **extra) -> list[dict]:
     """Take `credits` from the lots in the given order; what they can't cover becomes debt."""
     written, left = [], credits
-    for number, lot in enumerate(open_lots):
+    for number, lot in enumerate(lots):
         if left <= 0:
             break
         take = min(lot.remaining, left)
-        written.append(_write(session, user_id=account.user_id, credits=-take, kind=kind,
-                              source_key=f"{key_prefix}:{number}", lot_key=lot.key, **extra))
+        written.append(book.write(credits=-take, kind=kind, source_key=f"{key_prefix}:{number}", lot_key=lot.key,
+                                  **extra))
+        book.change_lot(lot, credits=-take)
         left -= take
     if left > 0:
         if not allow_debt:
             raise InsufficientCredits(f"insufficient credits: {credits} needed, {credits - left} available")
-        written.append(_write(session, user_id=account.user_id, credits=-left, kind=kind,
-                              source_key=f"{key_prefix}:debt", lot_key=None, **extra))
+        written.append(book.write(credits=-left, kind=kind, source_key=f"{key_prefix}:debt", lot_key=None, **extra))
+        book.debt -= left
+        book.balance -= left
     return written
 
 
 def grant_pack(session: Session, *, user_id: str, credits: int, source_key: str, payment_id: int | None = None,
                now: datetime | None = None) -> LedgerEntry | None:
     """Pack credits never expire. Returns None when this source key was already applied."""
-    account = lock_account(session, user_id=user_id)
-    return _grant(session, account, credits=credits, kind="pack_grant", source_key=source_key,
-                  lot_source="pack", payment_id=payment_id, now=now)
+    book = _open_book(session, user_id, now=now)
+    entry = _grant(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
+                   payment_id=payment_id)
+    book.save_totals()
+    return entry
 
 
 def grant_subscription_period(session: Session, *, user_id: str, subscription_id: str, period_end: int, tier: str,
-                              source_key: str, payment_id: int | None = None,
+                              source_key: str, payment_id: int | None = None, rollover: bool = False,
                               now: datetime | None = None) -> LedgerEntry | None:
     """A paid period's allowance for its tier, once per subscription and period.
 
     Upgrades are separate lots (`grant_upgrade_topup`), so the base grant and the top-ups add up to the
-    highest tier's allowance whichever order the invoice and the subscription events arrive in.
+    highest tier's allowance whichever order the invoice and the subscription events arrive in. With
+    `rollover` (SUBSCRIPTION_CREDITS_ROLLOVER), subscription credits never expire.
     """
-    account = lock_account(session, user_id=user_id)
+    book = _open_book(session, user_id, now=now)
     if _key_exists(session, source_key):
+        book.save_totals()
         return None
-    return _grant_for_period(session, account, slice_=(0, allowance(tier)), kind="subscription_grant",
-                             source_key=source_key, subscription_id=subscription_id, period_end=period_end,
-                             payment_id=payment_id, now=now)
+    return _grant_for_period(book, slice_=(0, allowance(tier)), kind="subscription_grant", source_key=source_key,
+                             subscription_id=subscription_id, period_end=period_end, payment_id=payment_id,
+                             rollover=rollover)
 
 
 def grant_upgrade_topup(session: Session, *, user_id: str, subscription_id: str, period_end: int, from_tier: str,
                         to_tier: str, source_key: str, payment_id: int | None = None, claims_lot: str | None = None,
-                        now: datetime | None = None) -> LedgerEntry | None:
+                        rollover: bool = False, now: datetime | None = None) -> LedgerEntry | None:
     """An upgrade mid-period: the difference between the new and the old allowance, once per subscription
     and period, whichever event reports it (the subscription event or the proration invoice). Credits
     already granted for the period count, so a second report, or a move back up after a downgrade, adds
     nothing. A paying invoice names the lot a subscription event granted first (`claims_lot`) and claims
     it, so refunding or disputing the upgrade takes those credits back."""
-    account = lock_account(session, user_id=user_id)
+    book = _open_book(session, user_id, now=now)
     if _key_exists(session, source_key):
+        book.save_totals()
         return None
     if payment_id is not None and claims_lot:
-        _claim_unpaid_lot(session, account, lot_key=claims_lot, payment_id=payment_id)
-    return _grant_for_period(session, account, slice_=(allowance(from_tier), allowance(to_tier)),
-                             kind="upgrade_topup", source_key=source_key, subscription_id=subscription_id,
-                             period_end=period_end, payment_id=payment_id, now=now)
+        _claim_unpaid_lot(book, lot_key=claims_lot, payment_id=payment_id)
+    return _grant_for_period(book, slice_=(allowance(from_tier), allowance(to_tier)), kind="upgrade_topup",
+                             source_key=source_key, subscription_id=subscription_id, period_end=period_end,
+                             payment_id=payment_id, rollover=rollover)
 
 
 def _uncovered(slice_: tuple[int, int], covered: list[tuple[int, int]]) -> int:
@@ -485,82 +667,80 @@ def _uncovered(slice_: tuple[int, int], covered: list[tuple[int, int]]) -> int:
     return missing + max(0, high - cursor)
 
 
-def _grant_for_period(session: Session, account: Account, *, slice_: tuple[int, int], kind: str, source_key: str,
-                      subscription_id: str, period_end: int, payment_id: int | None,
-                      now: datetime | None) -> LedgerEntry | None:
+def _grant_for_period(book: _Book, *, slice_: tuple[int, int], kind: str, source_key: str, subscription_id: str,
+                      period_end: int, payment_id: int | None, rollover: bool) -> LedgerEntry | None:
     """A subscription lot for the part of the allowance slice that no earlier grant of the period covers,
     expiring with its period; it closes the subscription's earlier periods."""
-    covered = session.execute(select(LedgerEntry.allowance_from, LedgerEntry.allowance_to).where(
-        LedgerEntry.user_id == account.user_id, LedgerEntry.subscription_id == subscription_id,
-        LedgerEntry.period_end == period_end, LedgerEntry.kind.in_(SUBSCRIPTION_GRANT_KINDS),
-        LedgerEntry.allowance_from.is_not(None))).all()
+    covered = book.conn.execute(select(LOT.c.allowance_from, LOT.c.allowance_to).where(
+        LOT.c.user_id == book.user_id, LOT.c.subscription_id == subscription_id, LOT.c.period_end == period_end,
+        LOT.c.source == "subscription", LOT.c.allowance_from.is_not(None))).all()
     credits = _uncovered(slice_, [(int(a), int(b)) for a, b in covered])
     if credits <= 0:
+        book.save_totals()
         return None
-    now = now or utcnow()
-    user_id = account.user_id
-    rollover = get_settings().subscription_credits_rollover
     if not rollover:
-        earlier = [lot for lot in lots(session, user_id)
+        earlier = [lot for lot in book.lots.values()
                    if lot.source == "subscription" and lot.subscription_id == subscription_id
-                   and lot.period_end is not None and lot.period_end < period_end and not lot.closed(now)]
-        _expire(session, account, earlier, reason="next period's credits granted")
-    return _grant(session, account, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
-                  expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,
-                  period_end=period_end, payment_id=payment_id, now=now,
-                  allowance_from=slice_[0], allowance_to=slice_[1])
+                   and lot.period_end is not None and lot.period_end < period_end and not lot.closed]
+        _expire(book, sorted(earlier, key=lambda lot: lot.id), reason="next period's credits granted")
+    entry = _grant(book, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
+                   expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,
+                   period_end=period_end, payment_id=payment_id, allowance_from=slice_[0], allowance_to=slice_[1])
+    book.save_totals()
+    return entry
 
 
-def _expire(session: Session, account: Account, to_close: list[Lot], *, reason: str) -> int:
+def _expire(book: _Book, to_close: list[Lot], *, reason: str) -> int:
     """Close lots at once; a zero-credit marker still closes a lot that is empty right now."""
     total = 0
     for lot in to_close:
-        key = f"expire:{lot.key}"
-        if lot.expired_marks or _key_exists(session, key):
+        if lot.closed:
             continue
-        _write(session, user_id=account.user_id, credits=-max(lot.remaining, 0), kind="expire", source_key=key,
-               lot_key=lot.key, subscription_id=lot.subscription_id, reason=reason)
-        total += max(lot.remaining, 0)
+        credits = max(lot.remaining, 0)
+        book.write(credits=-credits, kind="expire", source_key=f"expire:{lot.key}", lot_key=lot.key,
+                   subscription_id=lot.subscription_id, reason=reason)
+        lot.remaining -= credits
+        lot.closed = True
+        book.balance -= credits + lot.remaining  # the lot stops counting
+        book.save_lot(lot)
+        total += credits
     return total
 
 
 def expire_subscription_credits(session: Session, *, user_id: str, subscription_id: str, reason: str,
                                 now: datetime | None = None) -> int:
     """Cancellation: the subscription's remaining credits expire at once; packs stay."""
-    account = lock_account(session, user_id=user_id)
-    now = now or utcnow()
-    to_close = [lot for lot in lots(session, user_id)
-                if lot.source == "subscription" and lot.subscription_id == subscription_id and not lot.closed(now)]
-    total = _expire(session, account, to_close, reason=reason)
-    refresh_flag(session, account, now=now)
+    book = _open_book(session, user_id, now=now)
+    to_close = sorted((lot for lot in book.lots.values()
+                       if lot.source == "subscription" and lot.subscription_id == subscription_id and not lot.closed),
+                      key=lambda lot: lot.id)
+    total = _expire(book, to_close, reason=reason)
+    book.finish(refresh_flag=True)
     return total
 
 
-def _claim_unpaid_lot(session: Session, account: Account, *, lot_key: str, payment_id: int) -> None:
+def _claim_unpaid_lot(book: _Book, *, lot_key: str, payment_id: int) -> None:
     """Tie a lot granted without a payment to the invoice that paid for it: a zero-credit entry in the lot,
-    written once per lot."""
+    written once per lot, and the payment on the lot."""
+    row = book.conn.execute(select(LOT.c.id, LOT.c.source, LOT.c.payment_id, LOT.c.subscription_id, LOT.c.period_end)
+                            .where(LOT.c.lot_key == lot_key, LOT.c.user_id == book.user_id)).first()
     key = f"paid-by:{lot_key}"
-    grant = session.execute(select(LedgerEntry).where(LedgerEntry.source_key == lot_key,
-                                                      LedgerEntry.user_id == account.user_id)).scalars().first()
-    if grant is None or grant.payment_id is not None or grant.lot_source != "subscription" or _key_exists(session, key):
+    if row is None or row.payment_id is not None or row.source != "subscription" or _key_exists(book.session, key):
         return
-    _write(session, user_id=account.user_id, credits=0, kind="payment_link", source_key=key, lot_key=lot_key,
-           payment_id=payment_id, subscription_id=grant.subscription_id, period_end=grant.period_end)
+    book.write(credits=0, kind="payment_link", source_key=key, lot_key=lot_key, payment_id=payment_id,
+               subscription_id=row.subscription_id, period_end=row.period_end)
+    book.conn.execute(update(LOT).where(LOT.c.id == row.id).values(payment_id=payment_id))
+    if row.id in book.lots:
+        book.lots[row.id].payment_id = payment_id
 
 
-def _payment_lots(session: Session, payment: Payment) -> list[Lot]:
-    """The lots a payment paid for: granted with it, or claimed by it later (`payment_link`)."""
-    claimed = set(session.execute(select(LedgerEntry.lot_key).where(
-        LedgerEntry.user_id == payment.user_id, LedgerEntry.kind == "payment_link",
-        LedgerEntry.payment_id == payment.id)).scalars())
-    return [lot for lot in lots(session, payment.user_id) if lot.payment_id == payment.id or lot.key in claimed]
-
-
-def credits_paid_by(session: Session, payment: Payment) -> int:
-    """What a payment granted, counting lots it claimed after a subscription event granted them."""
-    if not payment.user_id:
+def _expired_by_marker(book: _Book, lots: list[Lot]) -> int:
+    """Credits `expire` entries took from these lots (only closed lots have one)."""
+    keys = [f"expire:{lot.key}" for lot in lots if lot.closed]
+    if not keys:
         return 0
-    return sum(lot.granted for lot in _payment_lots(session, payment))
+    return -int(book.conn.execute(select(func.coalesce(func.sum(ENTRY.c.credits), 0))
+                                  .where(ENTRY.c.source_key.in_(keys))).scalar_one())
 
 
 def clawback_for_payment(session: Session, *, payment: Payment, reversed_cents: int,
@@ -572,100 +752,104 @@ def clawback_for_payment(session: Session, *, payment: Payment, reversed_cents: 
     """
     if not payment.user_id or payment.amount_cents <= 0:
         return 0
-    account = lock_account(session, user_id=payment.user_id)
-    now = now or utcnow()
-    payment_lots = _payment_lots(session, payment)
+    book = _open_book(session, payment.user_id, now=now)
+    payment_lots = book.payment_lots(payment.id)
     granted = sum(lot.granted for lot in payment_lots)
     if granted <= 0:
         return 0
     reversed_cents = max(0, min(reversed_cents, payment.amount_cents))
     target = (granted * reversed_cents * 2 + payment.amount_cents) // (2 * payment.amount_cents)
-    expired_unused = sum(max(lot.remaining, 0) for lot in payment_lots if lot.closed(now))
-    expired_unused += -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
-        LedgerEntry.user_id == payment.user_id, LedgerEntry.kind == "expire",
-        LedgerEntry.lot_key.in_([lot.key for lot in payment_lots]))).scalar_one())
-    # Credits a dispute held in a lot that closed meanwhile expired unused too (never released).
-    expired_unused += -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
-        LedgerEntry.user_id == payment.user_id, LedgerEntry.kind.in_(("dispute_hold", "dispute_release")),
-        LedgerEntry.lot_key.in_([lot.key for lot in payment_lots if lot.closed(now)]))).scalar_one())
+    # Credits left in closed lots expired unused, and so did credits a dispute held in a lot that closed
+    # meanwhile (never released).
+    expired_unused = sum(max(lot.remaining, 0) + lot.held for lot in payment_lots if lot.closed)
+    expired_unused += _expired_by_marker(book, payment_lots)
     target = min(target, granted - expired_unused)
-    already = -int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0)).where(
-        LedgerEntry.payment_id == payment.id, LedgerEntry.kind == "clawback")).scalar_one())
+    already = -int(book.conn.execute(select(func.coalesce(func.sum(ENTRY.c.credits), 0)).where(
+        ENTRY.c.payment_id == payment.id, ENTRY.c.kind == "clawback")).scalar_one())
     delta = target - already
     if delta <= 0:
         return 0
-    open_lots = sorted((lot for lot in payment_lots if lot.remaining > 0 and not lot.closed(now)), key=_spend_order)
-    free = sum(lot.remaining for lot in open_lots)
+    drawable = sorted((lot for lot in payment_lots if lot.remaining > 0 and not lot.closed), key=_spend_order)
+    free = sum(lot.remaining for lot in drawable)
     if delta > free:  # a dispute holds the credits being reversed: take them from the hold, not as debt
-        _unhold(session, account, payment_lots=payment_lots, credits=delta - free, now=now,
-                key_suffix=f"clawback:{payment.id}:{target}")
-        open_lots = sorted((lot for lot in _payment_lots(session, payment) if lot.remaining > 0 and not lot.closed(now)),
-                           key=_spend_order)
-    _draw(session, account, credits=delta, kind="clawback", key_prefix=f"clawback:{payment.id}:{target}",
-          open_lots=open_lots, allow_debt=True, payment_id=payment.id,
+        _unhold(book, payment_lots=payment_lots, credits=delta - free, key_suffix=f"clawback:{payment.id}:{target}")
+        drawable = sorted((lot for lot in payment_lots if lot.remaining > 0 and not lot.closed), key=_spend_order)
+    _draw(book, credits=delta, kind="clawback", key_prefix=f"clawback:{payment.id}:{target}", lots=drawable,
+          allow_debt=True, payment_id=payment.id,
           reason=f"{reversed_cents} of {payment.amount_cents} {payment.currency} reversed")
-    refresh_flag(session, account, now=now)
+    book.finish(refresh_flag=True)
     return delta
 
 
-def _held(session: Session, *, user_id: str, lot_keys: list[str]) -> list[tuple[str, str, int, int | None]]:
-    """(dispute id, lot key, credits still held, payment id) for every hold not yet given back."""
-    if not lot_keys:
+# The dispute entries' partial index, not the lots' spends (SQLite's planner needs telling).
+_HELD = {name: text(
+    "SELECT reference, lot_key, SUM(credits), MAX(payment_id) FROM ledger_entry" + hint
+    + f" WHERE {DISPUTE_KINDS_SQL} AND lot_key IN :keys AND user_id = :user_id"
+    " GROUP BY reference, lot_key ORDER BY reference, lot_key").bindparams(bindparam("keys", expanding=True))
+    for name, hint in (("sqlite", " INDEXED BY ix_ledger_dispute_lot"), ("postgresql", ""))}
+
+
+def _held(book: _Book, lots: list[Lot]) -> list[tuple[str, Lot, int, int | None]]:
+    """(dispute id, lot, credits still held, payment id) for every hold not yet given back in these lots."""
+    by_key = {lot.key: lot for lot in lots if lot.held > 0}
+    if not by_key:
         return []
-    rows = session.execute(
-        select(LedgerEntry.reference, LedgerEntry.lot_key, func.sum(LedgerEntry.credits), func.max(LedgerEntry.payment_id))
-        .where(LedgerEntry.user_id == user_id, LedgerEntry.kind.in_(("dispute_hold", "dispute_release")),
-               LedgerEntry.lot_key.in_(lot_keys))
-        .group_by(LedgerEntry.reference, LedgerEntry.lot_key)
-        .order_by(LedgerEntry.reference, LedgerEntry.lot_key)).all()
-    return [(dispute_id, lot_key, -int(net), payment_id) for dispute_id, lot_key, net, payment_id in rows if net < 0]
+    statement = _HELD[book.session.get_bind().dialect.name]
+    rows = book.conn.execute(statement, {"keys": sorted(by_key), "user_id": book.user_id}).all()
+    return [(dispute_id, by_key[lot_key], -int(net), payment_id)
+            for dispute_id, lot_key, net, payment_id in rows if net < 0]
 
 
-def _unhold(session: Session, account: Account, *, payment_lots: list[Lot], credits: int, now: datetime,
-            key_suffix: str) -> None:
+def _unhold(book: _Book, *, payment_lots: list[Lot], credits: int, key_suffix: str) -> None:
     """Give back up to `credits` of what open disputes hold in these lots, so a reversal can take them.
 
     A refund delivered after a dispute opened on the rest of the payment must end as if it had come first
     (the dispute then held only what the refund left): the clawback takes from the hold, not as debt."""
-    open_keys = [lot.key for lot in payment_lots if not lot.closed(now)]
-    for dispute_id, lot_key, held, payment_id in _held(session, user_id=account.user_id, lot_keys=open_keys):
+    for dispute_id, lot, held, payment_id in _held(book, [lot for lot in payment_lots if not lot.closed]):
         if credits <= 0:
             break
         take = min(held, credits)
-        _write(session, user_id=account.user_id, credits=take, kind="dispute_release", lot_key=lot_key,
-               source_key=f"dispute_release:{dispute_id}:{lot_key}:{key_suffix}", payment_id=payment_id,
-               reference=dispute_id, reason="reversed while held: taken from the hold")
+        book.write(credits=take, kind="dispute_release", lot_key=lot.key,
+                   source_key=f"dispute_release:{dispute_id}:{lot.key}:{key_suffix}", payment_id=payment_id,
+                   reference=dispute_id, reason="reversed while held: taken from the hold")
+        book.change_lot(lot, credits=take, held=-take)
         credits -= take
 
 
 def hold_for_dispute(session: Session, *, dispute_id: str, payment: Payment, now: datetime | None = None) -> int:
     """Freeze what is left of a disputed payment's credits and flag the account."""
-    account = lock_account(session, user_id=payment.user_id)
-    now = now or utcnow()
+    book = _open_book(session, payment.user_id, now=now)
     held = 0
-    for lot in _payment_lots(session, payment):
+    for lot in book.payment_lots(payment.id):
         key = f"dispute_hold:{dispute_id}:{lot.key}"
-        if lot.remaining > 0 and not lot.closed(now) and not _key_exists(session, key):
-            _write(session, user_id=account.user_id, credits=-lot.remaining, kind="dispute_hold", source_key=key,
-                   lot_key=lot.key, payment_id=payment.id, reference=dispute_id)
-            held += lot.remaining
+        if lot.remaining > 0 and not lot.closed and not _key_exists(session, key):
+            credits = lot.remaining
+            book.write(credits=-credits, kind="dispute_hold", source_key=key, lot_key=lot.key, payment_id=payment.id,
+                       reference=dispute_id)
+            book.change_lot(lot, credits=-credits, held=credits)
+            held += credits
+    book.save_totals()
     return held
 
 
 def release_dispute_hold(session: Session, *, dispute_id: str, user_id: str, now: datetime | None = None) -> int:
     """Give back what a dispute held, into lots that are still open."""
-    lock_account(session, user_id=user_id)
-    now = now or utcnow()
-    open_keys = {lot.key for lot in lots(session, user_id) if not lot.closed(now)}
-    held = [row for row in _held(session, user_id=user_id, lot_keys=sorted(open_keys)) if row[0] == dispute_id]
+    book = _open_book(session, user_id, now=now)
+    open_held = [lot for lot in book.lots.values() if not lot.closed]
     released = 0
-    for _dispute_id, lot_key, credits, payment_id in held:  # net of what a reversal already took from the hold
-        key = f"dispute_release:{dispute_id}:{lot_key}"
-        if not _key_exists(session, key):
-            _write(session, user_id=user_id, credits=credits, kind="dispute_release", source_key=key,
-                   lot_key=lot_key, payment_id=payment_id, reference=dispute_id)
+    for found_dispute, lot, credits, payment_id in _held(book, open_held):  # net of what a reversal already took
+        key = f"dispute_release:{dispute_id}:{lot.key}"
+        if found_dispute == dispute_id and not _key_exists(session, key):
+            book.write(credits=credits, kind="dispute_release", source_key=key, lot_key=lot.key,
+                       payment_id=payment_id, reference=dispute_id)
+            book.change_lot(lot, credits=credits, held=-credits)
             released += credits
+    book.save_totals()
     return released
+
+
+def _entry_object(values: dict) -> LedgerEntry:
+    return LedgerEntry(**{name: value for name, value in values.items() if value is not None})
 
 
 def adjust(session: Session, *, user_id: str, credits: int, reason: str, operator: str,
@@ -679,24 +863,24 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
     if not (isinstance(operator, str) and operator.strip()):
         raise LedgerError("the operator making the adjustment must be named")
     operator = check_text(operator, what="the operator name", max_length=MAX_OPERATOR_LENGTH)
-    now = now or utcnow()
     source_key = source_key or f"adjust:{uuid.uuid4()}"
-    account = lock_account(session, user_id=user_id)
-    if any(_key_exists(session, key) for key in (source_key, f"{source_key}:0", f"{source_key}:debt")):
+    book = _open_book(session, user_id, now=now)
+    keys = (source_key, f"{source_key}:0", f"{source_key}:debt")
+    if book.conn.execute(select(ENTRY.c.id).where(ENTRY.c.source_key.in_(keys)).limit(1)).first() is not None:
+        book.save_totals()
         return []
     if credits > 0:
-        entry = _grant(session, account, credits=credits, kind="adjustment", source_key=source_key,
-                       lot_source="adjustment", operator=operator, reason=reason, now=now)
+        entry = _grant(book, credits=credits, kind="adjustment", source_key=source_key, lot_source="adjustment",
+                       operator=operator, reason=reason)
+        book.save_totals()
         return [entry] if entry else []
-    current = balance(session, account.user_id, now=now)
-    if current + credits < 0 and not allow_negative:
-        raise WouldGoNegative(f"adjustment of {credits} would take the balance of {account.user_id} "
-                              f"from {current} below zero; allow a negative balance explicitly to do this")
-    written = _draw(session, account, credits=-credits, kind="adjustment", key_prefix=source_key,
-                    open_lots=_open_lots(session, account.user_id, now, spendable_only=False),
-                    allow_debt=True, operator=operator, reason=reason)
-    refresh_flag(session, account, now=now)
-    return written
+    if book.balance + credits < 0 and not allow_negative:
+        raise WouldGoNegative(f"adjustment of {credits} would take the balance of {book.user_id} "
+                              f"from {book.balance} below zero; allow a negative balance explicitly to do this")
+    written = _draw(book, credits=-credits, kind="adjustment", key_prefix=source_key,
+                    lots=book.open_lots(spendable_only=False), allow_debt=True, operator=operator, reason=reason)
+    book.finish(refresh_flag=True)
+    return [_entry_object(values) for values in written]
 
 
 def consume(session: Session, *, user_id: str, credits: int, reference: str,
@@ -706,31 +890,27 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
     if not (isinstance(reference, str) and reference.strip()):
         raise LedgerError("a reference is required so a retried spend is not applied twice")
     reference = check_text(reference, what="the reference", max_length=MAX_REFERENCE_LENGTH)
-    now = now or utcnow()
-    account = lock_account(session, user_id=user_id, create=False)
-    if account is None:
+    book = _open_book(session, user_id, now=now, create=False)
+    if book is None:
         raise UnknownAccount(f"insufficient credits: {check_user_id(user_id)} has no account (balance 0)")
-    done = session.exec(select(Consumption).where(Consumption.user_id == account.user_id,
-                                                  Consumption.reference == reference)).scalars().first()
+    done = book.conn.execute(_DONE_SPEND, {"user_id": book.user_id, "reference": reference}).first()
     if done is not None:
         if done.credits != credits:
             raise ReferenceConflict(f"reference {reference!r} was already used to spend {done.credits} credits, "
                                     f"not {credits}")
-        return ConsumeResult(account.user_id, done.credits, reference, done.balance_after, done.spendable_after,
+        book.save_totals()
+        return ConsumeResult(book.user_id, done.credits, reference, done.balance_after, done.spendable_after,
                              replayed=True)
-    if account.flagged:
-        raise AccountFlagged(f"account {account.user_id} is flagged ({account.flag_reason}); spending is paused")
-    available = spendable_balance(session, account.user_id, now=now, flagged=False)
+    if book.flagged:
+        raise AccountFlagged(f"account {book.user_id} is flagged ({book.flag_reason}); spending is paused")
+    available = book.spendable()
     if credits > available:
         raise InsufficientCredits(f"insufficient credits: {credits} requested, {available} spendable")
-    _draw(session, account, credits=credits, kind="spend", key_prefix=f"spend:{_digest(account.user_id, reference)}",
-          open_lots=_open_lots(session, account.user_id, now, spendable_only=True), allow_debt=False,
-          reference=reference)
-    refresh_flag(session, account, now=now)
-    result = ConsumeResult(account.user_id, credits, reference, balance(session, account.user_id, now=now),
-                           spendable_balance(session, account.user_id, now=now))
-    session.add(Consumption(user_id=account.user_id, reference=reference, credits=credits,
-                            balance_after=result.balance, spendable_after=result.spendable_balance,
-                            created_at=now))
-    session.flush()
+    _draw(book, credits=credits, kind="spend", key_prefix=f"spend:{_digest(book.user_id, reference)}",
+          lots=book.open_lots(spendable_only=True), allow_debt=False, reference=reference)
+    book.finish(refresh_flag=True)
+    result = ConsumeResult(book.user_id, credits, reference, book.balance, book.spendable())
+    book.conn.execute(_INSERT_CONSUMPTION, {"user_id": book.user_id, "reference": reference, "credits": credits,
+                                            "balance_after": result.balance,
+                                            "spendable_after": result.spendable_balance, "created_at": book.now})
     return result

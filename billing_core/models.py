@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+
+DISPUTE_KINDS_SQL = "kind IN ('dispute_hold', 'dispute_release')"
 
 
 def utcnow() -> datetime:
@@ -26,6 +29,11 @@ class Account(SQLModel, table=True):
     flagged: bool = Field(default=False, index=True)
     flag_reason: str | None = Field(default=None, max_length=200)
     open_disputes: int = 0
+    # Kept by the ledger in the same transaction as the entries (see credit_lot): `balance` is every credit
+    # held as of the account's last ledger write (open lots' remaining plus debt); `debt` is the sum of the
+    # entries without a lot (<= 0). Read paths still leave out open lots whose expiry time has passed since.
+    balance: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    debt: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -84,6 +92,9 @@ class LedgerEntry(SQLModel, table=True):
         # the dashboard: credit flows by time range (covering) and lots by expiry time
         Index("ix_ledger_created_kind_credits", "created_at", "kind", "credits"),
         Index("ix_ledger_expires_at", "expires_at", "user_id", "source_key"),
+        # what each dispute still holds in a lot, without reading the lot's spends
+        Index("ix_ledger_dispute_lot", "lot_key", sqlite_where=text(DISPUTE_KINDS_SQL),
+              postgresql_where=text(DISPUTE_KINDS_SQL)),
     )
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="account.user_id", max_length=200)
@@ -103,6 +114,39 @@ class LedgerEntry(SQLModel, table=True):
     # (a base grant [0, plan), an upgrade [old plan, new plan)); grants cover the union of their slices once.
     allowance_from: int | None = None
     allowance_to: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CreditLot(SQLModel, table=True):
+    """One row per lot, kept by the ledger in the same transaction as the entries that change it.
+
+    `remaining` is the sum of the lot's entries (net of dispute holds), `held` what disputes hold in it.
+    A lot is `closed` once it can never count again: an `expire` entry closed it, its `expires_at` passed
+    (closed on the account's next write; reads leave it out meanwhile), or it is a pack or adjustment lot
+    with nothing left and nothing held. Spends and balances read only open lots (partial index)."""
+    __tablename__ = "credit_lot"
+    __table_args__ = (
+        Index("ix_credit_lot_open", "user_id", "expires_at", sqlite_where=text("closed = 0"),
+              postgresql_where=text("closed = false")),
+        # no user_id here: the open-lots index must be the one a query by user finds
+        Index("ix_credit_lot_subscription", "subscription_id", "period_end"),
+        Index("ix_credit_lot_payment", "payment_id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    lot_key: str = Field(unique=True, max_length=255)  # the grant entry's source_key
+    user_id: str = Field(foreign_key="account.user_id", max_length=200)
+    source: str = Field(max_length=20)  # subscription, pack, adjustment
+    granted: int
+    remaining: int
+    held: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    expires_at: datetime | None = None  # NULL never expires
+    subscription_id: str | None = Field(default=None, max_length=100)
+    period_end: int | None = Field(default=None, sa_column=Column(BigInteger))
+    payment_id: int | None = Field(default=None, foreign_key="payment.id")  # granted with it or claimed by it
+    allowance_from: int | None = None
+    allowance_to: int | None = None
+    closed: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
+    closed_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -5,8 +5,9 @@
    oldest first: the same idempotent path as the sidecar, so a copy arriving by webhook at the same moment
    is stored once (the event id is unique) and applied once (every ledger effect has a unique source key).
 3. Report what still looks wrong: paid Checkout Sessions (payment mode) and paid subscription invoices
-   without their grant, grants without a paid payment, anything applied twice, and stored events of the
-   period that failed or need attention.
+   without their grant, grants without a paid payment, anything applied twice, stored events of the
+   period that failed or need attention, and credit lots or account totals that don't match their
+   entries (`check-ledger`).
 
 Running it again changes nothing: every event is then already stored.
 """
@@ -25,6 +26,7 @@ from sqlmodel import Session
 from . import db
 from .catalog import PLANS
 from .ledger import SUBSCRIPTION_GRANT_KINDS
+from .ledger_check import check_ledger
 from .models import LedgerEntry, Payment, StripeEvent, from_epoch, utcnow
 
 STRIPE_EVENT_RETENTION = timedelta(days=30)
@@ -81,11 +83,13 @@ class ReconcileReport:
     paid_invoices_without_grant: list[dict] = field(default_factory=list)
     grants_without_payment: list[dict] = field(default_factory=list)
     applied_twice: list[dict] = field(default_factory=list)
+    ledger_mismatches: list[dict] = field(default_factory=list)  # check-ledger: lots and totals vs the entries
 
     @property
     def problems(self) -> int:
         return (len(self.recovery_errors) + len(self.stored_needing_attention) + len(self.paid_sessions_without_grant)
-                + len(self.paid_invoices_without_grant) + len(self.grants_without_payment) + len(self.applied_twice))
+                + len(self.paid_invoices_without_grant) + len(self.grants_without_payment) + len(self.applied_twice)
+                + len(self.ledger_mismatches))
 
     def as_dict(self) -> dict:
         return {
@@ -100,6 +104,7 @@ class ReconcileReport:
             "paid_invoices_without_grant": self.paid_invoices_without_grant,
             "grants_without_payment": self.grants_without_payment,
             "applied_twice": self.applied_twice,
+            "ledger_mismatches": self.ledger_mismatches,
             "problems": self.problems,
             "ok": self.problems == 0,
         }
@@ -377,6 +382,7 @@ def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, pr
         report.paid_invoices_without_grant = paid_invoices_without_grant(session, events)
         report.grants_without_payment = grants_without_payment(session)
         report.applied_twice = applied_twice(session)
+        report.ledger_mismatches = check_ledger(session).mismatches
         recovered_failures = {row["id"] for row in report.recovery_errors}
         report.stored_needing_attention = [row for row in stored_needing_attention(session, created_gte=created_gte, now=now)
                                            if row["id"] not in recovered_failures]

@@ -67,6 +67,8 @@ def format_report(report: ReconcileReport) -> str:
         ("applied twice", data["applied_twice"],
          lambda r: f"{r['what']}: user {r['user_id']}, {r['credits']} credits "
                    + ", ".join(f"{k} {r[k]}" for k in ("payment_id", "subscription_id", "period_end") if r.get(k))),
+        ("credit lots and account totals that don't match their entries (`check-ledger`)", data["ledger_mismatches"],
+         lambda r: f"{r['what']} of {r['user_id']} {r.get('lot_key') or r.get('source_key') or ''}: {r['problem']}"),
     ]
     for title, rows, describe in sections:
         lines.append(f"{title}: {len(rows)}")
@@ -96,7 +98,8 @@ def register(sub) -> None:
     p = sub.add_parser("reconcile", help="recover events the webhooks missed and report what doesn't add up",
                        description="Store and process every Stripe event of the period that the database doesn't "
                                    "have (the same idempotent path as the webhook), then report missing grants, "
-                                   "grants without a payment and anything applied twice. Safe to repeat and to "
+                                   "grants without a payment, anything applied twice and credit lots or account "
+                                   "totals that don't match the ledger entries. Safe to repeat and to "
                                    "run while the sidecar is receiving. Exit code 0: nothing needs attention; "
                                    "3: problems listed; 1: refused or failed.")
     p.add_argument("--since", default="3d", help="how far back, at most 30d (Stripe keeps events 30 days): "

@@ -3,6 +3,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from billing_core import db, demo_large, ledger, reports
+from billing_core.ledger_check import check_ledger
 from billing_core.models import Account, Consumption, LedgerEntry, Payment
 
 
@@ -42,6 +43,7 @@ def test_large_demo_slice_is_consistent(database_url):
         grants = session.execute(select(func.sum(LedgerEntry.credits)).where(
             LedgerEntry.kind.in_(("pack_grant", "subscription_grant")))).scalar_one()
         assert granted == grants
+        assert check_ledger(session).mismatches == []  # lots and account totals filled as the ledger keeps them
 
 
 def test_large_demo_refuses_a_second_fill(sqlite_url):

@@ -7,7 +7,6 @@ from sqlalchemy import select, text
 
 from billing_core import db, ledger
 from billing_core.models import Account, LedgerEntry, Payment, Subscription
-from billing_core.settings import reset_settings_cache
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 DAY = 86400
@@ -41,11 +40,12 @@ def pack(user="u1", credits=100, key="pack:1", payment_id=None):
         return ledger.grant_pack(s, user_id=user, credits=credits, source_key=key, payment_id=payment_id, now=T0)
 
 
-def sub_grant(user="u1", sub="sub_1", period_end=P1_END, tier="starter", key=None, payment_id=None, now=T0):
+def sub_grant(user="u1", sub="sub_1", period_end=P1_END, tier="starter", key=None, payment_id=None, now=T0,
+              rollover=False):
     with db.write_session() as s:
         return ledger.grant_subscription_period(s, user_id=user, subscription_id=sub, period_end=period_end, tier=tier,
                                                 source_key=key or f"grant:{sub}:{period_end}:{tier}",
-                                                payment_id=payment_id, now=now)
+                                                payment_id=payment_id, rollover=rollover, now=now)
 
 
 def topup(from_tier, to_tier, key, user="u1", sub="sub_1", period_end=P1_END, payment_id=None, claims_lot=None):
@@ -124,11 +124,9 @@ def test_next_period_grant_expires_the_previous_period_at_once(database_url):
     assert [e.credits for e in expired] == [-70]
 
 
-def test_rollover_keeps_unused_subscription_credits(database_url, monkeypatch):
-    monkeypatch.setenv("SUBSCRIPTION_CREDITS_ROLLOVER", "true")
-    reset_settings_cache()
-    sub_grant(period_end=P1_END)
-    sub_grant(period_end=P2_END)
+def test_rollover_keeps_unused_subscription_credits(database_url):
+    sub_grant(period_end=P1_END, rollover=True)  # SUBSCRIPTION_CREDITS_ROLLOVER=true: the handlers pass it
+    sub_grant(period_end=P2_END, rollover=True)
     assert bal(now=T0 + timedelta(days=45)) == 200
     assert bal(now=T0 + timedelta(days=400)) == 200
 

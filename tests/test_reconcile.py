@@ -336,7 +336,7 @@ def test_module_command_prints_exactly_one_json_object(stripe_account, database_
     assert report["events"]["recovered"] == 113
     assert set(report) == {"since", "until", "events", "recovered", "recovery_errors", "stored_needing_attention",
                            "paid_sessions_without_grant", "paid_invoices_without_grant", "grants_without_payment",
-                           "applied_twice", "problems", "ok"}
+                           "applied_twice", "ledger_mismatches", "problems", "ok"}
 
 
 def test_an_event_stored_but_never_processed_is_reported_once_it_is_no_longer_in_flight(stripe_account):
