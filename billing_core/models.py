@@ -131,6 +131,10 @@ class CreditLot(SQLModel, table=True):
         # no user_id here: the open-lots index must be the one a query by user finds
         Index("ix_credit_lot_subscription", "subscription_id", "period_end"),
         Index("ix_credit_lot_payment", "payment_id"),
+        # the dashboard (migration 0007): credits lapsed by expiry time per month, and open lots past it
+        Index("ix_credit_lot_expiry", "expires_at", "remaining"),
+        Index("ix_credit_lot_open_expiry", "expires_at", "remaining", sqlite_where=text("closed = 0"),
+              postgresql_where=text("closed = false")),
     )
     id: int | None = Field(default=None, primary_key=True)
     lot_key: str = Field(unique=True, max_length=255)  # the grant entry's source_key

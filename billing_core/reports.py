@@ -31,13 +31,13 @@ from functools import lru_cache
 from typing import Iterator
 
 from sqlalchemy import and_, case, cast, func, literal, null, or_, select, String, union_all
-from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
 from . import ledger
 from .catalog import CATALOG, PLANS
 from .formatting import as_utc, local_time, zone
-from .models import Account, CheckoutLink, Dispute, LedgerEntry, Payment, StripeEvent, Subscription, utcnow
+from .models import (Account, CheckoutLink, CreditLot, Dispute, LedgerEntry, Payment, StripeEvent, Subscription,
+                     utcnow)
 from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod
 from .settings import Settings
 
@@ -126,13 +126,6 @@ def _net_amount():
     return Payment.amount_cents - Payment.amount_refunded - Payment.amount_disputed_lost
 
 
-def _live_entries(now: datetime):
-    """Ledger entries that still count: no lot, a lot that never expires, or one not yet expired."""
-    grant = aliased(LedgerEntry)
-    join = (LedgerEntry.__table__.outerjoin(grant, grant.source_key == LedgerEntry.lot_key))
-    condition = or_(LedgerEntry.lot_key.is_(None), grant.expires_at.is_(None), grant.expires_at > now)
-    return join, condition
-
 
 # --- hours and rollups ----------------------------------------------------------------------------
 
@@ -219,40 +212,31 @@ def revenue_since(session: Session, *, since: datetime, until: datetime | None =
     return sorted((t for t in totals.values() if t.payments), key=lambda t: (-t.net_cents, t.currency))
 
 
-def _has_lots(session: Session) -> bool:
-    """Whether the ledger keeps materialised lots and account totals (migration 0003)."""
-    return "balance" in Account.__table__.c
-
-
 def _lapsed(session: Session, *, after: datetime | None, until: datetime) -> int:
-    """Credits left in lots whose expiry time fell in (after, until]: they stopped counting then."""
-    if _has_lots(session):
-        from .models import CreditLot
-
-        conditions = [CreditLot.expires_at <= until]
-        if after is not None:
-            conditions.append(CreditLot.expires_at > after)
-        return int(session.execute(select(func.coalesce(func.sum(CreditLot.remaining), 0))
-                                   .where(*conditions)).scalar_one())
-    grant = aliased(LedgerEntry)
-    conditions = [grant.expires_at <= until]  # only grants carry an expiry
+    """Credits left in lots whose expiry time fell in (after, until]: they stopped counting then. A lot
+    closed by its expiry time keeps what was left in `remaining`; an explicit expiry drew it to zero (and
+    counts as its `expire` entry instead)."""
+    conditions = [CreditLot.expires_at <= until]
     if after is not None:
-        conditions.append(grant.expires_at > after)
-    stmt = (select(func.coalesce(func.sum(LedgerEntry.credits), 0)).select_from(grant)
-            .join(LedgerEntry, and_(LedgerEntry.user_id == grant.user_id, LedgerEntry.lot_key == grant.source_key))
-            .where(*conditions))
-    return int(session.execute(stmt).scalar_one())
+        conditions.append(CreditLot.expires_at > after)
+    return int(session.execute(select(func.coalesce(func.sum(CreditLot.remaining), 0)).where(*conditions))
+               .scalar_one())
+
+
+def _expired_open_lots(now: datetime):
+    """Per account, what is left in lots past their expiry time that no write has closed yet: the account's
+    balance still holds it (the ledger closes them on the account's next write)."""
+    return (select(CreditLot.user_id.label("user_id"), func.sum(CreditLot.remaining).label("lapsed"))
+            .where(CreditLot.closed.is_(False), CreditLot.expires_at <= now).group_by(CreditLot.user_id))
 
 
 def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
-    """The sum of all balances. With account totals (migration 0003) one pass over the accounts; before,
-    every entry less what is left in lots past their expiry time."""
-    if _has_lots(session):
-        return int(session.execute(select(func.coalesce(func.sum(Account.balance), 0))).scalar_one())
+    """The sum of all balances as of now: the account totals, less lots that expired since their account's
+    last write (a partial index on open lots by expiry time)."""
     now = now or utcnow()
-    total = int(session.execute(select(func.coalesce(func.sum(LedgerEntry.credits), 0))).scalar_one())
-    return total - _lapsed(session, after=None, until=now)
-
+    total = int(session.execute(select(func.coalesce(func.sum(Account.balance), 0))).scalar_one())
+    lapsed = _expired_open_lots(now).subquery()
+    return total - int(session.execute(select(func.coalesce(func.sum(lapsed.c.lapsed), 0))).scalar_one())
 
 def credits_worth_cents(credits: int) -> int:
     return max(credits, 0) * CREDIT_WORTH_CENTS
@@ -770,21 +754,13 @@ def _bucket_case(balance):
 
 
 def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
-    """How many accounts hold how many credits, bucketed in SQL: [{bucket, accounts}]."""
-    if _has_lots(session):
-        bucket = _bucket_case(Account.balance)
-        rows = dict(session.execute(select(bucket, func.count()).group_by(bucket)).all())
-        return [{"bucket": label, "accounts": int(rows.get(label, 0))} for _, _, label in BALANCE_BUCKETS]
-    now = now or utcnow()
-    join, condition = _live_entries(now)
-    per_account = (select(LedgerEntry.user_id.label("user_id"), func.sum(LedgerEntry.credits).label("balance"))
-                   .select_from(join).where(condition).group_by(LedgerEntry.user_id).subquery())
-    bucket = _bucket_case(per_account.c.balance)
-    rows = dict(session.execute(select(bucket, func.count()).select_from(per_account).group_by(bucket)).all())
-    with_entries = sum(rows.values())
-    rows["0"] = rows.get("0", 0) + max(0, account_count(session) - with_entries)
+    """How many accounts hold how many credits, bucketed in SQL from the account totals: [{bucket, accounts}]."""
+    lapsed = _expired_open_lots(now or utcnow()).subquery()
+    balance = Account.balance - func.coalesce(lapsed.c.lapsed, 0)
+    bucket = _bucket_case(balance)
+    rows = dict(session.execute(select(bucket, func.count()).select_from(
+        Account.__table__.outerjoin(lapsed, lapsed.c.user_id == Account.user_id)).group_by(bucket)).all())
     return [{"bucket": label, "accounts": int(rows.get(label, 0))} for _, _, label in BALANCE_BUCKETS]
-
 
 @dataclass
 class Overview:

@@ -201,7 +201,13 @@ def test_mrr_follows_renewals_discounts_upgrades_past_due_and_cancelation(engine
         assert stats.mrr == {} and series[("2026-06", "eur", "active")]["mrr_cents"] == 0
 
 
-def database_at_0002(request, tmp_path) -> str:
+def revision_before_rollups(url: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(db.alembic_config(url)).get_revision("0007").down_revision
+
+
+def database_before_rollups(request, tmp_path) -> str:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/backfill.db"
     else:
@@ -215,7 +221,7 @@ def database_at_0002(request, tmp_path) -> str:
     cfg = db.alembic_config(url)
     with db.get_engine(url).begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
+        command.upgrade(cfg, revision_before_rollups(url))
     return url
 
 
@@ -228,7 +234,7 @@ def _drop_schema(admin, schema: str) -> None:
 
 @pytest.fixture(params=["sqlite"] + (["postgresql"] if PG_URL else []))
 def old_database(request, tmp_path):
-    return database_at_0002(request, tmp_path)
+    return database_before_rollups(request, tmp_path)
 
 
 def test_migration_backfills_the_rollups_as_the_triggers_keep_them(old_database, engine):

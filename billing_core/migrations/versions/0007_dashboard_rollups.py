@@ -1,11 +1,12 @@
-"""dashboard rollups kept by triggers: ledger_hourly, payment_hourly, subscription_period, mrr_hourly
+"""dashboard rollups kept by triggers: ledger_hourly, payment_hourly, subscription_period, mrr_hourly;
+credit_lot indexes by expiry time
 
 Back-fills them from the existing rows: the hourly sums by GROUP BY, and the subscription spans by
 replaying the subscription grants (in the order their invoices were created) and then each
 subscription's current status through the very triggers that keep them afterwards.
 
 Revision ID: 0007
-Revises: 0002
+Revises: 0003
 Create Date: 2026-11-29
 """
 import sqlalchemy as sa
@@ -13,7 +14,7 @@ import sqlmodel
 from alembic import op
 
 revision = "0007"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -34,6 +35,9 @@ def _sqlite() -> bool:
 
 
 def upgrade() -> None:
+    op.create_index("ix_credit_lot_expiry", "credit_lot", ["expires_at", "remaining"])
+    op.create_index("ix_credit_lot_open_expiry", "credit_lot", ["expires_at", "remaining"],
+                    sqlite_where=sa.text("closed = 0"), postgresql_where=sa.text("closed = false"))
     _create_tables()
     _backfill_hourly()
     if _sqlite():
@@ -434,3 +438,5 @@ def downgrade() -> None:
             _run(f"DROP FUNCTION IF EXISTS {function}()")
     for table in ("mrr_hourly", "subscription_period", "payment_hourly", "ledger_hourly"):
         op.drop_table(table)
+    op.drop_index("ix_credit_lot_open_expiry", table_name="credit_lot")
+    op.drop_index("ix_credit_lot_expiry", table_name="credit_lot")
