@@ -120,20 +120,27 @@ def bench_queries(url: str, user_id: str, *, repeat: int) -> None:
     queries = {
         "ledger.account_summary (one account of 100,000)": lambda s: ledger.account_summary(s, user_id),
         "reports.overview (Home)": lambda s: reports.overview(s, settings=settings),
-        "reports.credits_outstanding (Home, cached 60 s)": lambda s: reports.credits_outstanding(s),
+        "reports.credits_outstanding (Home, Revenue)": lambda s: reports.credits_outstanding(s),
         "reports.search_accounts (Customers, Checkout links)": lambda s: reports.search_accounts(s, user_id),
         "reports.account_overview (Customers)": lambda s: reports.account_overview(s, user_id=user_id),
         "reports.customer_timeline (Customers)": lambda s: reports.customer_timeline(s, user_id=user_id),
+        "reports.ledger_csv (Customers, on click)": lambda s: reports.ledger_csv(s, user_id=user_id, tz_name="UTC"),
         "reports.payments_page (Payments)": lambda s: reports.payments_page(s, filters=reports.PaymentFilter()),
         "reports.payments_totals (Payments)": lambda s: reports.payments_totals(s, filters=reports.PaymentFilter()),
+        "reports.payments_totals status=paid (Payments)": lambda s: reports.payments_totals(
+            s, filters=reports.PaymentFilter(status="paid")),
         "reports.revenue_series 90 days (Revenue)": lambda s: reports.revenue_series(
             s, since=now - timedelta(days=90), until=now, tz_name="UTC"),
         "reports.revenue_series 12 months (Revenue)": lambda s: reports.revenue_series(
             s, since=now - timedelta(days=365), until=now, tz_name="UTC", granularity="month"),
-        "reports.credit_flows 12 months (Revenue, cached 60 s)": lambda s: reports.credit_flows(
+        "reports.mrr_series 12 months (Revenue)": lambda s: reports.mrr_series(
+            s, since=now - timedelta(days=365), until=now, tz_name="UTC"),
+        "reports.credit_flows 12 months (Revenue)": lambda s: reports.credit_flows(
             s, since=now - timedelta(days=365), now=now, tz_name="UTC"),
-        "reports.balance_distribution (Revenue, cached 60 s)": lambda s: reports.balance_distribution(s),
+        "reports.balance_distribution (Revenue)": lambda s: reports.balance_distribution(s),
         "reports.events_page (Webhook events)": lambda s: reports.events_page(s, filters=reports.EventFilter()),
+        "reports.events_count (Webhook events)": lambda s: reports.events_count(s, filters=reports.EventFilter()),
+        "reports.event_types (Webhook events)": lambda s: reports.event_types(s),
         "reports.recent_links (Checkout links)": lambda s: reports.recent_links(s),
     }
     for name, query in queries.items():
