@@ -1,5 +1,5 @@
 """Header figures are never cut short at 1,280 px: in a real headless Chromium, every st.metric's label and
-value on Home, Customers and Revenue & credits is shown whole (no element of it is wider than its box,
+value on Home, Customers, Payments and Revenue & credits is shown whole (no element of it is wider than its box,
 which is where Streamlit puts its ellipsis), with figures as wide as a large account's."""
 from __future__ import annotations
 
@@ -93,6 +93,11 @@ def test_metrics_are_shown_whole_at_1280px(large_figures, dashboard, page_1280):
     settle(page)
     page.screenshot(path=str(SHOTS / "customers-1280.png"), full_page=True)
     assert page.get_by_text("1,234,").count() >= 1
+    assert metrics_cut_short(page) == []
+
+    visit(page, "Payments", "Payments")
+    page.get_by_text("Download CSV").wait_for()
+    settle(page)
     assert metrics_cut_short(page) == []
 
     visit(page, "Revenue and credits", "Revenue & credits")
