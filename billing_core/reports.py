@@ -312,7 +312,8 @@ def search_accounts(session: Session, query: str, *, limit: int = 20) -> list[di
 
 
 def customer_timeline(session: Session, *, user_id: str, limit: int = 50, offset: int = 0) -> list[dict]:
-    """Everything that explains a balance, newest first: ledger entries, payments, disputes, links issued."""
+    """Everything that explains a balance, newest first: ledger entries, payments, disputes, links issued
+    (amounts with their payment's currency)."""
     limit, offset = _page(limit, offset)
     text = lambda column: cast(column, String)  # noqa: E731
     entries = select(
@@ -320,24 +321,24 @@ def customer_timeline(session: Session, *, user_id: str, limit: int = 50, offset
         LedgerEntry.credits.label("credits"), cast(null(), LedgerEntry.credits.type).label("amount_cents"),
         func.coalesce(LedgerEntry.reason, LedgerEntry.reference, text(LedgerEntry.subscription_id)).label("detail"),
         LedgerEntry.operator.label("operator"), LedgerEntry.expires_at.label("expires_at"),
-        text(LedgerEntry.payment_id).label("ref"),
+        text(LedgerEntry.payment_id).label("ref"), cast(null(), Payment.currency.type).label("currency"),
     ).where(LedgerEntry.user_id == user_id)
     payments = select(
         Payment.created_at, literal("payment"), Payment.status, Payment.credits_granted, Payment.amount_cents,
-        func.coalesce(Payment.item, literal("?")), null(), null(), text(Payment.id),
+        func.coalesce(Payment.item, literal("?")), null(), null(), text(Payment.id), Payment.currency,
     ).where(Payment.user_id == user_id)
     refunds = select(
         Payment.updated_at, literal("refund"), Payment.status, null(),
         Payment.amount_refunded + Payment.amount_disputed_lost, func.coalesce(Payment.item, literal("?")),
-        null(), null(), text(Payment.id),
+        null(), null(), text(Payment.id), Payment.currency,
     ).where(Payment.user_id == user_id, (Payment.amount_refunded + Payment.amount_disputed_lost) > 0)
     disputes = select(
         Dispute.created_at, literal("dispute"), Dispute.status, null(), Dispute.amount_cents,
-        Dispute.id, null(), null(), text(Dispute.payment_id),
-    ).where(Dispute.user_id == user_id)
+        Dispute.id, null(), null(), text(Dispute.payment_id), Payment.currency,
+    ).select_from(Dispute).outerjoin(Payment, Payment.id == Dispute.payment_id).where(Dispute.user_id == user_id)
     links = select(
         CheckoutLink.created_at, literal("link"), CheckoutLink.status, null(), null(), CheckoutLink.item,
-        CheckoutLink.operator, CheckoutLink.expires_at, CheckoutLink.session_id,
+        CheckoutLink.operator, CheckoutLink.expires_at, CheckoutLink.session_id, null(),
     ).where(CheckoutLink.user_id == user_id)
     union = union_all(entries, payments, refunds, disputes, links).subquery()
     rows = session.execute(select(union).order_by(union.c.at.desc(), union.c.category, union.c.ref.desc())

@@ -84,7 +84,7 @@ def describe(row: dict) -> str:
 
 table([{"When": when(r["at"], settings), "What": describe(r),
         "Credits": f"{r['credits']:+,}" if r["credits"] is not None else "",
-        "Amount": money(r["amount_cents"]) if r["amount_cents"] is not None else "",
+        "Amount": money(r["amount_cents"], r["currency"] or "usd") if r["amount_cents"] is not None else "",
         "Detail": (r["detail"] if r["category"] == "ledger" else r["ref"]) or "",
         "Expires": when(r["expires_at"], settings) if r["expires_at"] else "",
         "Operator": r["operator"] or ""} for r in rows], key="timeline")
