@@ -57,7 +57,7 @@ def ensure_large_database(url: str) -> str:
     from sqlalchemy import func, select
 
     from billing_core import db
-    from billing_core.demo import fill_demo_database
+    from demo_data import fill_demo_database
     from billing_core.models import Account, LedgerEntry
 
     db.migrate(url)

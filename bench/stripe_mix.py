@@ -306,15 +306,40 @@ def build_workload(*, events: int, seed: int = 1, duplicate_share: float = 0.10,
             stream += pack_events(c, rng.choice(list(PACK_PRICES)), now=now - rng.randint(0, 5 * DAY), rng=rng)
         else:
             stream.append(unknown_event(rng.choice(list(customers.values())), now=now, rng=rng))
+    return Workload(deliveries=with_redeliveries(stream, total=events, rng=rng), customers=customers)
+
+
+def build_pack_workload(*, events: int, seed: int = 1, duplicate_share: float = 0.10, prefix: str = "pack",
+                        now: int | None = None) -> Workload:
+    """About `events` deliveries of pack purchases only (`checkout.session.completed` in payment mode), by
+    customers buying one to three packs each, with `duplicate_share` redeliveries."""
+    rng = random.Random(seed)
+    now = now or int(time.time())
+    originals_wanted = int(events * (1 - duplicate_share))
+    stream: list[dict] = []
+    customers: dict[str, Customer] = {}
+    while len(stream) < originals_wanted:
+        if not customers or rng.random() < 0.5:
+            c = new_customer(rng, len(customers), prefix=prefix)
+            customers[c.user_id] = c
+        else:
+            c = rng.choice(list(customers.values()))
+        stream += pack_events(c, rng.choice(list(PACK_PRICES)), now=now - rng.randint(0, 5 * DAY), rng=rng)
+    return Workload(deliveries=with_redeliveries(stream, total=events, rng=rng), customers=customers)
+
+
+def with_redeliveries(stream: list[dict], *, total: int, rng: random.Random) -> list[dict]:
+    """The stream with byte-identical copies of its events added up to `total` deliveries: a third of them
+    right behind the original (the two copies race), the others anywhere later."""
     deliveries = list(stream)
-    for _ in range(events - len(stream)):
+    for _ in range(total - len(stream)):
         original = rng.choice(stream)
-        if rng.random() < 0.3:  # right behind the original: the two copies race
+        if rng.random() < 0.3:
             at = deliveries.index(original) + 1
         else:
             at = rng.randint(deliveries.index(original) + 1, len(deliveries))
         deliveries.insert(at, original)
-    return Workload(deliveries=deliveries, customers=customers)
+    return deliveries
 
 
 def signed_deliveries(deliveries: list[dict], *, timestamp: int | None = None) -> list[tuple[bytes, str]]:

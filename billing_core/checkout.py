@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from . import db, ledger
 from .catalog import get_item, price_id_for
 from .models import Account, CheckoutLink, from_epoch, utcnow
-from .settings import Settings, get_settings
-from .stripe_client import get_stripe_client, stripe_errors
+from .settings import Settings
+from .stripe_client import make_stripe_client, stripe_errors
 
 SUCCESS_PATH = "/checkout/success"
 CANCEL_PATH = "/checkout/cancel"
@@ -148,19 +149,18 @@ def _issued(link: CheckoutLink, *, reused: bool) -> IssuedLink:
 
 
 def create_checkout_link(*, user_id: str, item: str, operator: str | None = None, email: str | None = None,
-                         now: datetime | None = None, client=None, settings: Settings | None = None) -> IssuedLink:
+                         settings: Settings, engine: Engine, now: datetime | None = None, client=None) -> IssuedLink:
     """Create (or return the already issued) Checkout link for a user and a catalog item, and record it."""
-    settings = settings or get_settings()
     user_id = ledger.check_user_id(user_id)
     catalog_item = get_item(item)
     email = check_email(email)
     operator = operator.strip() if operator and operator.strip() else None
-    client = client or get_stripe_client()
+    client = client or make_stripe_client(settings)
     price_id_for(catalog_item.key, settings)  # refuse before any work when no price is configured
     now = now or utcnow()
     window_start = int(now.timestamp()) // IDEMPOTENCY_WINDOW_SECONDS * IDEMPOTENCY_WINDOW_SECONDS
 
-    with db.read_session() as session:
+    with db.read_session(engine) as session:
         if catalog_item.kind == "plan":
             refusal = _live_subscription_refusal(session, user_id)
             if refusal:
@@ -181,7 +181,7 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
     with stripe_errors(f"creating the checkout link for {user_id} ({catalog_item.key})", settings=settings):
         stripe_session = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": key})
 
-    with db.write_session() as session:
+    with db.write_session(engine) as session:
         ledger.lock_account(session, user_id=user_id, create=True, email=email)
         link = session.execute(select(CheckoutLink).where(CheckoutLink.session_id == stripe_session.id)
                                ).scalars().first()
@@ -194,12 +194,11 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
         return _issued(link, reused=False)
 
 
-def create_portal_link(*, user_id: str, client=None, settings: Settings | None = None) -> str:
+def create_portal_link(*, user_id: str, settings: Settings, engine: Engine, client=None) -> str:
     """A Stripe customer portal URL where the user changes or cancels their plan."""
-    settings = settings or get_settings()
     user_id = ledger.check_user_id(user_id)
-    client = client or get_stripe_client()
-    with db.read_session() as session:
+    client = client or make_stripe_client(settings)
+    with db.read_session(engine) as session:
         account = session.get(Account, user_id)
         customer_id = account.stripe_customer_id if account else None
     if not customer_id:

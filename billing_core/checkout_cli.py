@@ -12,8 +12,10 @@ from .settings import get_settings
 def cmd_checkout_link(args) -> int:
     from .checkout import create_checkout_link
 
-    db.ensure_schema_current(get_settings().database_url)
-    link = create_checkout_link(user_id=args.user, item=args.item, email=args.email, operator=args.operator)
+    settings = get_settings()
+    db.ensure_schema_current(settings.database_url)
+    link = create_checkout_link(user_id=args.user, item=args.item, email=args.email, operator=args.operator,
+                                settings=settings, engine=db.get_engine(settings.database_url))
     if args.json:
         sys.stdout.write(json.dumps(link.as_dict(), sort_keys=True) + "\n")
         return 0
@@ -27,8 +29,9 @@ def cmd_checkout_link(args) -> int:
 def cmd_portal_link(args) -> int:
     from .checkout import create_portal_link
 
-    db.ensure_schema_current(get_settings().database_url)
-    print(create_portal_link(user_id=args.user))
+    settings = get_settings()
+    db.ensure_schema_current(settings.database_url)
+    print(create_portal_link(user_id=args.user, settings=settings, engine=db.get_engine(settings.database_url)))
     return 0
 
 

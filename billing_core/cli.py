@@ -7,17 +7,14 @@ import json
 import logging
 import sys
 
-from . import db, ledger
+from . import checkout_cli, db, ledger, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+from .cli_common import CommandError
 from .settings import check_config, get_settings, mask_url_password
 
 log = logging.getLogger("billing_core")
 
 
 EXIT_MISMATCHES = 3  # check-ledger found lots or totals that don't match the entries
-
-
-class CommandError(Exception):
-    """A refusal: printed as one line, exit code 1."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -62,7 +59,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .demo import fill_demo_database
+    from demo_data import fill_demo_database  # outside the domain core; imported only for this command
 
     summary = fill_demo_database(database_url=args.database_url, scale=args.scale, if_empty=args.if_empty)
     print(summary)
@@ -172,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all match; 3: mismatches listed; 1: refused or failed.")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_check_ledger)
-
-    from . import checkout_cli, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
 
     for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
         module.register(sub)

@@ -116,12 +116,25 @@ def write_session(engine: Engine | None = None) -> Iterator[Session]:
             lock.release()
 
 
+_deferred_engines: dict[int, tuple[Engine, Engine]] = {}
+
+
+def _deferred(engine: Engine) -> Engine:
+    """The engine's read-only twin (BEGIN DEFERRED), made once: execution_options() builds a new engine
+    object each call, which cost more than the short reads it wraps."""
+    found = _deferred_engines.get(id(engine))
+    if found is None or found[0] is not engine:
+        found = (engine, engine.execution_options(sqlite_begin="DEFERRED"))
+        _deferred_engines[id(engine)] = found
+    return found[1]
+
+
 @contextmanager
 def read_session(engine: Engine | None = None) -> Iterator[Session]:
     """A read-only unit of work; never takes SQLite's write lock."""
     engine = engine or get_engine()
     if is_sqlite(engine):
-        engine = engine.execution_options(sqlite_begin="DEFERRED")
+        engine = _deferred(engine)
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session

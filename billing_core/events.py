@@ -21,16 +21,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import stripe
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
-from .handlers import MAX_EPOCH, EventContext, NeedsAttention, printable
+from .handlers import checkout as checkout_handlers
+from .handlers import EventContext
 from .models import StripeEvent, utcnow
-from .settings import Settings, get_settings
+from .settings import Settings
+from .stripe_payloads import MAX_EPOCH, NeedsAttention, dig, printable, related_ids
 
 log = logging.getLogger("billing_core.events")
 
@@ -66,6 +68,7 @@ class IngestResult:
     duplicate: bool = False
     error: str | None = None
     user_id: str | None = None
+    nothing_new: bool = False  # processed, but another event had already recorded all of it
 
     @property
     def http_status(self) -> int:
@@ -136,7 +139,7 @@ def event_shape_problem(event) -> str | None:
         return "type is missing"
     if not _ascii_token(event["type"], 100):
         return "type is not at most 100 printable ASCII characters"
-    if not isinstance(handlers.dig(event, "data", "object"), dict):
+    if not isinstance(dig(event, "data", "object"), dict):
         return "data.object is missing"
     created = event.get("created")
     if isinstance(created, bool) or not isinstance(created, int):
@@ -150,29 +153,149 @@ def event_shape_problem(event) -> str | None:
 
 
 # --- storing and processing ------------------------------------------------------------------
+# The webhook's path: verify (above), then ONE write transaction that stores the event and applies it, and
+# one commit. Statements are built once, here, and run on the session's connection; a copy of a finished
+# event (same id) costs BEGIN, the INSERT that finds the id taken, and one SELECT of its status.
+
+_EVENT = StripeEvent.__table__
+
+
+def _insert_event_statement(dialect: str):
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert(_EVENT).on_conflict_do_nothing(index_elements=["id"]).returning(_EVENT.c.id)
+
+
+_INSERT_EVENT = {name: _insert_event_statement(name) for name in ("sqlite", "postgresql")}
+_SELECT_EVENT = select(_EVENT.c.status, _EVENT.c.error, _EVENT.c.user_id, _EVENT.c.assigned_user_id).where(
+    _EVENT.c.id == bindparam("event_id"))
+_SELECT_EVENT_LOCKED = _SELECT_EVENT.with_for_update()
+_FINISH_EVENT = (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"))
+                 .values(status=bindparam("new_status"), error=bindparam("new_error"),
+                         user_id=func.coalesce(bindparam("new_user_id"), _EVENT.c.user_id),
+                         attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now")))
+_FAIL_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
+
+
+def _mark_done_statement(done_user):
+    """Marks the event processed when `done_user` (a handler's subquery) finds the work done; returns the user."""
+    return (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"), done_user.is_not(None))
+            .values(status="processed", user_id=done_user, attempts=_EVENT.c.attempts + 1,
+                    processed_at=bindparam("now"))
+            .returning(_EVENT.c.user_id))
+
+
+_MARK_DONE = {event_type: (_mark_done_statement(subquery), params)
+              for event_type, (subquery, params) in handlers.ALREADY_DONE.items()}
+
+
+def _event_values(event: dict, raw_payload: str, source: str, *, status: str = "received", attempts: int = 0,
+                  error: str | None = None) -> dict:
+    now = utcnow()
+    return {"id": event["id"], "type": event["type"], "api_version": event.get("api_version"),
+            "livemode": bool(event.get("livemode")), "created": int(event["created"]), "payload": raw_payload,
+            "received_at": now, "status": status, "attempts": attempts, "source": source, "error": error,
+            "processed_at": now if attempts else None}
+
+
+def _insert_event(connection, values: dict) -> bool:
+    """True when the event is new; False when its id was already stored (nothing written)."""
+    # RETURNING rather than rowcount: psycopg reports no rowcount for this statement
+    return connection.execute(_INSERT_EVENT[connection.dialect.name], values).first() is not None
+
+
+def _stored_status(connection, event_id: str):
+    statement = _SELECT_EVENT_LOCKED if connection.dialect.name == "postgresql" else _SELECT_EVENT
+    return connection.execute(statement, {"event_id": event_id}).first()
+
+
+def _finish_event(connection, event_id: str, *, status: str, error: str | None, user_id: str | None,
+                  statement=_FINISH_EVENT) -> int:
+    return connection.execute(statement, {"event_id": event_id, "new_status": status, "new_error": error,
+                                          "new_user_id": user_id, "now": utcnow()}).rowcount
+
+
+def _mark_if_already_done(connection, event: dict) -> str | None:
+    statement, params_for = _MARK_DONE.get(event["type"], (None, None))
+    params = params_for(event) if params_for is not None else None
+    if params is None:
+        return None
+    return connection.execute(statement, {**params, "event_id": event["id"], "now": utcnow()}).scalar()
+
 
 def _store(engine: Engine, event: dict, raw_payload: str, source: str) -> None:
-    values = {"id": event["id"], "type": event["type"], "api_version": event.get("api_version"),
-              "livemode": bool(event.get("livemode")), "created": int(event["created"]), "payload": raw_payload,
-              "received_at": utcnow(), "status": "received", "attempts": 0, "source": source}
-    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    """Store an event without applying it (what a crash right after storing leaves behind)."""
     with db.write_session(engine) as session:
-        session.execute(insert(StripeEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+        _insert_event(session.connection(), _event_values(event, raw_payload, source))
 
 
-def ingest(event: dict, *, raw_payload: str, source: str = "webhook", engine: Engine | None = None,
-           settings: Settings | None = None) -> IngestResult:
-    """Store a verified event and apply it once; a copy of a finished event changes nothing."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
+def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings, source: str = "webhook",
+           retry_waiting_now: bool = True) -> IngestResult:
+    """Store a verified event and apply it once, in one transaction; a copy of a finished event changes nothing.
+
+    When it recorded something, events waiting in needs-attention that mention it are retried: right away,
+    or (`retry_waiting_now=False`, the webhook) by the caller after answering, with `retry_waiting_after`."""
     if event_shape_problem(event):
         raise ValueError(f"not a Stripe event: {event_shape_problem(event)}")
-    _store(engine, event, raw_payload, source)
-    result = _process(engine, event["id"], settings=settings, only_statuses=PENDING_STATUSES, source=source)
-    if result.status == "processed" and not result.duplicate:
-        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(event["data"]["object"]),
-                      exclude=event["id"])
+    if handlers.needs_prefetch(event):
+        done = _finished_copy(engine, event["id"])
+        if done is not None:
+            return done
+    try:
+        facts = {}
+        if handlers.needs_prefetch(event):  # a Stripe lookup, made before any database lock is taken
+            facts = handlers.prefetch(event, settings=settings, read_session=lambda: db.read_session(engine))
+        with db.write_session(engine) as session:
+            result = _store_and_apply(session, event, raw_payload, source=source, settings=settings, facts=facts)
+    except _Waiting as waiting:  # its effects are rolled back with the transaction; the event is kept
+        return _record_waiting(engine, event, raw_payload, source, waiting.reason)
+    except Exception as exc:  # anything unexpected: nothing of it stays, Stripe retries on our 500
+        error = safe_error_text(exc, settings)
+        log.error("event %s failed: %s", event["id"], error, exc_info=log.isEnabledFor(logging.DEBUG))
+        _record_failure(engine, event["id"], error, stored=_event_values(event, raw_payload, source))
+        return IngestResult(event["id"], "failed", error=error)
+    if retry_waiting_now:
+        retry_waiting_after(result, event, engine=engine, settings=settings)
     return result
+
+
+def retry_waiting_after(result: IngestResult, event: dict, *, engine: Engine, settings: Settings) -> int:
+    """Retry the waiting events that what `event` just recorded may resolve; 0 when it recorded nothing."""
+    if result.status != "processed" or result.duplicate or result.nothing_new:
+        return 0
+    return retry_waiting(engine=engine, settings=settings, related_to=related_ids(event["data"]["object"]),
+                         exclude=event["id"])
+
+
+def _finished_copy(engine: Engine, event_id: str) -> IngestResult | None:
+    with db.read_session(engine) as session:
+        row = session.connection().execute(_SELECT_EVENT, {"event_id": event_id}).first()
+    if row is not None and row.status not in PENDING_STATUSES:
+        return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
+    return None
+
+
+def _store_and_apply(session, event: dict, raw_payload: str, *, source: str, settings: Settings,
+                     facts: dict) -> IngestResult:
+    event_id = event["id"]
+    connection = session.connection()
+    assigned_user_id = None
+    if not _insert_event(connection, _event_values(event, raw_payload, source)):
+        row = _stored_status(connection, event_id)
+        if row.status not in PENDING_STATUSES:  # a copy of a finished event
+            return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
+        assigned_user_id = row.assigned_user_id  # a retry of one that failed (or was stored by a crashed run)
+    else:
+        done = _mark_if_already_done(connection, event)
+        if done is not None:  # a second event type for work already done: recorded as processed, nothing else
+            return IngestResult(event_id, "processed", user_id=done, nothing_new=True)
+    ctx = EventContext(event=event, settings=settings, assigned_user_id=assigned_user_id, source=source, facts=facts)
+    status, error, user_id = _run_handler(session, ctx, savepoint=False)
+    session.flush()
+    _finish_event(connection, event_id, status=status, error=error, user_id=user_id)
+    if event.get("api_version") and event["api_version"] != stripe.api_version:
+        log.warning("event %s has API version %s, not the pinned %s; processed anyway", event_id,
+                    printable(event["api_version"]), stripe.api_version)
+    return IngestResult(event_id, status, error=error, user_id=user_id)
 
 
 class _StillWaiting(Exception):
@@ -190,7 +313,7 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
             if only_statuses is not None and row.status not in only_statuses:
                 return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
             event = json.loads(row.payload)
-        facts = handlers.prefetch(event, read_session=lambda: db.read_session(engine))  # Stripe, outside any lock
+        facts = handlers.prefetch(event, settings=settings, read_session=lambda: db.read_session(engine))  # Stripe, outside any lock
         with db.write_session(engine) as session:
             row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
                                                 session)).scalars().first()
@@ -225,13 +348,32 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
         return IngestResult(event_id, "failed", error=error)
 
 
-def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | None]:
+class _Waiting(Exception):
+    """The event needs a person: leave the transaction (its effects go with it) and keep the event apart."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _run_handler(session, ctx: EventContext, *, savepoint: bool = True) -> tuple[str, str | None, str | None]:
+    """(status, error, user) of running the event's handler. A NeedsAttention undoes the event's effects:
+    with `savepoint`, by rolling back to a savepoint (the caller's status row stays); without, by raising
+    _Waiting so the caller rolls back its whole transaction (the webhook's path: no savepoint to pay for)."""
     try:
-        with session.begin_nested():  # a NeedsAttention undoes this event's effects, not the status row
+        if savepoint:
+            with session.begin_nested():
+                handled = handlers.handle(session, ctx)
+        else:
             handled = handlers.handle(session, ctx)
     except NeedsAttention as exc:
-        return "needs_attention", printable(exc.reason, MAX_ERROR_CHARS), None
+        reason = printable(exc.reason, MAX_ERROR_CHARS)
+        if not savepoint:
+            raise _Waiting(reason) from None
+        return "needs_attention", reason, None
     except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
+        if not savepoint:
+            raise _Waiting(safe_error_text(exc, ctx.settings)) from None
         return "needs_attention", safe_error_text(exc, ctx.settings), None
     if handled.ignored:
         return "ignored", handled.note and printable(handled.note, MAX_ERROR_CHARS), handled.user_id
@@ -240,25 +382,39 @@ def _run_handler(session, ctx: EventContext) -> tuple[str, str | None, str | Non
     return "processed", None, handled.user_id
 
 
-def _record_failure(engine: Engine, event_id: str, error: str) -> None:
+_WAIT_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
+
+
+def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, reason: str) -> IngestResult:
+    """Keep an event that needs a person, with the reason, in a transaction of its own."""
     with db.write_session(engine) as session:
-        row = session.execute(db.for_update(select(StripeEvent).where(StripeEvent.id == event_id),
-                                            session)).scalars().first()
-        # A copy that failed while another copy finished the event (its connection dropped while it waited
-        # for the row lock, say) must not mark the finished event failed.
-        if row is not None and row.status in PENDING_STATUSES:
-            row.status, row.error = "failed", error
-            row.attempts += 1
-            row.processed_at = utcnow()
-            session.add(row)
+        connection = session.connection()
+        if not _insert_event(connection, _event_values(event, raw_payload, source, status="needs_attention",
+                                                       attempts=1, error=reason)):
+            if not _finish_event(connection, event["id"], status="needs_attention", error=reason, user_id=None,
+                                 statement=_WAIT_EVENT):
+                row = _stored_status(connection, event["id"])  # a copy finished it meanwhile
+                return IngestResult(event["id"], row.status, duplicate=True, error=row.error, user_id=row.user_id)
+    return IngestResult(event["id"], "needs_attention", error=reason)
 
 
-def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
+def _record_failure(engine: Engine, event_id: str, error: str, *, stored: dict | None = None) -> None:
+    """Record `failed` with the error, in a transaction of its own; `stored` first stores the event when the
+    failed transaction took it with it. A copy that failed while another copy finished the event (its
+    connection dropped while it waited for the row lock, say) never marks the finished event failed."""
+    with db.write_session(engine) as session:
+        connection = session.connection()
+        if stored is not None and _insert_event(connection, {**stored, "status": "failed", "error": error,
+                                                              "attempts": 1, "processed_at": utcnow()}):
+            return
+        _finish_event(connection, event_id, status="failed", error=error, user_id=None, statement=_FAIL_EVENT)
+
+
+def safe_error_text(exc: Exception, settings: Settings) -> str:
     """One line for the operator: the error's type and message, every key and secret masked."""
     from .stripe_client import mask_keys
 
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    settings = settings or get_settings()
     for secret in [settings.stripe_secret_key, settings.billing_api_token, *settings.webhook_secrets]:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "***")
@@ -267,12 +423,10 @@ def safe_error_text(exc: Exception, settings: Settings | None = None) -> str:
 
 # --- replay ----------------------------------------------------------------------------------
 
-def reprocess(event_id: str, *, assigned_user_id: str | None = None, operator: str | None = None,
-              engine: Engine | None = None, settings: Settings | None = None) -> IngestResult:
+def reprocess(event_id: str, *, engine: Engine, settings: Settings, assigned_user_id: str | None = None,
+              operator: str | None = None) -> IngestResult:
     """Run a stored event through its handler again (any status); the source keys make it safe.
     `operator` is recorded on the event as the person who reprocessed it."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     if assigned_user_id is not None:
         assigned_user_id = ledger.check_user_id(assigned_user_id)  # a bad id is refused, not recorded as a failure
     result = _process(engine, event_id, settings=settings, only_statuses=None, source="replay",
@@ -283,11 +437,9 @@ def reprocess(event_id: str, *, assigned_user_id: str | None = None, operator: s
     return result
 
 
-def replay_failed(*, operator: str | None = None, engine: Engine | None = None, settings: Settings | None = None,
+def replay_failed(*, engine: Engine, settings: Settings, operator: str | None = None,
                   stuck_after: timedelta = timedelta(minutes=1)) -> list[IngestResult]:
     """Reprocess every failed event, and every one left `received` (a crash mid-processing), oldest first."""
-    settings = settings or get_settings()
-    engine = engine or db.get_engine(settings.database_url)
     with db.read_session(engine) as session:
         stuck_before = utcnow() - stuck_after
         ids = list(session.execute(
@@ -305,7 +457,17 @@ def replay_failed(*, operator: str | None = None, engine: Engine | None = None, 
 def _related_to_stored(event_ids: list[str], engine: Engine) -> set[str]:
     with db.read_session(engine) as session:
         payloads = session.execute(select(StripeEvent.payload).where(StripeEvent.id.in_(event_ids))).scalars()
-        return set().union(*(handlers.related_ids(json.loads(p)["data"]["object"]) for p in payloads))
+        return set().union(*(related_ids(json.loads(p)["data"]["object"]) for p in payloads))
+
+
+_ANY_WAITING = select(_EVENT.c.id).where(_EVENT.c.status == "needs_attention",
+                                         _EVENT.c.received_at >= bindparam("since")).limit(1)
+
+
+def _any_waiting(engine: Engine) -> bool:
+    """One indexed look: most events find nobody waiting, and then nothing more is read."""
+    with db.read_session(engine) as session:
+        return session.connection().execute(_ANY_WAITING, {"since": utcnow() - WAITING_RETRY_WINDOW}).first() is not None
 
 
 def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], exclude: str | None = None,
@@ -315,6 +477,8 @@ def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], e
     its payment, an invoice before its customer link. Unrelated ones (a refund of a charge that isn't ours)
     are left alone, and a retry that resolves nothing writes nothing. Returns how many were resolved."""
     resolved = 0
+    if not related_to or not _any_waiting(engine):
+        return 0
     for _ in range(rounds):
         if not related_to:
             break
@@ -333,22 +497,20 @@ def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], e
                               source="replay", quiet_if_unresolved=True)
             if result.status in ("processed", "ignored") and not result.duplicate:
                 resolved += 1
-                related_to |= handlers.related_ids(json.loads(payload)["data"]["object"])
+                related_to |= related_ids(json.loads(payload)["data"]["object"])
     return resolved
 
 
-def apply_checkout_session(checkout_session: dict, *, engine: Engine | None = None,
-                           settings: Settings | None = None) -> handlers.Handled | None:
+def apply_checkout_session(checkout_session: dict, *, engine: Engine,
+                           settings: Settings) -> handlers.Handled | None:
     """The success page's fulfilment: the same function and source keys as the webhook's.
     None when the session can't be applied now: it needs a person (the webhook keeps it for them), its
     data can't be used (a bad client_reference_id), or the database failed. Each is logged, keys masked;
     the customer's page just says the payment is being confirmed."""
-    settings = settings or get_settings()
     try:
-        engine = engine or db.get_engine(settings.database_url)
         with db.write_session(engine) as session:
-            handled = handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
-        retry_waiting(engine=engine, settings=settings, related_to=handlers.related_ids(checkout_session))
+            handled = checkout_handlers.fulfil_checkout_session(session, checkout_session, settings=settings)
+        retry_waiting(engine=engine, settings=settings, related_to=related_ids(checkout_session))
     except NeedsAttention as exc:
         log.warning("success page could not apply %s: %s", printable(checkout_session.get("id")),
                     printable(exc.reason))
@@ -367,6 +529,6 @@ def api_version_mismatch(event_row: StripeEvent) -> bool:
     return bool(event_row.api_version) and event_row.api_version != stripe.api_version
 
 
-def last_event_at(engine: Engine | None = None):
+def last_event_at(engine: Engine):
     with db.read_session(engine) as session:
         return session.execute(select(func.max(StripeEvent.received_at))).scalar()

@@ -28,6 +28,7 @@ from .catalog import PLANS
 from .ledger import SUBSCRIPTION_GRANT_KINDS
 from .ledger_check import check_ledger
 from .models import LedgerEntry, Payment, StripeEvent, from_epoch, utcnow
+from .settings import Settings
 
 STRIPE_EVENT_RETENTION = timedelta(days=30)
 PAGE_SIZE = 100
@@ -149,7 +150,7 @@ def _stored_row(engine: Engine, event_id: str) -> StripeEvent | None:
         return session.get(StripeEvent, event_id)
 
 
-def recover_events(missing: list[dict], *, engine: Engine, report: ReconcileReport,
+def recover_events(missing: list[dict], *, engine: Engine, settings: Settings, report: ReconcileReport,
                    progress: Progress | None = None) -> None:
     """Ingest each missing event, oldest first; one event's failure doesn't stop the others."""
     from . import events as event_store
@@ -158,7 +159,8 @@ def recover_events(missing: list[dict], *, engine: Engine, report: ReconcileRepo
     for done, event in enumerate(ordered, start=1):
         summary = {"id": event["id"], "type": event.get("type")}
         try:
-            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile", engine=engine)
+            event_store.ingest(event, raw_payload=json.dumps(event, sort_keys=True), source="reconcile", engine=engine,
+                               settings=settings)
         except Exception as exc:  # noqa: BLE001 - reported per event; the run goes on
             report.recovery_errors.append({**summary, "error": _one_line(exc)})
         else:
@@ -358,14 +360,13 @@ def stored_needing_attention(session: Session, *, created_gte: int, now: datetim
 
 # --- the whole run ----------------------------------------------------------------------------
 
-def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, progress: Progress | None = None,
-              now: datetime | None = None) -> ReconcileReport:
+def reconcile(*, since: timedelta, settings: Settings, engine: Engine, client=None,
+              progress: Progress | None = None, now: datetime | None = None) -> ReconcileReport:
     if since > STRIPE_EVENT_RETENTION:
         raise ReconcileError("Stripe keeps events for 30 days; reconcile at most 30d")
     if client is None:
-        from .stripe_client import get_stripe_client
-        client = get_stripe_client()
-    engine = engine or db.get_engine()
+        from .stripe_client import make_stripe_client
+        client = make_stripe_client(settings)
     now = now or utcnow()
     created_gte = int((now - since).timestamp())
     report = ReconcileReport(since=from_epoch(created_gte), until=now.replace(microsecond=0))
@@ -375,7 +376,8 @@ def reconcile(*, since: timedelta, client=None, engine: Engine | None = None, pr
     with db.read_session(engine) as session:
         known = stored_event_ids(session, [e["id"] for e in events])
     report.already_stored = len(known)
-    recover_events([e for e in events if e["id"] not in known], engine=engine, report=report, progress=progress)
+    recover_events([e for e in events if e["id"] not in known], engine=engine, settings=settings, report=report,
+                   progress=progress)
 
     with db.read_session(engine) as session:
         report.paid_sessions_without_grant = paid_sessions_without_grant(session, events)

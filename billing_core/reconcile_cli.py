@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
+from . import db
 from .reconcile import ReconcileReport, check_since, reconcile
+from .settings import get_settings
 
 EXIT_PROBLEMS_FOUND = 3
 
@@ -78,13 +80,13 @@ def format_report(report: ReconcileReport) -> str:
 
 
 def cmd_reconcile(args) -> int:
-    from .cli import _ready_database
-
+    settings = get_settings()
     since = check_since(args.since)
-    _ready_database()
+    db.ensure_schema_current(settings.database_url)
     progress = ProgressBar()
     try:
-        report = reconcile(since=since, progress=progress)
+        report = reconcile(since=since, settings=settings, engine=db.get_engine(settings.database_url),
+                           progress=progress)
     finally:
         progress.finish()
     if args.json:

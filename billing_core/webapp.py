@@ -14,9 +14,11 @@ import html
 import logging
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
+from sqlalchemy.engine import Engine
 from starlette.routing import Route
 
 from . import credits_api, db, events, ledger
@@ -49,7 +51,7 @@ def _plain(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message} if status >= 400 else {"status": message}, status_code=status)
 
 
-def make_webhook_endpoint(settings: Settings):
+def make_webhook_endpoint(settings: Settings, engine: Engine):
     async def webhook(request: Request):
         try:
             body = await read_limited_body(request, events.MAX_BODY_BYTES)
@@ -62,7 +64,7 @@ def make_webhook_endpoint(settings: Settings):
             return _plain(exc.status, exc.reason)
         try:
             result = await run_in_threadpool(events.ingest, event, raw_payload=body.decode("utf-8"),
-                                             settings=settings)
+                                             settings=settings, engine=engine, retry_waiting_now=False)
         except Exception as exc:  # the database itself is unreachable: Stripe retries later
             log.error("webhook %s not stored: %s", event.get("id"), events.safe_error_text(exc, settings))
             return _plain(500, "event could not be stored; retry later")
@@ -70,14 +72,25 @@ def make_webhook_endpoint(settings: Settings):
                    "duplicate": result.duplicate}
         if result.status == "failed":
             payload["error"] = "processing failed; retry later"
-        return JSONResponse(payload, status_code=result.http_status)
+        later = None
+        if result.status == "processed" and not (result.duplicate or result.nothing_new):
+            later = BackgroundTask(retry_waiting_after_answer, result, event)
+        return JSONResponse(payload, status_code=result.http_status, background=later)
+
+    def retry_waiting_after_answer(result: events.IngestResult, event: dict) -> None:
+        """Runs after the answer is sent (a thread of the pool); its failure is logged and changes no answer."""
+        try:
+            events.retry_waiting_after(result, event, engine=engine, settings=settings)
+        except Exception as exc:
+            log.error("retrying events waiting on %s failed: %s", result.event_id,
+                      events.safe_error_text(exc, settings))
 
     return webhook
 
 
-def make_healthz(settings: Settings):
+def make_healthz(settings: Settings, engine: Engine):
     def check() -> dict:
-        last = events.last_event_at(db.get_engine(settings.database_url))
+        last = events.last_event_at(engine)
         return {"database": "ok", "last_event_at": last.isoformat() if last else None}
 
     async def healthz(request: Request):
@@ -116,7 +129,7 @@ def _item_name(checkout_session: dict) -> str:
 NOT_APPLIED = object()  # the success page could not apply the paid session now (the webhook will)
 
 
-def make_success_page(settings: Settings):
+def make_success_page(settings: Settings, engine: Engine):
     def fulfil(session_id: str):
         from .stripe_client import StripeProblem, make_stripe_client, stripe_errors
 
@@ -128,11 +141,11 @@ def make_success_page(settings: Settings):
             return None, None, exc
         if checkout_session.get("payment_status") not in ("paid", "no_payment_required"):
             return checkout_session, None, None
-        handled = events.apply_checkout_session(checkout_session, settings=settings)  # never raises
+        handled = events.apply_checkout_session(checkout_session, settings=settings, engine=engine)  # never raises
         if handled is None or not handled.user_id:
             return checkout_session, NOT_APPLIED, None
         try:
-            with db.read_session(db.get_engine(settings.database_url)) as session:
+            with db.read_session(engine) as session:
                 return checkout_session, ledger.account_summary(session, handled.user_id), None
         except Exception as exc:
             log.error("success page could not read the balance: %s", events.safe_error_text(exc, settings))
@@ -173,14 +186,16 @@ async def cancel(request: Request):
 
 
 def create_app(settings: Settings | None = None, *, check_schema: bool = True) -> Starlette:
-    """The sidecar app. Refuses to start on an out-of-date database schema (run init-db)."""
+    """The sidecar app. Refuses to start on an out-of-date database schema (run init-db).
+    Settings are read once here (the entry point) and handed, with the engine, to everything below."""
     settings = settings or get_settings()
     if check_schema:
         db.ensure_schema_current(settings.database_url)
+    engine = db.get_engine(settings.database_url)
     routes = [
-        Route(WEBHOOK_PATH, make_webhook_endpoint(settings), methods=["POST"]),
-        Route("/healthz", make_healthz(settings), methods=["GET"]),
-        Route("/checkout/success", make_success_page(settings), methods=["GET"]),
+        Route(WEBHOOK_PATH, make_webhook_endpoint(settings, engine), methods=["POST"]),
+        Route("/healthz", make_healthz(settings, engine), methods=["GET"]),
+        Route("/checkout/success", make_success_page(settings, engine), methods=["GET"]),
         Route("/checkout/cancel", cancel, methods=["GET"]),
         *credits_api.routes(settings),
     ]

@@ -6,6 +6,7 @@ import json
 import sys
 
 from . import db, events
+from .cli_common import CommandError
 from .settings import get_settings
 
 
@@ -34,16 +35,15 @@ def _print_result(result: events.IngestResult, as_json: bool) -> None:
 
 
 def cmd_replay(args) -> int:
-    from .cli import CommandError
-
     settings = get_settings()
     db.ensure_schema_current(settings.database_url)
+    engine = db.get_engine(settings.database_url)
     if args.failed == bool(args.event_ids):
         raise CommandError("give either EVENT_ID... or --failed")
     if args.user and args.failed:
         raise CommandError("--user assigns a user to named events; it can't be combined with --failed")
     if args.failed:
-        results = events.replay_failed(settings=settings, operator=args.operator)
+        results = events.replay_failed(settings=settings, engine=engine, operator=args.operator)
         if not results and not args.json:
             print("no failed events to replay")
     else:
@@ -51,7 +51,7 @@ def cmd_replay(args) -> int:
         for event_id in args.event_ids:
             try:
                 results.append(events.reprocess(event_id.strip(), assigned_user_id=args.user, settings=settings,
-                                                operator=args.operator))
+                                                engine=engine, operator=args.operator))
             except events.UnknownEvent as exc:
                 raise CommandError(str(exc)) from None
     if args.json:

@@ -12,7 +12,7 @@ import time
 import streamlit as st
 
 from billing_core import db
-from billing_core.demo import DEMO_OPERATOR
+from demo_data import DEMO_OPERATOR
 from billing_core.operators import Identity, active_identity, authenticate, role_for_email
 from billing_core.settings import Settings
 

@@ -1,7 +1,7 @@
 """Checkout links: pick an account (or a new user id), a plan or pack, and get a Stripe Checkout link."""
 import streamlit as st
 
-from billing_core import reports
+from billing_core import db, reports
 from billing_core.catalog import CATALOG, PACKS, PLANS
 from billing_core.checkout import CheckoutRefused, create_checkout_link
 from billing_core.stripe_client import StripeProblem
@@ -56,7 +56,8 @@ if clicked:
     try:
         with st.spinner("Asking Stripe for a Checkout Session…"):
             issued = create_checkout_link(user_id=user_id, item=item_key, operator=identity.name,
-                                          email=email or None, settings=settings)
+                                          email=email or None, settings=settings,
+                                          engine=db.get_engine(settings.database_url))
     except (CheckoutRefused, StripeProblem, ValueError) as exc:
         st.error(str(exc))
     else:

@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from billing_core import db
-from billing_core.demo import fill_demo_database
+from demo_data import fill_demo_database
 from billing_core.operators import create_operator
 from db_copies import configured_sqlite_copy
 

@@ -16,6 +16,7 @@ from billing_core.models import Account, CheckoutLink, Subscription
 from billing_core.settings import PROJECT_ROOT, reset_settings_cache
 from billing_core.stripe_client import StripeActionError, StripeNotConfigured
 from stripe_fixtures import TEST_SECRET_KEY
+from wiring import wiring
 
 # The start of an idempotency window, so `NOW + a few minutes` stays in the same window.
 NOW = datetime.fromtimestamp(1_900_000_000 // IDEMPOTENCY_WINDOW_SECONDS * IDEMPOTENCY_WINDOW_SECONDS, timezone.utc)
@@ -31,7 +32,7 @@ def stripe_ready(database_url, fake_stripe, stripe_prices, stripe_state):
 def link_at(state, moment, **kwargs):
     """Create a link at `moment`, with Stripe's clock showing the same time."""
     state.now = lambda: moment.timestamp()
-    return create_checkout_link(now=moment, **kwargs)
+    return create_checkout_link(**wiring(), now=moment, **kwargs)
 
 
 def session_posts(state):
@@ -56,7 +57,7 @@ def add_subscription(database_url, user_id, status, tier="starter"):
 
 
 def test_plan_link_sends_exactly_these_parameters(stripe_ready, stripe_prices, database_url):
-    link = create_checkout_link(user_id="agent-1", item="starter", email="ops@example.com", operator="alice",
+    link = create_checkout_link(**wiring(), user_id="agent-1", item="starter", email="ops@example.com", operator="alice",
                                 now=NOW)
     [request] = session_posts(stripe_ready)
     expires_at = int(NOW.timestamp()) + 24 * 3600 - CLOCK_SKEW_MARGIN_SECONDS
@@ -84,7 +85,7 @@ def test_plan_link_sends_exactly_these_parameters(stripe_ready, stripe_prices, d
 
 
 def test_pack_link_for_a_new_customer_creates_one(stripe_ready, stripe_prices, database_url):
-    create_checkout_link(user_id="agent-2", item="pack_250", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-2", item="pack_250", now=NOW)
     [request] = session_posts(stripe_ready)
     params = request.params
     assert params["mode"] == "payment"
@@ -99,7 +100,7 @@ def test_known_customer_is_used_instead_of_the_email(stripe_ready, database_url)
     customer = stripe_ready.add_customer(email="old@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-3", email="old@example.com", stripe_customer_id=customer["id"]))
-    create_checkout_link(user_id="agent-3", item="pack_100", email="new@example.com", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-3", item="pack_100", email="new@example.com", now=NOW)
     params = session_posts(stripe_ready)[0].params
     assert params["customer"] == customer["id"]
     assert "customer_email" not in params and "customer_creation" not in params
@@ -108,12 +109,12 @@ def test_known_customer_is_used_instead_of_the_email(stripe_ready, database_url)
 def test_stored_email_is_used_when_none_is_given(stripe_ready, database_url):
     with db.write_session() as session:
         session.add(Account(user_id="agent-4", email="stored@example.com"))
-    create_checkout_link(user_id="agent-4", item="business", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-4", item="business", now=NOW)
     assert session_posts(stripe_ready)[0].params["customer_email"] == "stored@example.com"
 
 
 def test_double_click_returns_the_same_link_and_makes_one_session(stripe_ready, database_url):
-    first = create_checkout_link(user_id="agent-5", item="professional", now=NOW)
+    first = create_checkout_link(**wiring(), user_id="agent-5", item="professional", now=NOW)
     second = link_at(stripe_ready, NOW + timedelta(minutes=3), user_id="agent-5", item="professional")
     assert (second.session_id, second.url, second.reused) == (first.session_id, first.url, True)
     assert len(session_posts(stripe_ready)) == 1
@@ -123,7 +124,7 @@ def test_double_click_returns_the_same_link_and_makes_one_session(stripe_ready, 
 def test_retry_within_the_window_sends_identical_parameters(stripe_ready, database_url):
     """When the link wasn't recorded (a crash after Stripe answered), the retry reuses the key and
     Stripe (strict about differing parameters) hands back the same session."""
-    first = create_checkout_link(user_id="agent-6", item="pack_500", now=NOW)
+    first = create_checkout_link(**wiring(), user_id="agent-6", item="pack_500", now=NOW)
     with db.write_session() as session:
         session.delete(session.execute(select(CheckoutLink)).scalars().one())
     second = link_at(stripe_ready, NOW + timedelta(minutes=7), user_id="agent-6", item="pack_500")
@@ -134,10 +135,10 @@ def test_retry_within_the_window_sends_identical_parameters(stripe_ready, databa
 
 
 def test_a_new_window_or_another_item_gets_a_new_link(stripe_ready, database_url):
-    first = create_checkout_link(user_id="agent-7", item="pack_100", now=NOW)
+    first = create_checkout_link(**wiring(), user_id="agent-7", item="pack_100", now=NOW)
     later = link_at(stripe_ready, NOW + timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS), user_id="agent-7",
                     item="pack_100")
-    other = create_checkout_link(user_id="agent-7", item="pack_250", now=NOW)
+    other = create_checkout_link(**wiring(), user_id="agent-7", item="pack_250", now=NOW)
     assert len({first.session_id, later.session_id, other.session_id}) == 3
     assert len(links(database_url)) == 3
 
@@ -170,7 +171,7 @@ def test_a_link_from_the_previous_window_about_to_expire_is_not_reused(stripe_re
 def test_expiry_setting_is_sent(stripe_ready, database_url, monkeypatch):
     monkeypatch.setenv("CHECKOUT_LINK_EXPIRY_HOURS", "2")
     reset_settings_cache()
-    link = create_checkout_link(user_id="agent-8", item="pack_100", now=NOW)
+    link = create_checkout_link(**wiring(), user_id="agent-8", item="pack_100", now=NOW)
     expected = NOW + timedelta(hours=2) - timedelta(seconds=CLOCK_SKEW_MARGIN_SECONDS)
     assert session_posts(stripe_ready)[0].params["expires_at"] == str(int(expected.timestamp()))
     assert link.expires_at == expected
@@ -188,7 +189,7 @@ def test_simultaneous_clicks_make_one_session_and_one_record(stripe_ready, datab
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda _: create_checkout_link(user_id="agent-30", item="starter", now=NOW),
+        results = list(pool.map(lambda _: create_checkout_link(**wiring(), user_id="agent-30", item="starter", now=NOW),
                                 range(4)))
     assert len({r.session_id for r in results}) == 1
     assert len(stripe_ready.objects["checkout_sessions"]) == 1 and len(links(database_url)) == 1
@@ -196,7 +197,7 @@ def test_simultaneous_clicks_make_one_session_and_one_record(stripe_ready, datab
 
 def test_unknown_item_is_refused_before_stripe(stripe_ready, database_url):
     with pytest.raises(UnknownItem, match="unknown item 'gold'; choose one of: starter"):
-        create_checkout_link(user_id="agent-9", item="gold", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-9", item="gold", now=NOW)
     assert stripe_ready.requests == [] and links(database_url) == []
 
 
@@ -204,26 +205,26 @@ def test_no_price_configured_is_refused(stripe_ready, database_url, monkeypatch)
     monkeypatch.delenv("STRIPE_PRICE_PACK_1000")
     reset_settings_cache()
     with pytest.raises(UnknownPrice, match="no price configured for pack_1000: set STRIPE_PRICE_PACK_1000"):
-        create_checkout_link(user_id="agent-9", item="pack_1000", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-9", item="pack_1000", now=NOW)
     assert stripe_ready.requests == []
 
 
 def test_stripe_not_configured_is_refused(database_url):
     with pytest.raises(StripeNotConfigured, match="Stripe is not configured"):
-        create_checkout_link(user_id="agent-9", item="pack_100", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-9", item="pack_100", now=NOW)
     assert links(database_url) == []
 
 
 def test_bad_email_is_refused(stripe_ready, database_url):
     with pytest.raises(CheckoutRefused, match="'not-an-email' is not an email address"):
-        create_checkout_link(user_id="agent-9", item="pack_100", email="not-an-email", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-9", item="pack_100", email="not-an-email", now=NOW)
 
 
 @pytest.mark.parametrize("status", ["active", "trialing", "past_due"])
 def test_plan_link_is_refused_with_a_live_subscription(stripe_ready, database_url, status):
     add_subscription(database_url, "agent-10", status)
     with pytest.raises(CheckoutRefused) as caught:
-        create_checkout_link(user_id="agent-10", item="business", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-10", item="business", now=NOW)
     assert f"agent-10 already has a subscription (starter, {status}, sub_agent-10)" in str(caught.value)
     assert "python -m billing_core portal-link agent-10" in str(caught.value)
     assert session_posts(stripe_ready) == []
@@ -231,8 +232,8 @@ def test_plan_link_is_refused_with_a_live_subscription(stripe_ready, database_ur
 
 def test_pack_link_and_new_plan_after_cancellation_are_allowed(stripe_ready, database_url):
     add_subscription(database_url, "agent-11", "canceled")
-    create_checkout_link(user_id="agent-11", item="starter", now=NOW)
-    create_checkout_link(user_id="agent-11", item="pack_100", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-11", item="starter", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-11", item="pack_100", now=NOW)
     assert len(session_posts(stripe_ready)) == 2
 
 
@@ -248,7 +249,7 @@ def test_stripe_errors_become_one_clear_line_and_record_nothing(stripe_ready, da
                                                                  words):
     break_it(stripe_ready)
     with pytest.raises(StripeActionError) as caught:
-        create_checkout_link(user_id="agent-12", item="pack_100", now=NOW)
+        create_checkout_link(**wiring(), user_id="agent-12", item="pack_100", now=NOW)
     message = str(caught.value)
     assert caught.value.cause == cause and words in message
     assert message.startswith("creating the checkout link for agent-12 (pack_100) failed: ")
@@ -257,7 +258,7 @@ def test_stripe_errors_become_one_clear_line_and_record_nothing(stripe_ready, da
 
 
 def test_link_status_moves_forward_only(stripe_ready, database_url):
-    link = create_checkout_link(user_id="agent-13", item="pack_100", now=NOW)
+    link = create_checkout_link(**wiring(), user_id="agent-13", item="pack_100", now=NOW)
     with db.write_session() as session:
         assert mark_link_status(session, session_id=link.session_id, status="complete", at=NOW)
         assert not mark_link_status(session, session_id=link.session_id, status="expired")
@@ -265,7 +266,7 @@ def test_link_status_moves_forward_only(stripe_ready, database_url):
         assert not mark_link_status(session, session_id="cs_test_unknown", status="complete")
     [recorded] = links(database_url)
     assert recorded.status == "complete" and recorded.completed_at is not None
-    other = create_checkout_link(user_id="agent-13", item="pack_250", now=NOW)
+    other = create_checkout_link(**wiring(), user_id="agent-13", item="pack_250", now=NOW)
     with db.write_session() as session:
         assert mark_link_status(session, session_id=other.session_id, status="expired")
         with pytest.raises(ValueError, match="link status must be one of"):
@@ -275,11 +276,11 @@ def test_link_status_moves_forward_only(stripe_ready, database_url):
 
 def test_portal_link_needs_a_known_customer(stripe_ready, database_url):
     with pytest.raises(CheckoutRefused, match="no Stripe customer is known for agent-14"):
-        create_portal_link(user_id="agent-14")
+        create_portal_link(**wiring(), user_id="agent-14")
     customer = stripe_ready.add_customer(email="c@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-14", stripe_customer_id=customer["id"]))
-    url = create_portal_link(user_id="agent-14")
+    url = create_portal_link(**wiring(), user_id="agent-14")
     [request] = stripe_ready.requests_to("POST", "/v1/billing_portal/sessions")
     assert request.params == {"customer": customer["id"], "return_url": "http://localhost:5000"}
     assert url.startswith("https://billing.stripe.com/p/session/")

@@ -2,8 +2,9 @@
 import pytest
 from sqlalchemy import func, select, text
 
-from billing_core import db, demo_large, ledger, reports
+from billing_core import db, ledger, reports
 from billing_core.ledger_check import check_ledger
+from demo_data import large as demo_large
 from billing_core.models import Account, Consumption, LedgerEntry, Payment
 
 

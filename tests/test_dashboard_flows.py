@@ -4,6 +4,7 @@ import pytest
 from sqlalchemy import select
 
 from billing_core import db, events, ledger
+from wiring import wiring
 from billing_core.models import CheckoutLink, LedgerEntry, StripeEvent
 from dashboard_helpers import (ADMIN, fresh_sign_in_throttle_and_caches, SUPPORT, add_operators, seeded_db, seeded_template,  # noqa: F401
                                signed_in, texts)
@@ -187,7 +188,7 @@ def needs_attention_event(database_url):
     evt = checkout_completed(user_id="ignored", item="pack_100")
     del evt["data"]["object"]["metadata"]["user_id"]
     evt["data"]["object"]["client_reference_id"] = None
-    result = events.ingest(evt, raw_payload=encode(evt))
+    result = events.ingest(evt, raw_payload=encode(evt), **wiring())
     assert result.status == "needs_attention"
     return evt["id"]
 

@@ -154,7 +154,7 @@ def test_add_operator_prompts_twice_on_a_terminal(sqlite_url, monkeypatch, capsy
 
 def test_demo_data_if_empty_still_creates_the_demo_operator(sqlite_url, monkeypatch):
     from billing_core import settings as settings_module
-    from billing_core.demo import DEMO_OPERATOR, fill_demo_database
+    from demo_data import DEMO_OPERATOR, fill_demo_database
     from billing_core.models import Operator as OperatorRow
 
     monkeypatch.setattr(settings_module, "DEMO_DATABASE_URL", sqlite_url)
@@ -183,7 +183,7 @@ def test_demo_data_elsewhere_creates_no_demo_operator(database_url, capsys):
 
 
 def test_large_demo_data_elsewhere_creates_no_demo_operator(database_url):
-    from billing_core import demo_large
+    from demo_data import large as demo_large
 
     assert "no demo operator" in demo_large.fill_large(database_url, seed=3, accounts=5)
     assert operator_names(database_url) == []

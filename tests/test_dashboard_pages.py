@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import select
 
 from billing_core import db, settings as settings_module
-from billing_core.demo import DEMO_OPERATOR, fill_demo_database
+from demo_data import DEMO_OPERATOR, fill_demo_database
 from billing_core.models import Account
 from billing_core.operators import create_operator
 from billing_core.settings import reset_settings_cache

@@ -26,6 +26,7 @@ from billing_core.reconcile import ReconcileError, check_since, parse_duration, 
 from billing_core.reconcile_cli import ProgressBar
 from billing_core.settings import reset_settings_cache
 from live_server import running_server
+from wiring import wiring
 
 import billing_core.events as events_module  # noqa: E402
 import stripe_events  # noqa: E402
@@ -180,7 +181,7 @@ def test_recovers_exactly_the_missed_events_and_the_second_run_changes_nothing(s
 
 
 def test_recovered_invoice_records_its_payment_once(stripe_account):
-    reconcile(since=timedelta(days=3))
+    reconcile(**wiring(), since=timedelta(days=3))
     with db.read_session() as session:
         payment = session.exec(select(Payment).where(Payment.invoice_id == "in_carol1")).scalars().one()
         grants = session.execute(select(func.count()).select_from(LedgerEntry).where(
@@ -209,7 +210,7 @@ def test_safe_while_the_sidecar_receives_the_same_events(stripe_account):
         for thread in threads:
             thread.start()
         start.wait()
-        report = reconcile(since=timedelta(days=3))
+        report = reconcile(**wiring(), since=timedelta(days=3))
         for thread in threads:
             thread.join()
 
@@ -221,11 +222,11 @@ def test_safe_while_the_sidecar_receives_the_same_events(stripe_account):
     assert tiers_and_balances() == EXPECTED
     with db.read_session() as session:
         assert session.execute(select(func.count()).select_from(Payment)).scalar_one() == 3
-    assert reconcile(since=timedelta(days=3)).as_dict()["events"]["recovered"] == 0
+    assert reconcile(**wiring(), since=timedelta(days=3)).as_dict()["events"]["recovered"] == 0
 
 
 def test_narrow_window_leaves_older_missed_events_alone(stripe_account):
-    report = reconcile(since=timedelta(minutes=90))
+    report = reconcile(**wiring(), since=timedelta(minutes=90))
     assert {row["id"] for row in report.recovered} == {e["id"] for e in stripe_account["missed"][1:]}
     assert tiers_and_balances() == EXPECTED | {"bob": ("none", 0)}
 
@@ -253,7 +254,7 @@ def test_reports_paid_invoice_without_grant(stripe_account):
                               prices={"starter": "price_not_configured"}, period_end=int(time.time()) + 9 * DAY)
     event = stripe_account["state"].add_event("invoice.paid", invoice, created=int(time.time()) - 60)
     deliver_to_sidecar([event])
-    report = reconcile(since=timedelta(days=3))
+    report = reconcile(**wiring(), since=timedelta(days=3))
     assert [row["invoice_id"] for row in report.paid_invoices_without_grant] == ["in_erin1"]
     row = report.paid_invoices_without_grant[0]
     assert (row["user_id"], row["subscription_id"], row["event_id"]) == ("erin", "sub_erin", event["id"])
@@ -262,14 +263,14 @@ def test_reports_paid_invoice_without_grant(stripe_account):
 
 
 def test_reports_grants_without_payment_and_double_grants(stripe_account):
-    reconcile(since=timedelta(days=3))
+    reconcile(**wiring(), since=timedelta(days=3))
     with db.write_session() as session:
         ledger.grant_pack(session, user_id="mallory", credits=500, source_key="mystery-grant")
         payment = session.exec(select(Payment).where(Payment.checkout_session_id == "cs_test_bob1")).scalars().one()
         ledger.grant_pack(session, user_id="bob", credits=250, source_key="checkout:cs_test_bob1:again",
                           payment_id=payment.id)
         payment_id = payment.id
-    report = reconcile(since=timedelta(days=3))
+    report = reconcile(**wiring(), since=timedelta(days=3))
     assert report.recovered == []
     assert [(row["user_id"], row["source_key"]) for row in report.grants_without_payment] == [
         ("mallory", "mystery-grant")]
@@ -347,5 +348,5 @@ def test_an_event_stored_but_never_processed_is_reported_once_it_is_no_longer_in
         for event_id, age in (("evt_stuck_old", timedelta(minutes=30)), ("evt_in_flight", timedelta(seconds=5))):
             session.add(StripeEvent(id=event_id, type="invoice.paid", created=now - 60, payload="{}",
                                     status="received", received_at=utcnow() - age, source="webhook"))
-    report = reconcile(since=timedelta(days=3))
+    report = reconcile(**wiring(), since=timedelta(days=3))
     assert [(row["id"], row["status"]) for row in report.stored_needing_attention] == [("evt_stuck_old", "received")]

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from billing_core import db, ledger
+from wiring import wiring
 from billing_core.models import Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
 from billing_core.webapp import create_app
 from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
@@ -191,7 +192,7 @@ def test_invoice_without_user_needs_attention_then_reprocess_with_assigned_user(
     assert "can't tell which user" in row.error and row.status == "needs_attention"
     assert all_rows(Payment) == [] and all_rows(Subscription) == []  # nothing half-applied
     assert send(sidecar, evt)["duplicate"] is True  # a redelivery changes nothing
-    result = events.reprocess(evt["id"], assigned_user_id="u9")
+    result = events.reprocess(evt["id"], assigned_user_id="u9", **wiring())
     assert result.status == "processed"
     assert summary("u9")["balance"] == 100 and summary("u9")["stripe_customer_id"] == "cus_unknown"
     assert stored_event(evt["id"]).assigned_user_id == "u9"
@@ -363,7 +364,7 @@ def test_other_event_types_are_stored_and_ignored(sidecar):
 
 
 @pytest.mark.parametrize("cancel_first", [True, False])
-def test_lost_dispute_on_credits_that_expired_while_held_takes_nothing_more(sidecar, fake_stripe, cancel_first):
+def test_lost_dispute_on_credits_that_expired_while_held_takes_nothing_more(fake_stripe, sidecar, cancel_first):
     """Held credits whose lot closes (cancellation) are gone either way: losing the dispute afterwards
     must not turn them into debt, whichever came first (ledger fix in clawback_for_payment)."""
     fake_stripe.state.add_invoice_payment(invoice="in_1", payment_intent="pi_1", amount_paid=999)
@@ -393,7 +394,7 @@ def test_proration_invoice_first_leaves_the_subscription_state_to_the_subscripti
     assert (data["tier"], data["subscription_status"], data["balance"]) == ("professional", "active", 500)
 
 
-def test_dispute_before_its_invoice_waits_and_applies_when_the_invoice_is_recorded(sidecar, fake_stripe):
+def test_dispute_before_its_invoice_waits_and_applies_when_the_invoice_is_recorded(fake_stripe, sidecar):
     fake_stripe.state.add_invoice_payment(invoice="in_1", payment_intent="pi_1", amount_paid=999)
     opened = dispute_event("charge.dispute.created", dispute_id="dp_w", charge_id="ch_1", payment_intent="pi_1",
                            amount=999)
@@ -405,7 +406,7 @@ def test_dispute_before_its_invoice_waits_and_applies_when_the_invoice_is_record
     assert data["flagged"] and data["balance"] == 0  # the invoice's 100 credits are held
 
 
-def test_unrelated_waiting_events_are_not_retried(sidecar, fake_stripe):
+def test_unrelated_waiting_events_are_not_retried(fake_stripe, sidecar):
     foreign = charge_refunded(charge_id="ch_foreign", payment_intent="pi_foreign", amount=500, amount_refunded=500)
     assert send(sidecar, foreign)["status"] == "needs_attention"
     lookups = len(fake_stripe.state.requests_to("GET", "/v1/invoice_payments"))
@@ -417,7 +418,7 @@ def test_unrelated_waiting_events_are_not_retried(sidecar, fake_stripe):
 
 
 @pytest.mark.parametrize("subscription_event_first", [True, False], ids=["update-first", "invoice-first"])
-def test_refunding_an_upgrade_takes_back_its_top_up_whichever_event_granted_it(sidecar, fake_stripe,
+def test_refunding_an_upgrade_takes_back_its_top_up_whichever_event_granted_it(fake_stripe, sidecar,
                                                                                subscription_event_first):
     """Stripe usually sends customer.subscription.updated before the proration invoice; the top-up it grants
     has no payment yet, so the invoice must claim it, or a refund of the upgrade would take nothing back."""

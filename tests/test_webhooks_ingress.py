@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
 from billing_core import cli, db, events, ledger
+from wiring import wiring
 from billing_core.models import Account, LedgerEntry, Payment, StripeEvent
 from billing_core.settings import get_settings, reset_settings_cache
 from billing_core.webapp import create_app
@@ -185,7 +186,7 @@ def test_concurrent_ingest_of_the_same_payment_under_two_event_types(database_ur
     def run(number):
         evt = both[number % 2]
         barrier.wait()
-        return events.ingest(evt, raw_payload=encode(evt))
+        return events.ingest(evt, raw_payload=encode(evt), **wiring())
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(run, range(10)))
@@ -225,7 +226,7 @@ def test_needs_attention_rolls_back_its_effects(sidecar, monkeypatch):
         ledger.lock_account(session, user_id="half", stripe_customer_id="cus_half")
         raise handlers.NeedsAttention("cannot decide")
 
-    monkeypatch.setattr(handlers, "fulfil_checkout_session", link_then_give_up)
+    monkeypatch.setattr(handlers.checkout, "fulfil_checkout_session", link_then_give_up)
     evt = checkout_completed(user_id="u1", item="pack_100")
     assert deliver(sidecar, evt).json()["status"] == "needs_attention"
     assert count(Account) == 0 and stored(evt["id"]).error == "cannot decide"
@@ -307,11 +308,11 @@ def test_reprocess_refuses_a_bad_assigned_user_without_touching_the_event(sideca
     orphan["data"]["object"]["metadata"] = {"item": "pack_100"}
     deliver(sidecar, orphan)
     with pytest.raises(ledger.LedgerError, match="longer than 200"):
-        events.reprocess(orphan["id"], assigned_user_id="x" * 201)
+        events.reprocess(orphan["id"], assigned_user_id="x" * 201, **wiring())
     row = stored(orphan["id"])
     assert (row.status, row.attempts, row.assigned_user_id) == ("needs_attention", 1, None)
     with pytest.raises(events.UnknownEvent):
-        events.reprocess("evt_nope")
+        events.reprocess("evt_nope", **wiring())
 
 
 def test_a_real_uvicorn_server_takes_signed_deliveries(database_url, monkeypatch):
@@ -339,10 +340,10 @@ def test_replay_failed_also_picks_up_an_event_left_received_by_a_crash(database_
     configure_webhooks(monkeypatch)
     evt = checkout_completed(user_id="u1", item="pack_100")
     events._store(db.get_engine(), evt, encode(evt), "webhook")  # stored, then the process died
-    assert [r.event_id for r in events.replay_failed()] == []  # too fresh: may still be in progress
+    assert [r.event_id for r in events.replay_failed(**wiring())] == []  # too fresh: may still be in progress
     with db.write_session() as session:
         session.get(StripeEvent, evt["id"]).received_at = utcnow() - timedelta(minutes=5)
-    assert [(r.event_id, r.status) for r in events.replay_failed()] == [(evt["id"], "processed")]
+    assert [(r.event_id, r.status) for r in events.replay_failed(**wiring())] == [(evt["id"], "processed")]
     assert balance("u1") == 100
 
 

@@ -164,7 +164,7 @@ def shuffled_with_duplicates(evts: list[dict], seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_a_month_of_a_customers_life_in_any_order_gives_the_exact_balance_and_tier(sidecar, fake_stripe, seed):
+def test_a_month_of_a_customers_life_in_any_order_gives_the_exact_balance_and_tier(fake_stripe, sidecar, seed):
     # the dispute names only the renewal's PaymentIntent; Stripe's invoice payments list links it to the invoice
     fake_stripe.state.add_invoice_payment(invoice="in_renewal", payment_intent="pi_renewal", amount_paid=999)
     now = int(time.time())
@@ -190,7 +190,7 @@ def test_a_month_of_a_customers_life_in_any_order_gives_the_exact_balance_and_ti
 
 
 @pytest.mark.parametrize("seed", [0, 7, 8, 9])
-def test_the_month_before_the_cancellation_has_the_professional_allowance(sidecar, fake_stripe, seed):
+def test_the_month_before_the_cancellation_has_the_professional_allowance(fake_stripe, sidecar, seed):
     """Mid-month check of the same story: after the upgrade, the period holds exactly the professional
     allowance, whichever of the three upgrade/renewal reports came first."""
     now = int(time.time())

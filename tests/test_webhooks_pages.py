@@ -8,6 +8,7 @@ from starlette.testclient import TestClient
 
 from billing_core import db, handlers, ledger
 from billing_core.models import LedgerEntry, StripeEvent
+from billing_core.settings import get_settings
 from billing_core.webapp import create_app
 from stripe_events import charge_refunded, configure_webhooks, deliver, event
 
@@ -92,8 +93,8 @@ def test_success_page_for_an_unknown_session_or_when_stripe_is_down(sidecar, str
 
 def test_invoice_for_payment_intent_asks_stripes_invoice_payments_list(fake_stripe, stripe_state):
     stripe_state.add_invoice_payment(invoice="in_42", payment_intent="pi_42", amount_paid=999)
-    assert handlers.invoice_for_payment_intent("pi_42") == "in_42"
-    assert handlers.invoice_for_payment_intent("pi_other") is None
+    assert handlers.invoice_for_payment_intent("pi_42", settings=get_settings()) == "in_42"
+    assert handlers.invoice_for_payment_intent("pi_other", settings=get_settings()) is None
     request = stripe_state.requests_to("GET", "/v1/invoice_payments")[0]
     assert request.params["payment"] == {"type": "payment_intent", "payment_intent": "pi_42"}
 
@@ -128,7 +129,7 @@ def test_the_stripe_lookup_happens_while_no_database_lock_is_held(sidecar, strip
         writer.join(timeout=60)  # a deadlock guard: with a lock held here the writer could never finish
         return real_lookup(payment_intent_id, **kwargs)
 
-    monkeypatch.setattr(handlers, "invoice_for_payment_intent", lookup_while_someone_writes)
+    monkeypatch.setattr(handlers.refunds, "invoice_for_payment_intent", lookup_while_someone_writes)
     evt = charge_refunded(charge_id="ch_l", payment_intent="pi_l", amount=999, amount_refunded=999)
     assert deliver(sidecar, evt).json()["status"] == "needs_attention"
     assert finished == [True] and balance("u1") == 15
@@ -155,7 +156,7 @@ def test_success_page_when_the_database_fails_says_the_payment_is_being_confirme
         raise OperationalError(f"INSERT ... key {secret}", {}, Exception("database is locked"))
 
     monkeypatch.setenv("STRIPE_SECRET_KEY", secret)
-    monkeypatch.setattr(handlers, "fulfil_checkout_session", broken)
+    monkeypatch.setattr(handlers.checkout, "fulfil_checkout_session", broken)
     session = paid_session(stripe_state)
     page = sidecar.get("/checkout/success", params={"session_id": session["id"]})
     assert page.status_code == 200 and "Payment being confirmed" in page.text

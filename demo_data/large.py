@@ -23,10 +23,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
-from . import db
-from .catalog import PACKS, PLANS
-from .models import Account, Consumption, CreditLot, Dispute, LedgerEntry, Payment, Subscription, utcnow
-from .settings import mask_url_password
+from billing_core import db
+from billing_core.catalog import PACKS, PLANS
+from billing_core.models import Account, Consumption, CreditLot, Dispute, LedgerEntry, Payment, Subscription, utcnow
+from billing_core.settings import mask_url_password
 
 ACCOUNTS = 100_000
 CHUNK = 5_000
@@ -234,7 +234,7 @@ def _insert(conn, rows: Rows) -> None:
 
 def fill_large(url: str, *, seed: int = 7, accounts: int = ACCOUNTS) -> str:
     """Add `accounts` large-scale demo accounts (default 100,000) to the database at `url`."""
-    from .demo import ensure_demo_operator
+    from .small import ensure_demo_operator
 
     engine = db.get_engine(url)
     with db.read_session(engine) as session:

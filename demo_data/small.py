@@ -10,11 +10,11 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from . import db, ledger
-from .catalog import PACKS, PLANS
-from .models import Account, Payment, Subscription, utcnow
-from .operators import OperatorExists, create_operator
-from .settings import DEMO_DATABASE_URL, mask_url_password, resolve_sqlite_path
+from billing_core import db, ledger
+from billing_core.catalog import PACKS, PLANS
+from billing_core.models import Account, Payment, Subscription, utcnow
+from billing_core.operators import OperatorExists, create_operator
+from billing_core.settings import DEMO_DATABASE_URL, mask_url_password, resolve_sqlite_path
 
 DEMO_PREFIX = "demo_"
 DEMO_OPERATOR = ("demo", "demo-password")
@@ -45,7 +45,7 @@ def fill_demo_database(*, database_url: str | None = None, scale: str = "small",
         ensure_demo_operator(url)  # a demo database filled before operators existed
         return f"demo database already has {existing} demo accounts; left as it is"
     if scale == "large":
-        from .demo_large import fill_large
+        from .large import fill_large
 
         return fill_large(url, seed=seed)
     return _fill_small(url, seed=seed, start=existing)
@@ -129,7 +129,7 @@ def _demo_payment(session, *, user_id: str, when, item, source: str, **ids) -> P
 
 
 def is_demo_database(url: str) -> bool:
-    from . import settings  # looked up at call time: tests point DEMO_DATABASE_URL elsewhere
+    from billing_core import settings  # looked up at call time: tests point DEMO_DATABASE_URL elsewhere
 
     return resolve_sqlite_path(url) == resolve_sqlite_path(settings.DEMO_DATABASE_URL)
 

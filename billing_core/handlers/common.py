@@ -1,0 +1,122 @@
+"""What every handler family shares: the event as handlers see it, their answer, and finding the user and plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from .. import ledger
+from ..catalog import CATALOG, CatalogItem, find_item_for_price
+from ..models import Account, Dispute, Payment, Subscription
+from ..settings import Settings
+from ..stripe_payloads import NeedsAttention, dig, id_of
+
+# Payment statuses that a later "paid" must not overwrite.
+SETTLED_PAYMENT_STATUSES = ("refunded", "partially_refunded", "disputed")
+
+
+@dataclass
+class EventContext:
+    event: dict
+    settings: Settings
+    assigned_user_id: str | None = None
+    source: str = "webhook"
+    # What `prefetch` learned from Stripe before the write transaction: {"invoices": {payment_intent: invoice}}
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.event["id"]
+
+    @property
+    def type(self) -> str:
+        return self.event["type"]
+
+    @property
+    def created(self) -> int:
+        return int(self.event.get("created") or 0)
+
+    @property
+    def obj(self) -> dict:
+        return self.event["data"]["object"]
+
+    @property
+    def previous_attributes(self) -> dict:
+        return dig(self.event, "data", "previous_attributes") or {}
+
+
+@dataclass
+class Handled:
+    user_id: str | None = None
+    ignored: bool = False
+    note: str | None = None
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+PLANS_BY_LOOKUP_KEY = {item.lookup_key: item for item in CATALOG.values() if item.kind == "plan"}
+
+
+def plan_for_price(price_id: str | None, settings: Settings) -> CatalogItem | None:
+    item = find_item_for_price(price_id, settings)
+    return item if item and item.kind == "plan" else None
+
+
+def plan_named(key: Any) -> CatalogItem | None:
+    item = CATALOG.get(key) if isinstance(key, str) else None
+    return item if item is not None and item.kind == "plan" else None
+
+
+def plan_for_price_object(price: Any, settings: Settings) -> CatalogItem | None:
+    """The plan a price stands for: its configured id, else (a price replaced by sync-catalog, still on
+    existing subscriptions) the catalog lookup key it carries, else its `metadata.item`."""
+    plan = plan_for_price(id_of(price), settings)
+    if plan is not None or not isinstance(price, dict):
+        return plan
+    lookup_key = price.get("lookup_key")
+    if isinstance(lookup_key, str) and lookup_key in PLANS_BY_LOOKUP_KEY:
+        return PLANS_BY_LOOKUP_KEY[lookup_key]
+    return plan_named(dig(price, "metadata", "item"))
+
+
+# --- finding the user ------------------------------------------------------------------------
+
+def user_for_customer(session: Session, customer_id: str | None) -> str | None:
+    if not customer_id:
+        return None
+    return session.execute(select(Account.user_id).where(Account.stripe_customer_id == customer_id)).scalar()
+
+
+def resolve_user(session: Session, ctx: EventContext, *, explicit: str | None, subscription_id: str | None = None,
+                 customer_id: str | None = None, what: str) -> str:
+    """The event's own user id first, then the operator's assignment, then what we stored earlier."""
+    if explicit:
+        return explicit
+    if ctx.assigned_user_id:
+        return ctx.assigned_user_id
+    if subscription_id:
+        row = session.get(Subscription, subscription_id)
+        if row is not None:
+            return row.user_id
+    user_id = user_for_customer(session, customer_id)
+    if user_id:
+        return user_id
+    raise NeedsAttention(f"can't tell which user {what} belongs to: no metadata.user_id"
+                         + (f", and customer {customer_id} is not linked to an account" if customer_id else "")
+                         + "; assign the user and reprocess")
+
+
+# --- payments --------------------------------------------------------------------------------
+
+def apply_earlier_reversals(session: Session, payment: Payment) -> None:
+    """A refund or dispute recorded before the payment's credits were granted (e.g. against the failed first
+    attempt of a renewal that was paid on retry) applies to them now; both are idempotent."""
+    reversed_cents = (payment.amount_refunded or 0) + (payment.amount_disputed_lost or 0)
+    if reversed_cents:
+        ledger.clawback_for_payment(session, payment=payment, reversed_cents=reversed_cents)
+    open_disputes = session.execute(select(Dispute.id).where(Dispute.payment_id == payment.id,
+                                                            Dispute.status == "open")).scalars().all()
+    for dispute_id in open_disputes:
+        ledger.hold_for_dispute(session, dispute_id=dispute_id, payment=payment)
