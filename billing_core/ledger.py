@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 
 from sqlalchemy import and_, bindparam, case, false, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -253,7 +254,9 @@ OPEN = LOT.c.closed == false()  # rendered as a literal, so both databases use t
 
 _LOT_COLUMNS = (LOT.c.id, LOT.c.lot_key, LOT.c.source, LOT.c.granted, LOT.c.remaining, LOT.c.held, LOT.c.expires_at,
                 LOT.c.subscription_id, LOT.c.period_end, LOT.c.payment_id, LOT.c.created_at, LOT.c.closed)
-_FROZEN = and_(LOT.c.source == "subscription", SUBSCRIPTION.c.status.in_(FROZEN_STATUSES))
+# literal values: an expanding IN would be re-rendered on every execution
+_FROZEN = and_(LOT.c.source == "subscription",
+               text("subscription.status IN (" + ", ".join(f"'{status}'" for status in FROZEN_STATUSES) + ")"))
 _OPEN_LOTS = (select(*_LOT_COLUMNS, case((_FROZEN, True), else_=False))
               .select_from(LOT.outerjoin(SUBSCRIPTION, and_(SUBSCRIPTION.c.id == LOT.c.subscription_id,
                                                             SUBSCRIPTION.c.user_id == LOT.c.user_id)))
@@ -265,6 +268,15 @@ _ACCOUNT_STATE = select(ACCOUNT.c.user_id, ACCOUNT.c.flagged, ACCOUNT.c.flag_rea
 _ACCOUNT_STATE_LOCKED = _ACCOUNT_STATE.with_for_update()
 _DONE_SPEND = select(CONSUMPTION.c.credits, CONSUMPTION.c.balance_after, CONSUMPTION.c.spendable_after).where(
     CONSUMPTION.c.user_id == bindparam("user_id"), CONSUMPTION.c.reference == bindparam("reference"))
+# On SQLite (BEGIN IMMEDIATE: one writer at a time) a spend locks the account and finds an earlier spend with the
+# same reference in one statement. Not on PostgreSQL: after waiting for the row lock, FOR UPDATE re-reads the
+# account row but not the joined spend, so a concurrent retry of the same spend would go unseen.
+_SPEND_STATE = (select(*_ACCOUNT_STATE.selected_columns, CONSUMPTION.c.credits.label("done_credits"),
+                       CONSUMPTION.c.balance_after.label("done_balance"),
+                       CONSUMPTION.c.spendable_after.label("done_spendable"))
+                .select_from(ACCOUNT.outerjoin(CONSUMPTION, and_(CONSUMPTION.c.user_id == ACCOUNT.c.user_id,
+                                                                 CONSUMPTION.c.reference == bindparam("reference"))))
+                .where(ACCOUNT.c.user_id == bindparam("user_id")))
 _UPDATE_LOT = (update(LOT).where(LOT.c.id == bindparam("lot_id"))
                .values(remaining=bindparam("remaining"), held=bindparam("held"), closed=bindparam("closed"),
                        closed_at=bindparam("closed_at")))
@@ -525,21 +537,33 @@ class _Book:
         self.save_totals()
 
 
-def _open_book(session: Session, user_id: str, *, now: datetime | None, create: bool = True) -> _Book | None:
-    """Lock the account (creating it when missing and `create`) and open its book."""
+def _lock_row(session: Session, user_id: str, *, create: bool, reference: str | None = None):
+    """The account's row (and, given a reference, the earlier spend with it), locked; created first when
+    missing and `create`."""
     user_id = check_user_id(user_id)
     session.flush()  # an Account changed in this session (open_disputes) must be read as changed
-    statement = _ACCOUNT_STATE_LOCKED if session.get_bind().dialect.name == "postgresql" else _ACCOUNT_STATE
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    if reference is None or postgresql:
+        statement, params = (_ACCOUNT_STATE_LOCKED if postgresql else _ACCOUNT_STATE), {"user_id": user_id}
+    else:
+        statement, params = _SPEND_STATE, {"user_id": user_id, "reference": reference}
     conn = session.connection()
-    row = conn.execute(statement, {"user_id": user_id}).first()
+    row = conn.execute(statement, params).first()
     if row is None and create:
         created = utcnow()
         _insert_ignore(session, {"user_id": user_id, "email": None, "flagged": False, "open_disputes": 0,
                                  "created_at": created, "updated_at": created})
-        row = conn.execute(statement, {"user_id": user_id}).first()
-    if row is None:
-        return None
-    return _Book(session, row, now or utcnow())
+        row = conn.execute(statement, params).first()
+    if row is not None and reference is not None and postgresql:  # read after the lock: a fresh snapshot
+        done = conn.execute(_DONE_SPEND, {"user_id": user_id, "reference": reference}).first()
+        row = SimpleNamespace(**row._mapping, done_credits=done[0] if done else None,
+                              done_balance=done[1] if done else None, done_spendable=done[2] if done else None)
+    return row
+
+
+def _open_book(session: Session, user_id: str, *, now: datetime | None) -> _Book:
+    """Lock the account (creating it when missing) and open its book."""
+    return _Book(session, _lock_row(session, user_id, create=True), now or utcnow())
 
 
 def refresh_flag(session: Session, account: Account, *, now: datetime | None = None) -> None:
@@ -890,17 +914,16 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
     if not (isinstance(reference, str) and reference.strip()):
         raise LedgerError("a reference is required so a retried spend is not applied twice")
     reference = check_text(reference, what="the reference", max_length=MAX_REFERENCE_LENGTH)
-    book = _open_book(session, user_id, now=now, create=False)
-    if book is None:
+    row = _lock_row(session, user_id, create=False, reference=reference)
+    if row is None:
         raise UnknownAccount(f"insufficient credits: {check_user_id(user_id)} has no account (balance 0)")
-    done = book.conn.execute(_DONE_SPEND, {"user_id": book.user_id, "reference": reference}).first()
-    if done is not None:
-        if done.credits != credits:
-            raise ReferenceConflict(f"reference {reference!r} was already used to spend {done.credits} credits, "
-                                    f"not {credits}")
-        book.save_totals()
-        return ConsumeResult(book.user_id, done.credits, reference, done.balance_after, done.spendable_after,
+    if row.done_credits is not None:
+        if row.done_credits != credits:
+            raise ReferenceConflict(f"reference {reference!r} was already used to spend {row.done_credits} "
+                                    f"credits, not {credits}")
+        return ConsumeResult(row.user_id, row.done_credits, reference, row.done_balance, row.done_spendable,
                              replayed=True)
+    book = _Book(session, row, now or utcnow())
     if book.flagged:
         raise AccountFlagged(f"account {book.user_id} is flagged ({book.flag_reason}); spending is paused")
     available = book.spendable()

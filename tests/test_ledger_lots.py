@@ -520,3 +520,29 @@ def test_migration_0003_backfills_lots_and_totals_and_keeps_every_balance(url_at
     assert (result.balance, result.spendable_balance) == (440, 10)  # past due: only the pack is spendable
     with db.read_session(engine) as session:
         assert check_ledger(session).mismatches == []
+
+
+def test_copies_of_one_spend_sent_at_once_spend_once_and_answer_alike(database_url):
+    with db.write_session() as s:
+        ledger.grant_pack(s, user_id="agent", credits=100, source_key="seed")
+    start = threading.Barrier(8)
+    answers, errors = [], []
+
+    def retry(n: int) -> None:
+        try:
+            start.wait(10)
+            with db.write_session() as s:
+                answers.append(ledger.consume(s, user_id="agent", credits=7, reference="job-1").as_dict())
+        except Exception as exc:  # collected and checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=retry, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(answers) == 8 and all(answer == answers[0] for answer in answers)
+    with db.read_session() as s:
+        assert ledger.balance(s, "agent") == 93
+    assert_check_ledger_clean()

@@ -126,6 +126,5 @@ def downgrade() -> None:
     op.drop_index("ix_credit_lot_subscription", table_name="credit_lot")
     op.drop_index("ix_credit_lot_open", table_name="credit_lot")
     op.drop_table("credit_lot")
-    with op.batch_alter_table("account") as batch_op:
-        batch_op.drop_column("debt")
-        batch_op.drop_column("balance")
+    for column in ("debt", "balance"):  # SQLite >= 3.35 drops a column in place (no table copy under foreign keys)
+        op.execute(f"ALTER TABLE account DROP COLUMN {column}")
