@@ -34,14 +34,13 @@ from sqlalchemy import and_, case, cast, func, literal, null, or_, select, Strin
 from sqlmodel import Session
 
 from . import ledger
-from .catalog import CATALOG, PLANS
+from .catalog import PLANS
 from .formatting import as_utc, local_time, zone
 from .models import (Account, CheckoutLink, CreditLot, Dispute, LedgerEntry, Payment, StripeEvent, Subscription,
                      utcnow)
 from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod
 from .settings import Settings
 
-MRR_STATUSES = ("active", "past_due")
 SUBSCRIBED_STATUSES = ("active", "trialing", "past_due", "unpaid")
 UNCOLLECTED_STATUSES = ("unpaid", "failed")
 CREDIT_WORTH_CENTS = 6
@@ -126,7 +125,6 @@ def _net_amount():
     return Payment.amount_cents - Payment.amount_refunded - Payment.amount_disputed_lost
 
 
-
 # --- hours and rollups ----------------------------------------------------------------------------
 
 def hour_key(moment: datetime) -> str:
@@ -198,6 +196,7 @@ def _collected_payments(session: Session, *, since: datetime, until: datetime, b
                       .group_by(*keys, Payment.kind, Payment.currency))
     return [(key, kind or "other", currency, *(int(v or 0) for v in values))
             for key, kind, currency, *values in rows]
+
 
 def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> list[RevenueTotals]:
     """Cash collected in [since, until), one total per currency, largest first."""
