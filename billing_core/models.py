@@ -22,6 +22,8 @@ def from_epoch(seconds: int | None) -> datetime | None:
 
 class Account(SQLModel, table=True):
     """A DevOps Agent user, keyed by the agent's user id."""
+    # the dashboard (migration 0007): credits outstanding and accounts by balance read this index only
+    __table_args__ = (Index("ix_account_balance", "balance"),)
     user_id: str = Field(primary_key=True, max_length=200)
     email: str | None = Field(default=None, index=True, max_length=320)
     stripe_customer_id: str | None = Field(default=None, unique=True, max_length=100)
@@ -40,6 +42,8 @@ class Account(SQLModel, table=True):
 
 class Subscription(SQLModel, table=True):
     """Stripe subscription state as last reported by the newest event we applied."""
+    # the dashboard (migration 0007): subscribers by status and tier read this index only
+    __table_args__ = (Index("ix_subscription_status_tier", "status", "tier"),)
     id: str = Field(primary_key=True, max_length=100)  # sub_...
     user_id: str = Field(foreign_key="account.user_id", index=True, max_length=200)
     tier: str = Field(default="none", max_length=40)

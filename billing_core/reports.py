@@ -741,26 +741,28 @@ def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: s
                   if totals[flow]]
     return found
 
-def _bucket_case(balance):
-    whens = []
-    for low, high, label in BALANCE_BUCKETS:
-        parts = []
-        if low is not None:
-            parts.append(balance >= low)
-        if high is not None:
-            parts.append(balance <= high)
-        whens.append((and_(*parts), label))
-    return case(*whens, else_="0")
-
-
 def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
-    """How many accounts hold how many credits, bucketed in SQL from the account totals: [{bucket, accounts}]."""
+    """How many accounts hold how many credits: [{bucket, accounts}]. One range count per bucket on the
+    balance index, then the few accounts holding lots past their expiry time that no write has closed yet
+    move to the bucket of what they really hold."""
+    counts = {label: int(session.execute(select(func.count()).select_from(Account)
+                                         .where(*_bucket_range(Account.balance, low, high))).scalar_one())
+              for low, high, label in BALANCE_BUCKETS}
     lapsed = _expired_open_lots(now or utcnow()).subquery()
-    balance = Account.balance - func.coalesce(lapsed.c.lapsed, 0)
-    bucket = _bucket_case(balance)
-    rows = dict(session.execute(select(bucket, func.count()).select_from(
-        Account.__table__.outerjoin(lapsed, lapsed.c.user_id == Account.user_id)).group_by(bucket)).all())
-    return [{"bucket": label, "accounts": int(rows.get(label, 0))} for _, _, label in BALANCE_BUCKETS]
+    for balance, gone in session.execute(select(Account.balance, lapsed.c.lapsed)
+                                         .join(lapsed, lapsed.c.user_id == Account.user_id)).all():
+        counts[_bucket_of(int(balance))] -= 1
+        counts[_bucket_of(int(balance) - int(gone or 0))] += 1
+    return [{"bucket": label, "accounts": counts[label]} for _, _, label in BALANCE_BUCKETS]
+
+
+def _bucket_range(balance, low: int | None, high: int | None) -> list:
+    return ([balance >= low] if low is not None else []) + ([balance <= high] if high is not None else [])
+
+
+def _bucket_of(balance: int) -> str:
+    return next(label for low, high, label in BALANCE_BUCKETS
+                if (low is None or balance >= low) and (high is None or balance <= high))
 
 @dataclass
 class Overview:

@@ -1,5 +1,5 @@
 """dashboard rollups kept by triggers: ledger_hourly, payment_hourly, subscription_period, mrr_hourly;
-credit_lot indexes by expiry time
+indexes for the dashboard (credit_lot by expiry time, account by balance, subscription by status and tier)
 
 Back-fills them from the existing rows: the hourly sums by GROUP BY, and the subscription spans by
 replaying the subscription grants (in the order their invoices were created) and then each
@@ -35,6 +35,8 @@ def _sqlite() -> bool:
 
 
 def upgrade() -> None:
+    op.create_index("ix_account_balance", "account", ["balance"])
+    op.create_index("ix_subscription_status_tier", "subscription", ["status", "tier"])
     op.create_index("ix_credit_lot_expiry", "credit_lot", ["expires_at", "remaining"])
     op.create_index("ix_credit_lot_open_expiry", "credit_lot", ["expires_at", "remaining"],
                     sqlite_where=sa.text("closed = 0"), postgresql_where=sa.text("closed = false"))
@@ -440,3 +442,5 @@ def downgrade() -> None:
         op.drop_table(table)
     op.drop_index("ix_credit_lot_open_expiry", table_name="credit_lot")
     op.drop_index("ix_credit_lot_expiry", table_name="credit_lot")
+    op.drop_index("ix_subscription_status_tier", table_name="subscription")
+    op.drop_index("ix_account_balance", table_name="account")
