@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Iterator
 
-from sqlalchemy import and_, case, cast, func, literal, null, or_, select, String, union_all
+from sqlalchemy import and_, case, cast, false, func, literal, null, or_, select, String, union_all
 from sqlmodel import Session
 
 from . import ledger
@@ -141,17 +141,25 @@ def _hour_ceil(moment: datetime) -> datetime:
     return floor if floor == as_utc(moment) else floor + timedelta(hours=1)
 
 
-def _split_hours(since: datetime, until: datetime) -> tuple[list[tuple[datetime, datetime]], tuple[str, str] | None]:
-    """[since, until) as the partial hours at its ends (read from the rows) and the whole hours between
-    (read from a rollup, as hour keys [first, stop))."""
+def _split_hours(since: datetime, until: datetime) -> tuple[list[tuple[datetime, datetime, int]], tuple[str, str] | None]:
+    """[since, until) as whole hours read from a rollup (hour keys [first, stop)) and partial hours read from
+    the rows, each (low, high, sign). When `until` falls in the current hour, that hour comes whole from the
+    rollup less the rows written after `until` (sign -1: at most the minutes since), so the busiest hour,
+    the one under way, is never read row by row."""
     if since >= until:
         return [], None
     first, last = _hour_ceil(since), _hour_floor(until)
     if first >= last:
-        return [(since, until)], None
-    edges = [(low, high) for low, high in ((since, first), (last, until)) if low < high]
-    return edges, (hour_key(first), hour_key(last))
-
+        return [(since, until, 1)], None
+    edges = [(since, first, 1)] if since < first else []
+    stop = last
+    if last < until:
+        if last == _hour_floor(utcnow()):
+            stop = last + timedelta(hours=1)
+            edges.append((until, stop, -1))
+        else:
+            edges.append((last, until, 1))
+    return edges, (hour_key(first), hour_key(stop))
 
 @dataclass
 class RevenueTotals:
@@ -186,16 +194,19 @@ def _collected_payments(session: Session, *, since: datetime, until: datetime, b
                       .where(PaymentHourly.collected.is_(True), PaymentHourly.hour >= whole[0],
                              PaymentHourly.hour < whole[1])
                       .group_by(*keys, PaymentHourly.kind, PaymentHourly.currency))
+    rows = [(*row, 1) for row in rows]
     hour = _hour_key(session, Payment.created_at) if by_hour else literal(None)
-    for low, high in edges:
+    for low, high, sign in edges:
         keys = (hour,) if by_hour else ()
-        rows += _rows(session, select(hour, func.coalesce(Payment.kind, "other"), Payment.currency, func.count(),
-                                      func.sum(Payment.amount_cents), func.sum(Payment.amount_refunded),
-                                      func.sum(Payment.amount_disputed_lost))
-                      .where(_collected(), Payment.created_at >= low, Payment.created_at < high)
-                      .group_by(*keys, Payment.kind, Payment.currency))
-    return [(key, kind or "other", currency, *(int(v or 0) for v in values))
-            for key, kind, currency, *values in rows]
+        rows += [(*row, sign) for row in _rows(
+            session, select(hour, func.coalesce(Payment.kind, "other"), Payment.currency, func.count(),
+                            func.sum(Payment.amount_cents), func.sum(Payment.amount_refunded),
+                            func.sum(Payment.amount_disputed_lost))
+            .where(_collected(), Payment.created_at >= low, Payment.created_at < high)
+            .group_by(*keys, Payment.kind, Payment.currency))]
+    return [(key, kind or "other", currency, *(sign * int(v or 0) for v in values))
+            for key, kind, currency, *values, sign in rows]
+
 
 
 def revenue_since(session: Session, *, since: datetime, until: datetime | None = None) -> list[RevenueTotals]:
@@ -222,20 +233,22 @@ def _lapsed(session: Session, *, after: datetime | None, until: datetime) -> int
                .scalar_one())
 
 
-def _expired_open_lots(now: datetime):
+def _expired_open_lots(session: Session, now: datetime) -> dict[str, int]:
     """Per account, what is left in lots past their expiry time that no write has closed yet: the account's
-    balance still holds it (the ledger closes them on the account's next write)."""
-    return (select(CreditLot.user_id.label("user_id"), func.sum(CreditLot.remaining).label("lapsed"))
-            .where(CreditLot.closed.is_(False), CreditLot.expires_at <= now).group_by(CreditLot.user_id))
+    balance still holds it (the ledger closes them on the account's next write). Read row by row through
+    the partial index of open lots by expiry time (a GROUP BY would make SQLite walk the open lots by user)."""
+    found: dict[str, int] = defaultdict(int)
+    for user_id, remaining in _rows(session, select(CreditLot.user_id, CreditLot.remaining)
+                                    .where(CreditLot.closed == false(), CreditLot.expires_at <= now)):
+        found[user_id] += int(remaining)
+    return found
 
 
 def credits_outstanding(session: Session, *, now: datetime | None = None) -> int:
-    """The sum of all balances as of now: the account totals, less lots that expired since their account's
-    last write (a partial index on open lots by expiry time)."""
-    now = now or utcnow()
+    """The sum of all balances as of now: the account totals (the balance index), less lots that expired
+    since their account's last write (the partial index of open lots by expiry time)."""
     total = int(session.execute(select(func.coalesce(func.sum(Account.balance), 0))).scalar_one())
-    lapsed = _expired_open_lots(now).subquery()
-    return total - int(session.execute(select(func.coalesce(func.sum(lapsed.c.lapsed), 0))).scalar_one())
+    return total - sum(_expired_open_lots(session, now or utcnow()).values())
 
 def credits_worth_cents(credits: int) -> int:
     return max(credits, 0) * CREDIT_WORTH_CENTS
@@ -501,14 +514,16 @@ def _payment_totals_from_rollup(session: Session, filters: PaymentFilter) -> lis
                                       func.sum(PaymentHourly.credits_granted))
                       .where(*conditions).group_by(PaymentHourly.currency))
     edge_filters = PaymentFilter(item=filters.item)
-    for low, high in edges:
-        rows += _payment_totals_rows(session, edge_filters, since=low, until=high)
+    for low, high, sign in edges:
+        rows += [(currency, *(sign * int(v or 0) for v in values))
+                 for currency, *values in _payment_totals_rows(session, edge_filters, since=low, until=high)]
     if filters.start is None:  # anything dated before the first rollup hour (none unless clocks disagree)
         rows += _payment_totals_rows(session, edge_filters, since=datetime.min.replace(tzinfo=timezone.utc),
                                      until=start)
     if filters.end is None:
         rows += _payment_totals_rows(session, edge_filters, since=end, until=datetime.max.replace(tzinfo=timezone.utc))
     return rows
+
 
 def payment_statuses(session: Session) -> list[str]:
     return sorted(s for (s,) in session.execute(select(Payment.status).distinct()).all())
@@ -716,14 +731,17 @@ def _ledger_sums(session: Session, *, since: datetime, until: datetime) -> dict[
         rows += _rows(session, select(LedgerHourly.kind, func.sum(LedgerHourly.credits))
                       .where(LedgerHourly.hour >= whole[0], LedgerHourly.hour < whole[1], LedgerHourly.kind.in_(kinds))
                       .group_by(LedgerHourly.kind))
-    for low, high in edges:
-        rows += _rows(session, select(LedgerEntry.kind, func.sum(LedgerEntry.credits))
-                      .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high, LedgerEntry.kind.in_(kinds))
-                      .group_by(LedgerEntry.kind))
+    rows = [(*row, 1) for row in rows]
+    for low, high, sign in edges:
+        rows += [(*row, sign) for row in _rows(
+            session, select(LedgerEntry.kind, func.sum(LedgerEntry.credits))
+            .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high, LedgerEntry.kind.in_(kinds))
+            .group_by(LedgerEntry.kind))]
     totals: dict[str, int] = defaultdict(int)
-    for kind, credits in rows:
-        totals[kind] += int(credits or 0)
+    for kind, credits, sign in rows:
+        totals[kind] += sign * int(credits or 0)
     return totals
+
 
 def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
     """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
@@ -748,11 +766,11 @@ def balance_distribution(session: Session, *, now: datetime | None = None) -> li
     counts = {label: int(session.execute(select(func.count()).select_from(Account)
                                          .where(*_bucket_range(Account.balance, low, high))).scalar_one())
               for low, high, label in BALANCE_BUCKETS}
-    lapsed = _expired_open_lots(now or utcnow()).subquery()
-    for balance, gone in session.execute(select(Account.balance, lapsed.c.lapsed)
-                                         .join(lapsed, lapsed.c.user_id == Account.user_id)).all():
+    lapsed = _expired_open_lots(session, now or utcnow())
+    for user_id, balance in (_rows(session, select(Account.user_id, Account.balance)
+                                   .where(Account.user_id.in_(list(lapsed)))) if lapsed else []):
         counts[_bucket_of(int(balance))] -= 1
-        counts[_bucket_of(int(balance) - int(gone or 0))] += 1
+        counts[_bucket_of(int(balance) - lapsed[user_id])] += 1
     return [{"bucket": label, "accounts": counts[label]} for _, _, label in BALANCE_BUCKETS]
 
 

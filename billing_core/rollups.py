@@ -31,6 +31,7 @@ FAR_FUTURE = "9999-12-31 00:00:00.000000"
 
 class LedgerHourly(SQLModel, table=True):
     __tablename__ = "ledger_hourly"
+    __table_args__ = ({"sqlite_with_rowid": False},)  # rows clustered by hour: range sums read no other page
     hour: str = Field(primary_key=True, max_length=13)
     kind: str = Field(primary_key=True, max_length=30)
     shard: int = Field(default=0, primary_key=True, sa_column_kwargs={"autoincrement": False})
@@ -40,6 +41,7 @@ class LedgerHourly(SQLModel, table=True):
 
 class PaymentHourly(SQLModel, table=True):
     __tablename__ = "payment_hourly"
+    __table_args__ = ({"sqlite_with_rowid": False},)
     hour: str = Field(primary_key=True, max_length=13)
     kind: str = Field(primary_key=True, max_length=10)  # plan, pack, other
     currency: str = Field(primary_key=True, max_length=3)
@@ -76,6 +78,7 @@ class SubscriptionPeriod(SQLModel, table=True):
 
 class MrrHourly(SQLModel, table=True):
     __tablename__ = "mrr_hourly"
+    __table_args__ = ({"sqlite_with_rowid": False},)
     hour: str = Field(primary_key=True, max_length=13)
     currency: str = Field(primary_key=True, max_length=3)
     state: str = Field(primary_key=True, max_length=20)

@@ -270,3 +270,25 @@ def test_payment_totals_from_the_rollup_equal_the_rows(engine, window, item):
     assert from_rollup == from_rows
     assert {c: (int(n), int(a)) for c, n, a, *_ in direct} == {t.currency: (t.count, t.amount_cents)
                                                                  for t in from_rollup}
+
+
+def test_the_hour_under_way_comes_from_the_rollup_less_what_came_after(engine, monkeypatch):
+    """A range ending inside the current hour reads that hour from the rollup and subtracts the rows written
+    after its end: the same totals as the rows themselves."""
+    now = at(5, 20, 10) + timedelta(minutes=40)
+    monkeypatch.setattr(reports, "utcnow", lambda: now)
+    with db.write_session(engine) as session:
+        ledger.lock_account(session, user_id="z")
+        for minutes in (5, 25, 35, 39):  # two before the range's end (10:30), two after
+            created = at(5, 20, 10) + timedelta(minutes=minutes)
+            pack = pay(session, user="z", kind="pack", item="pack_100", amount=1000 + minutes, created=created)
+            with ledger.recorded_at(created):
+                ledger.grant_pack(session, user_id="z", credits=100 + minutes, source_key=f"k{minutes}",
+                                  payment_id=pack.id)
+    until = at(5, 20, 10) + timedelta(minutes=30)
+    assert reports._split_hours(at(5, 20, 8), until)[0] == [(until, at(5, 20, 11), -1)]
+    with db.read_session(engine) as session:
+        [cash] = reports.revenue_since(session, since=at(5, 20, 8), until=until)
+        flows = reports._ledger_sums(session, since=at(5, 20, 8), until=until)
+    assert (cash.payments, cash.gross_cents) == (2, 1005 + 1025)
+    assert flows["pack_grant"] == 105 + 125

@@ -62,6 +62,7 @@ def _create_tables() -> None:
         sa.Column("credits", sa.BigInteger(), nullable=False),
         sa.Column("entries", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("hour", "kind", "shard"),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "payment_hourly",
@@ -76,6 +77,7 @@ def _create_tables() -> None:
         sa.Column("disputed_lost_cents", sa.BigInteger(), nullable=False),
         sa.Column("credits_granted", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("hour", "kind", "currency", "collected", "shard"),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "subscription_period",
@@ -105,6 +107,7 @@ def _create_tables() -> None:
         sa.Column("change_cents", sa.BigInteger(), nullable=False),
         sa.Column("new_cents", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("hour", "currency", "state"),
+        sqlite_with_rowid=False,
     )
 
 
