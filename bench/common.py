@@ -154,13 +154,14 @@ def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path, *, ti
     raise RuntimeError(f"server at {base_url} not healthy after {timeout}s: {log_path.read_text()[-2000:]}")
 
 
-def start_server(command: list[str], *, env: dict[str, str], port: int, log_path: Path) -> Server:
+def start_server(command: list[str], *, env: dict[str, str], port: int, log_path: Path,
+                 timeout: float = 30) -> Server:
     log = open(log_path, "ab")
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     log.close()
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base_url, process, log_path)
+        wait_healthy(base_url, process, log_path, timeout=timeout)
     except Exception:
         if process.poll() is None:
             process.kill()
@@ -169,8 +170,54 @@ def start_server(command: list[str], *, env: dict[str, str], port: int, log_path
     return Server(process, base_url, log_path)
 
 
-def sidecar_command(port: int) -> list[str]:
-    return [PYTHON, "-m", "billing_core", "serve-webhooks", "--host", "127.0.0.1", "--port", str(port)]
+def sidecar_command(port: int, *, workers: int = 1) -> list[str]:
+    command = [PYTHON, "-m", "billing_core", "serve-webhooks", "--host", "127.0.0.1", "--port", str(port)]
+    return command + (["--workers", str(workers)] if workers > 1 else [])
+
+
+# --- worker processes (serve-webhooks --workers N: a uvicorn master and N spawned workers) --------
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    """The uvicorn workers of a master: its children started by multiprocessing's spawn (not its
+    resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None or fields[1] != str(master_pid):
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_workers(master_pid: int, count: int, *, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(master_pid)
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.05)
+    raise RuntimeError(f"uvicorn master {master_pid} has {len(worker_pids(master_pid))} of {count} workers")
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from . import checkout_cli, db, ledger, operators_cli, reconcile_cli, webhooks_cli  # commands kept beside their code
+from . import checkout_cli, db, ledger, operators_cli, reconcile_cli, systemd_units, webhooks_cli  # commands kept beside their code
 from .cli_common import CommandError
 from .settings import check_config, get_settings, mask_url_password
 
@@ -47,15 +47,35 @@ def cmd_check_config(args) -> int:
     if args.stripe:
         from .catalog_sync import check_prices_against_stripe
         problems += check_prices_against_stripe(settings)
+    found: list[str] = []
+    if args.database:
+        found, database_problems = _check_database(settings, args)
+        problems += database_problems
     errors = [p for p in problems if p.level == "error"]
     mode = "demo mode (no Stripe key, data/demo.db)" if settings.demo_mode else f"{settings.stripe_mode} mode"
     print(f"configuration from {settings.env_file}: {mode}")
+    for line in found:
+        print(f"  {line}")
     for problem in problems:
         print(f"  {problem}")
     if not problems:
         print("  no problems found")
     print(f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     return 1 if errors else 0
+
+
+def _check_database(settings, args):
+    from dataclasses import replace
+
+    from .connection_budget import check_database
+
+    for name, low in (("processes", 1), ("workers", 1), ("dashboards", 0)):
+        value = getattr(args, name)
+        if value is not None and not low <= value <= 10_000:
+            raise CommandError(f"--{name} must be between {low} and 10000, not {value}")
+    if args.workers:
+        settings = replace(settings, webhook_workers=args.workers)
+    return check_database(settings, processes=args.processes, dashboards=args.dashboards)
 
 
 def cmd_demo_data(args) -> int:
@@ -134,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="report every configuration problem at once")
     p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe")
+    p.add_argument("--database", action="store_true",
+                   help="also connect to the database: schema, and on PostgreSQL whether every process's pool fits "
+                        "the server's max_connections")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --database: sidecar processes using this database, on all hosts (default 1)")
+    p.add_argument("--workers", type=int, help="with --database: workers per sidecar (default WEBHOOK_WORKERS)")
+    p.add_argument("--dashboards", type=int, default=1,
+                   help="with --database: dashboard processes using this database (default 1)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo-data", help="fill the demo database (data/demo.db) with sample customers")
@@ -170,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_check_ledger)
 
-    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli):
+    for module in (checkout_cli, webhooks_cli, reconcile_cli, operators_cli, systemd_units):
         module.register(sub)
     return parser
 

@@ -136,6 +136,9 @@ def _endpoint(handler, *, settings: Settings | None):
             return await handler(request, current)
         except ApiError as exc:
             return error_response(exc.status, exc.message, exc.headers)
+        except db.PoolExhausted:  # every connection of this process busy: say so at once, not after 30 s
+            log.warning("credits API: database connections busy on %s %s", request.method, request.url.path)
+            return error_response(503, "the billing database is busy; retry shortly", {"Retry-After": "1"})
         except (OperationalError, PoolTimeout):
             log.warning("credits API: database unavailable", exc_info=True)
             return error_response(503, "the billing database is unavailable; retry later")

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import event, inspect
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, create_engine
 
-from .settings import get_settings
+from .settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -27,25 +29,63 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
+class PoolExhausted(sa_exc.TimeoutError):
+    """Every connection of this process's pool is in use and none came free within DB_POOL_TIMEOUT.
+
+    A subclass of SQLAlchemy's pool TimeoutError, so code that already handles that keeps working."""
+
+
+class FastFailQueuePool(QueuePool):
+    """A QueuePool whose timeout names the pool's limits and the settings that set them."""
+
+    def _do_get(self):
+        try:
+            return super()._do_get()
+        except PoolExhausted:
+            raise
+        except sa_exc.TimeoutError:
+            raise PoolExhausted(
+                f"all {self.size() + self._max_overflow} database connections of this process are in use "
+                f"(DB_POOL_SIZE {self.size()} + DB_MAX_OVERFLOW {self._max_overflow}) and none came free "
+                f"within {self._timeout:g} s (DB_POOL_TIMEOUT)") from None
+
+
+def pool_status(engine: Engine) -> dict | None:
+    """How much of the engine's pool is in use right now; None for a pool without a fixed size."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return None
+    limit = pool.size() + pool._max_overflow
+    return {"in_use": pool.checkedout(), "idle": pool.checkedin(), "limit": limit,
+            "size": pool.size(), "max_overflow": pool._max_overflow}
+
+
 def normalize_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
+    """PostgreSQL: a pool of DB_POOL_SIZE connections (+ DB_MAX_OVERFLOW in bursts) per process; a caller that
+    finds them all busy for DB_POOL_TIMEOUT seconds gets PoolExhausted instead of waiting SQLAlchemy's 30 s."""
+    settings = settings or get_settings()
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+        return _sqlite_engine(url, settings)
+    return create_engine(url, poolclass=FastFailQueuePool, pool_pre_ping=True, pool_size=settings.db_pool_size,
+                         max_overflow=settings.db_max_overflow, pool_timeout=settings.db_pool_timeout,
+                         pool_recycle=1800)
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, settings: Settings) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # A local file: connections are cheap and count against no server's limit, so the pool stays large.
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-                           pool_size=20, max_overflow=40)
+                           poolclass=FastFailQueuePool, pool_size=20, max_overflow=40,
+                           pool_timeout=max(settings.db_pool_timeout, 1.0))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -138,6 +178,14 @@ def read_session(engine: Engine | None = None) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         with session.begin():
             yield session
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A read-only Core connection for one or two quick statements (no ORM session); never takes SQLite's
+    write lock."""
+    with (_deferred(engine) if is_sqlite(engine) else engine).connect() as connection:
+        yield connection
 
 
 def for_update(statement, session: Session):

@@ -173,7 +173,8 @@ _FINISH_EVENT = (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"))
                  .values(status=bindparam("new_status"), error=bindparam("new_error"),
                          user_id=func.coalesce(bindparam("new_user_id"), _EVENT.c.user_id),
                          attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now")))
-_FAIL_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
+# Only an event still pending: one that another copy finished meanwhile keeps its status.
+_FINISH_PENDING_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
 
 
 def _mark_done_statement(done_user):
@@ -236,13 +237,14 @@ def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
     or (`retry_waiting_now=False`, the webhook) by the caller after answering, with `retry_waiting_after`."""
     if event_shape_problem(event):
         raise ValueError(f"not a Stripe event: {event_shape_problem(event)}")
-    if handlers.needs_prefetch(event):
-        done = _finished_copy(engine, event["id"])
+    prefetching = handlers.needs_prefetch(event)  # a Stripe lookup, made before any database lock is taken
+    if prefetching:
+        done = _finished_copy(engine, event["id"])  # a copy of a finished event asks Stripe nothing
         if done is not None:
             return done
     try:
         facts = {}
-        if handlers.needs_prefetch(event):  # a Stripe lookup, made before any database lock is taken
+        if prefetching:
             facts = handlers.prefetch(event, settings=settings, read_session=lambda: db.read_session(engine))
         with db.write_session(engine) as session:
             result = _store_and_apply(session, event, raw_payload, source=source, settings=settings, facts=facts)
@@ -267,8 +269,8 @@ def retry_waiting_after(result: IngestResult, event: dict, *, engine: Engine, se
 
 
 def _finished_copy(engine: Engine, event_id: str) -> IngestResult | None:
-    with db.read_session(engine) as session:
-        row = session.connection().execute(_SELECT_EVENT, {"event_id": event_id}).first()
+    with db.read_connection(engine) as connection:
+        row = connection.execute(_SELECT_EVENT, {"event_id": event_id}).first()
     if row is not None and row.status not in PENDING_STATUSES:
         return IngestResult(event_id, row.status, duplicate=True, error=row.error, user_id=row.user_id)
     return None
@@ -382,9 +384,6 @@ def _run_handler(session, ctx: EventContext, *, savepoint: bool = True) -> tuple
     return "processed", None, handled.user_id
 
 
-_WAIT_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
-
-
 def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, reason: str) -> IngestResult:
     """Keep an event that needs a person, with the reason, in a transaction of its own."""
     with db.write_session(engine) as session:
@@ -392,7 +391,7 @@ def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, 
         if not _insert_event(connection, _event_values(event, raw_payload, source, status="needs_attention",
                                                        attempts=1, error=reason)):
             if not _finish_event(connection, event["id"], status="needs_attention", error=reason, user_id=None,
-                                 statement=_WAIT_EVENT):
+                                 statement=_FINISH_PENDING_EVENT):
                 row = _stored_status(connection, event["id"])  # a copy finished it meanwhile
                 return IngestResult(event["id"], row.status, duplicate=True, error=row.error, user_id=row.user_id)
     return IngestResult(event["id"], "needs_attention", error=reason)
@@ -407,7 +406,7 @@ def _record_failure(engine: Engine, event_id: str, error: str, *, stored: dict |
         if stored is not None and _insert_event(connection, {**stored, "status": "failed", "error": error,
                                                               "attempts": 1, "processed_at": utcnow()}):
             return
-        _finish_event(connection, event_id, status="failed", error=error, user_id=None, statement=_FAIL_EVENT)
+        _finish_event(connection, event_id, status="failed", error=error, user_id=None, statement=_FINISH_PENDING_EVENT)
 
 
 def safe_error_text(exc: Exception, settings: Settings) -> str:
@@ -466,8 +465,8 @@ _ANY_WAITING = select(_EVENT.c.id).where(_EVENT.c.status == "needs_attention",
 
 def _any_waiting(engine: Engine) -> bool:
     """One indexed look: most events find nobody waiting, and then nothing more is read."""
-    with db.read_session(engine) as session:
-        return session.connection().execute(_ANY_WAITING, {"since": utcnow() - WAITING_RETRY_WINDOW}).first() is not None
+    with db.read_connection(engine) as connection:
+        return connection.execute(_ANY_WAITING, {"since": utcnow() - WAITING_RETRY_WINDOW}).first() is not None
 
 
 def retry_waiting(*, engine: Engine, settings: Settings, related_to: set[str], exclude: str | None = None,

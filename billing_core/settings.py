@@ -35,6 +35,7 @@ KNOWN_NAMES = (
     "DATABASE_URL", "STRIPE_API_BASE", "BILLING_API_TOKEN", "WEBHOOK_HOST", "WEBHOOK_PORT",
     "SUBSCRIPTION_CREDITS_ROLLOVER", "CHECKOUT_LINK_EXPIRY_HOURS", "SUPPORT_ADJUSTMENT_LIMIT",
     "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
+    *("WEBHOOK_WORKERS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT"),  # deployment: workers, connections
 )
 SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -73,6 +74,11 @@ class Settings:
     operator_timezone: str = "UTC"
     admin_emails: tuple[str, ...] = ()
     support_emails: tuple[str, ...] = ()
+    # deployment: each worker process keeps its own pool of up to db_pool_size + db_max_overflow connections
+    webhook_workers: int = 1
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_pool_timeout: float = 3.0  # seconds to wait for a free connection before answering "busy"
     env_file: str = ""
     parse_problems: tuple[Problem, ...] = ()
 
@@ -86,6 +92,10 @@ class Settings:
         if self.database_url_setting:
             return resolve_sqlite_path(self.database_url_setting)
         return resolve_sqlite_path(DEMO_DATABASE_URL if self.demo_mode else DEFAULT_DATABASE_URL)
+
+    @property
+    def connections_per_process(self) -> int:
+        return self.db_pool_size + self.db_max_overflow
 
     @property
     def stripe_configured(self) -> bool:
@@ -201,6 +211,20 @@ def _parse_int(raw: dict, name: str, default: int, problems: list, *, low: int, 
     return value
 
 
+def _parse_seconds(raw: dict, name: str, default: float, problems: list, *, low: float, high: float) -> float:
+    if not raw.get(name):
+        return default
+    try:
+        value = float(raw[name])
+    except ValueError:
+        problems.append(Problem("error", name, f"must be a number of seconds, not {shown(raw[name])!r}"))
+        return default
+    if not low <= value <= high:
+        problems.append(Problem("error", name, f"must be between {low:g} and {high:g} seconds, not {value:g}"))
+        return default
+    return value
+
+
 def _emails(raw: dict, name: str) -> tuple[str, ...]:
     return tuple(e.strip().lower() for e in raw.get(name, "").split(",") if e.strip())
 
@@ -225,6 +249,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         operator_timezone=raw.get("OPERATOR_TIMEZONE") or "UTC",
         admin_emails=_emails(raw, "ADMIN_EMAILS"),
         support_emails=_emails(raw, "SUPPORT_EMAILS"),
+        webhook_workers=_parse_int(raw, "WEBHOOK_WORKERS", 1, problems, low=1, high=64),
+        db_pool_size=_parse_int(raw, "DB_POOL_SIZE", 5, problems, low=1, high=1000),
+        db_max_overflow=_parse_int(raw, "DB_MAX_OVERFLOW", 5, problems, low=0, high=1000),
+        db_pool_timeout=_parse_seconds(raw, "DB_POOL_TIMEOUT", 3.0, problems, low=0.05, high=60),
         env_file=str(path),
         parse_problems=tuple(problems),
     )
@@ -291,6 +319,9 @@ def check_config(settings: Settings) -> list[Problem]:
     if db and not (db.startswith("sqlite:///") or db.startswith("postgresql")):
         problems.append(Problem("error", "DATABASE_URL",
                                 "must start with sqlite:/// or postgresql:// (postgresql+psycopg://)"))
+    if settings.webhook_workers > 1 and settings.database_url.startswith("sqlite"):
+        problems.append(Problem("error", "WEBHOOK_WORKERS", f"{settings.webhook_workers} workers need PostgreSQL; "
+                                "SQLite admits one writer at a time, so run one worker (WEBHOOK_WORKERS=1)"))
     try:
         from zoneinfo import ZoneInfo
         ZoneInfo(settings.operator_timezone)

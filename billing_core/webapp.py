@@ -1,7 +1,8 @@
 """The webhook sidecar: a Starlette app served by uvicorn (`python -m billing_core serve-webhooks`).
 
     POST /api/stripe/webhook   verified Stripe events (400 bad delivery, 413 too large, 500 retry later)
-    GET  /healthz              {"database": "ok", "last_event_at": ...}; 503 when the database is unreachable
+    GET  /healthz              {"database": "ok", "last_event_at": ..., "events": {"failed": n, "needs_attention": n},
+                               "pool": {...}}; 503 when the database is unreachable or every pooled connection is busy
     GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
     GET  /checkout/cancel      says nothing was charged
     + the credits API routes (billing_core.credits_api) when that module is present
@@ -13,6 +14,7 @@ from __future__ import annotations
 import html
 import logging
 
+from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +25,7 @@ from starlette.routing import Route
 
 from . import credits_api, db, events, ledger
 from .catalog import CATALOG
+from .models import StripeEvent
 from .settings import Settings, get_settings
 
 log = logging.getLogger("billing_core.webapp")
@@ -65,6 +68,9 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
         try:
             result = await run_in_threadpool(events.ingest, event, raw_payload=body.decode("utf-8"),
                                              settings=settings, engine=engine, retry_waiting_now=False)
+        except db.PoolExhausted as exc:  # answered within DB_POOL_TIMEOUT, before Stripe's own timeout
+            log.error("webhook %s not stored, database connections busy: %s", event.get("id"), exc)
+            return _plain(500, "event could not be stored; retry later")
         except Exception as exc:  # the database itself is unreachable: Stripe retries later
             log.error("webhook %s not stored: %s", event.get("id"), events.safe_error_text(exc, settings))
             return _plain(500, "event could not be stored; retry later")
@@ -88,14 +94,33 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
     return webhook
 
 
+WATCHED_STATUSES = ("failed", "needs_attention")
+
+
+def watched_event_counts(engine) -> dict[str, int]:
+    """Stored events a person should look at; rare, and counted over the (status, received_at) index."""
+    with db.read_session(engine) as session:
+        found = dict(session.execute(select(StripeEvent.status, func.count())
+                                     .where(StripeEvent.status.in_(WATCHED_STATUSES))
+                                     .group_by(StripeEvent.status)).all())
+    return {status: found.get(status, 0) for status in WATCHED_STATUSES}
+
+
 def make_healthz(settings: Settings, engine: Engine):
+    """`pool` is this worker's connection pool (in use, idle, limit): one worker's view, not the server's."""
     def check() -> dict:
         last = events.last_event_at(engine)
-        return {"database": "ok", "last_event_at": last.isoformat() if last else None}
+        return {"database": "ok", "last_event_at": last.isoformat() if last else None,
+                "events": watched_event_counts(engine), "pool": db.pool_status(engine)}
 
     async def healthz(request: Request):
         try:
             return JSONResponse(await run_in_threadpool(check))
+        except db.PoolExhausted as exc:
+            log.error("health check: %s", exc)
+            pool = db.pool_status(engine)
+            return JSONResponse({"database": "busy", "last_event_at": None, "pool": pool}, status_code=503,
+                                headers={"Retry-After": "1"})
         except Exception as exc:
             log.error("health check failed: %s", events.safe_error_text(exc, settings))
             return JSONResponse({"database": "unreachable", "last_event_at": None}, status_code=503)

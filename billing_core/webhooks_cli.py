@@ -1,4 +1,4 @@
-"""`serve-webhooks [--host] [--port]`, `replay EVENT_ID... [--user USER]`, `replay --failed`."""
+"""`serve-webhooks [--host] [--port] [--workers N]`, `replay EVENT_ID... [--user USER]`, `replay --failed`."""
 from __future__ import annotations
 
 import getpass
@@ -10,6 +10,16 @@ from .cli_common import CommandError
 from .settings import get_settings
 
 
+def check_workers(workers: int, *, database_url: str) -> None:
+    """Several worker processes need PostgreSQL: SQLite admits one writer at a time. (A ValueError is printed
+    by the CLI as one line, like any refusal.)"""
+    if workers < 1 or workers > 64:
+        raise ValueError(f"--workers must be between 1 and 64, not {workers}")
+    if workers > 1 and database_url.startswith("sqlite"):
+        raise ValueError(f"--workers {workers} needs PostgreSQL (DATABASE_URL=postgresql://...): SQLite admits "
+                         "one writer at a time, so the sidecar runs one worker on it")
+
+
 def cmd_serve_webhooks(args) -> int:
     import uvicorn
 
@@ -18,11 +28,26 @@ def cmd_serve_webhooks(args) -> int:
     settings = get_settings()
     host = args.host or settings.webhook_host
     port = args.port or settings.webhook_port
+    workers = settings.webhook_workers if args.workers is None else args.workers
+    check_workers(workers, database_url=settings.database_url)
     app = create_app(settings)  # raises SchemaOutOfDate naming init-db, printed as one line
     if not settings.webhook_secrets:
         print("warning: STRIPE_WEBHOOK_SECRET is not set: every webhook delivery will be refused", file=sys.stderr)
+    if workers > 1:
+        serve_workers(workers, host=host, port=port)
+        return 0
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     return 0
+
+
+def serve_workers(workers: int, *, host: str, port: int) -> None:
+    """uvicorn's supervisor with `workers` processes on one socket; it restarts a worker that dies. Each worker
+    is a fresh process that builds the app from the same settings (environment and config file)."""
+    import uvicorn
+
+    db.dispose_engines()  # the schema check's connection; each worker opens its own pool
+    uvicorn.run("billing_core.webapp:create_app", factory=True, workers=workers, host=host, port=port,
+                log_level="info", access_log=False)
 
 
 def _print_result(result: events.IngestResult, as_json: bool) -> None:
@@ -66,6 +91,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve-webhooks", help="run the webhook sidecar (Stripe events, checkout pages, credits API)")
     p.add_argument("--host", help="address to listen on (default WEBHOOK_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default WEBHOOK_PORT, 5000)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the port (default WEBHOOK_WORKERS, 1); "
+                                               "more than one needs PostgreSQL")
     p.set_defaults(func=cmd_serve_webhooks)
 
     p = sub.add_parser("replay", help="reprocess stored Stripe events through the same idempotent path")

@@ -7,7 +7,8 @@
 * migration 0003 back-fills lots and totals from a database with history, leaving every balance and
   breakdown as it was, and `check-ledger` clean;
 * `check-ledger` reports every kind of mismatch and repairs nothing;
-* concurrent spends and grants on one account keep the totals exact.
+* concurrent spends, grants, refunds and webhook events (pack purchases delivered twice) on one account keep
+  the totals exact.
 """
 from __future__ import annotations
 
@@ -545,4 +546,46 @@ def test_copies_of_one_spend_sent_at_once_spend_once_and_answer_alike(database_u
     assert len(answers) == 8 and all(answer == answers[0] for answer in answers)
     with db.read_session() as s:
         assert ledger.balance(s, "agent") == 93
+    assert_check_ledger_clean()
+
+
+def test_concurrent_spends_and_pack_events_on_one_account_keep_the_totals_exact(database_url, monkeypatch):
+    """Webhook events (pack purchases, each delivered twice) and spends of one account, all at once."""
+    import random
+
+    from billing_core import events
+    from billing_core.settings import get_settings
+    from stripe_events import checkout_completed, configure_webhooks, encode
+
+    configure_webhooks(monkeypatch)
+    settings, engine = get_settings(), db.get_engine(database_url)
+    with db.write_session() as s:
+        ledger.grant_pack(s, user_id="agent", credits=1000, source_key="seed")
+    purchases = [checkout_completed(session_id=f"cs_test_busy{n}", user_id="agent", item="pack_100",
+                                    customer="cus_agent") for n in range(12)]
+    tasks = [("event", evt) for evt in purchases * 2] + [("spend", n) for n in range(40)]
+    random.Random(5).shuffle(tasks)
+    errors = []
+
+    def work(share: list) -> None:
+        try:
+            for kind, what in share:
+                if kind == "event":
+                    result = events.ingest(what, raw_payload=encode(what), engine=engine, settings=settings)
+                    assert result.status in ("processed", "duplicate"), result
+                else:
+                    with db.write_session() as s:
+                        ledger.consume(s, user_id="agent", credits=5, reference=f"job-{what}")
+        except Exception as exc:  # collected and checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(tasks[n::8],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    with db.read_session() as s:
+        assert ledger.balance(s, "agent") == 1000 + 12 * 100 - 40 * 5
+        assert s.get(Account, "agent").balance == 1000 + 12 * 100 - 40 * 5
     assert_check_ledger_clean()

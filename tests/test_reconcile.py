@@ -278,6 +278,24 @@ def test_reports_grants_without_payment_and_double_grants(stripe_account):
         ("pack granted more than once for one payment", payment_id, 2, 500)]
 
 
+def test_reports_credit_lots_that_dont_match_their_entries(stripe_account, capsys):
+    from sqlalchemy import update
+
+    from billing_core.models import CreditLot
+
+    reconcile(**wiring(), since=timedelta(days=3))
+    assert reconcile(**wiring(), since=timedelta(days=3)).ledger_mismatches == []
+    with db.write_session() as session:
+        session.execute(update(CreditLot).where(CreditLot.lot_key == "checkout:cs_test_bob1").values(remaining=1))
+    report = reconcile(**wiring(), since=timedelta(days=3))
+    # the lot, and bob's balance that no longer equals his open lots
+    assert [(row["what"], row["user_id"], row.get("lot_key")) for row in report.ledger_mismatches] == [
+        ("lot", "bob", "checkout:cs_test_bob1"), ("account", "bob", None)]
+    assert report.problems == 2
+    code, out, _err = run_cli(capsys, "--since", "3d")
+    assert code == 3 and "credit lots and account totals that don't match their entries (`check-ledger`): 2" in out
+
+
 def test_text_report(stripe_account, capsys):
     code, out, err = run_cli(capsys, "--since", "3d")
     assert code == 0 and err == ""

@@ -13,7 +13,8 @@ from ..models import CheckoutLink, Payment, Subscription, utcnow
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, checkout_email, checkout_explicit_user,
                                checkout_line_prices, id_of, metadata_item, metadata_user, moment_of, required_id)
-from .common import SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, user_for_customer
+from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
+                     user_for_customer)
 
 PAID_CHECKOUT = ("paid", "no_payment_required")
 
@@ -94,7 +95,7 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
     """
     session_id = required_id(checkout_session, "cs_", "checkout session")
     user_id = checkout_user(session, checkout_session, assigned_user_id)
-    ledger.lock_account(session, user_id=user_id, email=checkout_email(checkout_session),
+    ensure_account(session, user_id=user_id, email=checkout_email(checkout_session),
                         stripe_customer_id=id_of(checkout_session.get("customer")))
     mode = checkout_session.get("mode")
     if mode == "payment":
@@ -175,7 +176,7 @@ def on_checkout_async_failed(session: Session, ctx: EventContext) -> Handled:
     checkout_session = ctx.obj
     required_id(checkout_session, "cs_", "checkout session")
     user_id = checkout_user(session, checkout_session, ctx.assigned_user_id)
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(checkout_session.get("customer")))
+    ensure_account(session, user_id=user_id, stripe_customer_id=id_of(checkout_session.get("customer")))
     item = checkout_item(session, checkout_session, ctx.settings)
     if item is None:
         raise NeedsAttention(f"checkout session {checkout_session['id']} names no item")

@@ -4,12 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, case, exists, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from .. import ledger
 from ..catalog import CATALOG, CatalogItem, find_item_for_price
-from ..models import Account, Dispute, Payment, Subscription
+from ..models import Account, Dispute, Payment, Subscription, utcnow
 from ..settings import Settings
 from ..stripe_payloads import NeedsAttention, dig, id_of
 
@@ -106,6 +108,54 @@ def resolve_user(session: Session, ctx: EventContext, *, explicit: str | None, s
     raise NeedsAttention(f"can't tell which user {what} belongs to: no metadata.user_id"
                          + (f", and customer {customer_id} is not linked to an account" if customer_id else "")
                          + "; assign the user and reprocess")
+
+
+# --- the account ----------------------------------------------------------------------------
+# What ledger.lock_account does for a handler (create the account, fill its email, link its Stripe customer
+# when no other account has it), in one statement built once. On PostgreSQL the ON CONFLICT DO UPDATE also
+# locks the row for the transaction, as lock_account's SELECT ... FOR UPDATE does; on SQLite the transaction
+# already holds the database's write lock.
+_ACCOUNT = Account.__table__
+_CUSTOMER = bindparam("customer_id", type_=String)
+_CUSTOMER_IF_FREE = select(_CUSTOMER).where(
+    _CUSTOMER.is_not(None), ~exists().where(_ACCOUNT.c.stripe_customer_id == _CUSTOMER)).scalar_subquery()
+
+
+def _ensure_account_statement(dialect: str):
+    insert = (pg_insert if dialect == "postgresql" else sqlite_insert)(_ACCOUNT).values(
+        user_id=bindparam("user_id"), email=bindparam("email"), stripe_customer_id=_CUSTOMER_IF_FREE,
+        flagged=False, open_disputes=0, balance=0, debt=0, created_at=bindparam("now"), updated_at=bindparam("now"))
+    changes = ((_ACCOUNT.c.email.is_(None) & insert.excluded.email.is_not(None))
+               | (_ACCOUNT.c.stripe_customer_id.is_(None) & insert.excluded.stripe_customer_id.is_not(None)))
+    return insert.on_conflict_do_update(index_elements=["user_id"], set_={
+        "email": case((_ACCOUNT.c.email.is_(None), insert.excluded.email), else_=_ACCOUNT.c.email),
+        "stripe_customer_id": case((_ACCOUNT.c.stripe_customer_id.is_(None), insert.excluded.stripe_customer_id),
+                                   else_=_ACCOUNT.c.stripe_customer_id),
+        "updated_at": case((changes, insert.excluded.updated_at), else_=_ACCOUNT.c.updated_at),
+    })
+
+
+_ENSURE_ACCOUNT = {name: _ensure_account_statement(name) for name in ("sqlite", "postgresql")}
+
+
+def ensure_account(session: Session, *, user_id: str, email: str | None = None,
+                   stripe_customer_id: str | None = None) -> str:
+    """The account exists (created when new), with this email and Stripe customer filled in where it had
+    none (a customer another account has stays with that account); returns the checked user id."""
+    user_id = ledger.check_user_id(user_id)
+    connection = session.connection()
+    connection.execute(_ENSURE_ACCOUNT[connection.dialect.name], {
+        "user_id": user_id, "email": email.strip() if email and email.strip() else None,
+        "customer_id": stripe_customer_id, "now": utcnow()})
+    return user_id
+
+
+def reread_after_lock(session: Session, row) -> None:
+    """A row read before the account was locked, read again now on PostgreSQL, where another transaction
+    may have changed it meanwhile; on SQLite the transaction held the write lock from its start, so the
+    row just loaded is current and isn't read twice."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.refresh(row)
 
 
 # --- payments --------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, a
                                invoice_lines, invoice_payment_refs, invoice_subscription_id, invoice_user,
                                lenient_id, line_is_proration, line_period_end, line_price, line_price_object,
                                moment_of, required_id)
-from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, plan_for_price_object,
-                     plan_named, resolve_user)
+from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
+                     plan_for_price_object, plan_named, reread_after_lock, resolve_user)
 from .subscription import UPGRADABLE_STATUSES, upgrade_key
 
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
@@ -74,9 +74,11 @@ def _line_plan(session: Session, invoice: dict, line: dict, settings: Settings,
 
 
 def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscription_id: str, item: str | None,
-                     status: str) -> Payment:
+                     status: str) -> tuple[Payment, bool]:
+    """The invoice's payment, recorded or brought up to date; True when this call recorded it."""
     invoice_id = invoice["id"]
     payment = session.execute(select(Payment).where(Payment.invoice_id == invoice_id)).scalars().first()
+    recorded_now = payment is None
     if payment is None:
         payment = Payment(user_id=user_id, source="invoice", invoice_id=invoice_id, subscription_id=subscription_id,
                           item=item, kind="plan", currency=as_currency(invoice.get("currency"), default="usd"),
@@ -95,7 +97,7 @@ def _invoice_payment(session: Session, invoice: dict, *, user_id: str, subscript
     payment.updated_at = utcnow()
     session.add(payment)
     session.flush()
-    return payment
+    return payment, recorded_now
 
 
 def _invoice_user(session: Session, ctx: EventContext, invoice: dict, subscription_id: str) -> str:
@@ -110,7 +112,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     if not subscription_id:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
+    ensure_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
                         email=as_text(invoice.get("customer_email"), what="customer email", max_len=320))
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
@@ -123,8 +125,8 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
             raise NeedsAttention(f"invoice {invoice_id} has no line with a configured plan price (prices: {prices})")
     upgrades = [found for found in plan_lines if line_is_proration(found[0]) and as_int(found[0].get("amount")) > 0]
     item = base[1].key if base else (upgrades[0][1].key if upgrades else None)
-    payment = _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id, item=item,
-                               status="paid")
+    payment, recorded_now = _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id,
+                                             item=item, status="paid")
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
@@ -145,7 +147,8 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         payment.credits_granted = ledger.credits_paid_by(session, payment)
         session.add(payment)
         session.flush()
-        apply_earlier_reversals(session, payment)
+        if not recorded_now:  # a payment first recorded by this event has no earlier refund or dispute
+            apply_earlier_reversals(session, payment)
     return Handled(user_id=user_id)
 
 
@@ -155,7 +158,7 @@ def _subscription_after_payment(session: Session, ctx: EventContext, *, subscrip
     says otherwise. Other invoices (prorations) leave the state to the subscription events."""
     row = session.get(Subscription, subscription_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
     elif base is None:
         return None
     else:
@@ -181,13 +184,13 @@ def on_invoice_payment_failed(session: Session, ctx: EventContext) -> Handled:
     if not subscription_id:
         return Handled(ignored=True, note="invoice is not for a subscription")
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")))
+    ensure_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")))
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     _invoice_payment(session, invoice, user_id=user_id, subscription_id=subscription_id,
                      item=plan_lines[0][1].key if plan_lines else None, status="failed")
     row = session.get(Subscription, subscription_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
     if (row is not None and invoice.get("billing_reason") != "subscription_create"
             and row.status in UPGRADABLE_STATUSES and ctx.created >= row.state_at):
         row.status, row.state_at, row.updated_at = "past_due", ctx.created, utcnow()

@@ -17,7 +17,7 @@ from .. import ledger
 from ..models import Dispute, Payment, utcnow
 from ..settings import Settings
 from ..stripe_payloads import NeedsAttention, as_amount, charge_refs, dig, id_of, lenient_id, moment_of
-from .common import EventContext, Handled
+from .common import EventContext, Handled, reread_after_lock
 
 LOST_DISPUTE = "lost"
 DISPUTED = "disputed"  # a payment's status from its dispute's opening; stays after a lost one
@@ -89,7 +89,7 @@ def _locked_payment(session: Session, *, charge_id: str | None, payment_intent_i
         raise NeedsAttention(f"no recorded payment matches {what} (charge {charge_id}, payment intent "
                              f"{payment_intent_id}{invoice}); it is retried when that payment is recorded")
     ledger.lock_account(session, user_id=payment.user_id)
-    session.refresh(payment)
+    reread_after_lock(session, payment)
     changed = False
     if charge_id and not payment.charge_id:
         payment.charge_id, changed = charge_id, True
@@ -179,7 +179,7 @@ def on_dispute_closed(session: Session, ctx: EventContext) -> Handled:
     account = ledger.lock_account(session, user_id=payment.user_id)
     row = session.get(Dispute, dispute_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
         if row.status != "open":
             return Handled(user_id=payment.user_id, note=f"dispute already closed ({row.status})")
     lost = dispute.get("status") == LOST_DISPUTE

@@ -9,7 +9,8 @@ from ..models import Subscription, utcnow
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_text, id_of, metadata_user, previous_period_end,
                                previous_subscription_price, required_id, subscription_period_end, subscription_price)
-from .common import EventContext, Handled, plan_for_price_object, resolve_user
+from .common import (EventContext, Handled, ensure_account, plan_for_price_object, reread_after_lock,
+                     resolve_user)
 
 # On equal snapshot times, the status that is further along wins (a cancellation beats everything).
 STATUS_RANK = {"incomplete": 0, "incomplete_expired": 1, "trialing": 2, "active": 3, "paused": 4,
@@ -40,7 +41,7 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
     customer_id = id_of(sub.get("customer"))
     user_id = resolve_user(session, ctx, explicit=metadata_user(sub), subscription_id=subscription_id,
                            customer_id=customer_id, what=f"subscription {subscription_id}")
-    ledger.lock_account(session, user_id=user_id, stripe_customer_id=customer_id)
+    ensure_account(session, user_id=user_id, stripe_customer_id=customer_id)
     price_id, plan, period_end = _subscription_facts(sub, ctx.settings)
     if plan is None and not deleted:
         raise NeedsAttention(f"subscription {subscription_id} has price {price_id!r}, which is not a configured "
@@ -49,7 +50,7 @@ def on_subscription_changed(session: Session, ctx: EventContext) -> Handled:
                                          or "incomplete")
     row = session.get(Subscription, subscription_id)
     if row is not None:
-        session.refresh(row)
+        reread_after_lock(session, row)
     previous_tier = row.tier if row is not None else None
     previous_end = row.current_period_end if row is not None else None
     applied = row is None or deleted or _newer(row, created=ctx.created, status=status)
