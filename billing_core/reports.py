@@ -682,35 +682,50 @@ def _month_ends(*, since: datetime, until: datetime, tz_name: str) -> list[tuple
 def mrr_series(session: Session, *, since: datetime, until: datetime, tz_name: str) -> list[dict]:
     """MRR at each local month's end (the current month: at `until`), with the new and churned MRR of the
     month, per currency and state: [{period, currency, state, mrr_cents, new_cents, churned_cents}].
-    The last point at `until` equals mrr_at(until), Home's MRR. A few range queries per month."""
+    The last point at `until` equals mrr_at(until), Home's MRR. Three queries: the MRR before the first
+    month, the changes grouped by month, the churned spans grouped by month."""
     months = _month_ends(since=since, until=until, tz_name=tz_name)
     if not months:
         return []
     running = {key: change for key, (change, _) in _mrr_sums(session, since_hour=None,
                                                               stop_hour=hour_key(months[0][1])).items()}
+    month = _month_of(MrrHourly.hour, months, key=hour_key)
+    changes: dict[str, dict] = defaultdict(dict)
+    for period, currency, state, change, new in _rows(
+            session, select(month, MrrHourly.currency, MrrHourly.state, func.sum(MrrHourly.change_cents),
+                            func.sum(MrrHourly.new_cents))
+            .where(MrrHourly.hour >= hour_key(months[0][1]), MrrHourly.hour <= hour_key(until))
+            .group_by(month, MrrHourly.currency, MrrHourly.state)):
+        changes[period][(currency, state)] = (int(change or 0), int(new or 0))
+    churned = _churned(session, months=months, until=until)
     found = []
-    for period, low, high in months:
-        is_last = high == until
-        month = _mrr_sums(session, since_hour=hour_key(low), stop_hour=hour_key(high), inclusive=is_last)
-        lost = _churned(session, since=low, until=high)
-        for key, (change, _) in month.items():
+    for period, _, _ in months:
+        for key, (change, _) in changes[period].items():
             running[key] = running.get(key, 0) + change
+        lost = churned.get(period, {})
         for currency, state in sorted(set(running) | set(lost)):
-            values = (running.get((currency, state), 0), month.get((currency, state), (0, 0))[1],
+            values = (running.get((currency, state), 0), changes[period].get((currency, state), (0, 0))[1],
                       lost.get((currency, state), 0))
             if any(values):
                 found.append({"period": period, "currency": currency, "state": state, "mrr_cents": values[0],
                               "new_cents": values[1], "churned_cents": values[2]})
     return found
 
-def _churned(session: Session, *, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
-    """MRR of spans that ended in [since, until) with no span after them: {(currency, state): cents}."""
-    rows = _rows(session, select(SubscriptionPeriod.currency, SubscriptionPeriod.state,
-                                 func.sum(SubscriptionPeriod.amount_cents))
-                 .where(SubscriptionPeriod.has_successor.is_(False), SubscriptionPeriod.ends_at >= since,
-                        SubscriptionPeriod.ends_at < until, SubscriptionPeriod.ends_at > SubscriptionPeriod.starts_at)
-                 .group_by(SubscriptionPeriod.currency, SubscriptionPeriod.state))
-    return {(currency, state): int(cents) for currency, state, cents in rows}
+
+def _churned(session: Session, *, months: list[tuple[str, datetime, datetime]],
+             until: datetime) -> dict[str, dict[tuple[str, str], int]]:
+    """MRR of spans that ended in the months (before `until`) with no span after them:
+    {period: {(currency, state): cents}}."""
+    month = _month_of(SubscriptionPeriod.ends_at, months)
+    found: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
+    for period, currency, state, cents in _rows(
+            session, select(month, SubscriptionPeriod.currency, SubscriptionPeriod.state,
+                            func.sum(SubscriptionPeriod.amount_cents))
+            .where(SubscriptionPeriod.has_successor == false(), SubscriptionPeriod.ends_at >= months[0][1],
+                   SubscriptionPeriod.ends_at < until, SubscriptionPeriod.ends_at > SubscriptionPeriod.starts_at)
+            .group_by(month, SubscriptionPeriod.currency, SubscriptionPeriod.state)):
+        found[period][(currency, state)] = int(cents)
+    return found
 
 CREDIT_FLOW_KINDS = {
     "granted": ledger.GRANT_KINDS,
@@ -743,21 +758,51 @@ def _ledger_sums(session: Session, *, since: datetime, until: datetime) -> dict[
     return totals
 
 
+def _month_of(column, months: list[tuple[str, datetime, datetime]], *, key=lambda moment: moment,
+              inclusive: bool = False):
+    """SQL mapping a time (or an hour key) to the label of the month it falls in; months in order, the last
+    one taking whatever comes after the others (the query's range bounds it)."""
+    if len(months) == 1:
+        return literal(months[0][0])
+    return case(*[((column <= key(high)) if inclusive else (column < key(high)), period)
+                  for period, _, high in months[:-1]], else_=months[-1][0])
+
+
 def credit_flows(session: Session, *, since: datetime, now: datetime, tz_name: str) -> list[dict]:
     """Credits granted, spent, expired and clawed back per local month: [{period, flow, credits}].
 
-    From the hourly ledger rollup, one range query per month. Expired counts both explicit expiries
-    (cancellation, next period's grant) and what was left in lots whose expiry time passed, dated by that
-    time."""
-    found = []
-    for period, low, high in _month_ends(since=since, until=now, tz_name=tz_name):
-        totals: dict[str, int] = defaultdict(int)
-        for kind, credits in _ledger_sums(session, since=low, until=high).items():
-            totals[FLOW_OF_KIND[kind]] += abs(credits)
-        totals["expired"] += max(0, _lapsed(session, after=low, until=high))
-        found += [{"period": period, "flow": flow, "credits": totals[flow]} for flow in CREDIT_FLOW_KINDS
-                  if totals[flow]]
-    return found
+    One pass over the hourly ledger rollup (and the partial hours at the ends), grouped by month in SQL.
+    Expired counts both explicit expiries (cancellation, next period's grant) and what was left in lots
+    whose expiry time passed, dated by that time (one pass over the lots' expiry index)."""
+    months = _month_ends(since=since, until=now, tz_name=tz_name)
+    if not months:
+        return []
+    kinds = list(FLOW_OF_KIND)
+    edges, whole = _split_hours(months[0][1], now)
+    by_month: dict[tuple[str, str], int] = defaultdict(int)
+    if whole is not None:
+        month = _month_of(LedgerHourly.hour, months, key=hour_key)
+        for period, kind, credits in _rows(session, select(month, LedgerHourly.kind, func.sum(LedgerHourly.credits))
+                                           .where(LedgerHourly.hour >= whole[0], LedgerHourly.hour < whole[1],
+                                                  LedgerHourly.kind.in_(kinds)).group_by(month, LedgerHourly.kind)):
+            by_month[(period, kind)] += int(credits or 0)
+    for low, high, sign in edges:
+        period = next(label for label, start, end in months if start <= low < end) if low < now else months[-1][0]
+        for kind, credits in _rows(session, select(LedgerEntry.kind, func.sum(LedgerEntry.credits))
+                                   .where(LedgerEntry.created_at >= low, LedgerEntry.created_at < high,
+                                          LedgerEntry.kind.in_(kinds)).group_by(LedgerEntry.kind)):
+            by_month[(period, kind)] += sign * int(credits or 0)
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for (period, kind), credits in by_month.items():
+        totals[(period, FLOW_OF_KIND[kind])] += abs(credits)
+    month = _month_of(CreditLot.expires_at, months, inclusive=True)
+    for period, lapsed in _rows(session, select(month, func.sum(CreditLot.remaining))
+                                .where(CreditLot.expires_at > months[0][1], CreditLot.expires_at <= now)
+                                .group_by(month)):
+        totals[(period, "expired")] += max(0, int(lapsed or 0))
+    return [{"period": period, "flow": flow, "credits": totals[(period, flow)]}
+            for period, _, _ in months for flow in CREDIT_FLOW_KINDS if totals[(period, flow)]]
+
 
 def balance_distribution(session: Session, *, now: datetime | None = None) -> list[dict]:
     """How many accounts hold how many credits: [{bucket, accounts}]. One range count per bucket on the

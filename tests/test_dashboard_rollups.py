@@ -292,3 +292,25 @@ def test_the_hour_under_way_comes_from_the_rollup_less_what_came_after(engine, m
         flows = reports._ledger_sums(session, since=at(5, 20, 8), until=until)
     assert (cash.payments, cash.gross_cents) == (2, 1005 + 1025)
     assert flows["pack_grant"] == 105 + 125
+
+
+def test_credit_flows_equal_the_entries_by_local_month(engine):
+    write_history(engine)
+    from billing_core.formatting import local_time
+    from billing_core.models import CreditLot
+
+    now = at(6, 10, 12)
+    with db.read_session(engine) as session:
+        flows = reports.credit_flows(session, since=at(2, 15), now=now, tz_name="Europe/Berlin")
+        by_kind = defaultdict(int)
+        for created, kind, credits in session.execute(select(LedgerEntry.created_at, LedgerEntry.kind,
+                                                             LedgerEntry.credits)).all():
+            if kind in reports.FLOW_OF_KIND and at(2, 15) <= created.replace(tzinfo=UTC) < now:
+                by_kind[(local_time(created, "Europe/Berlin").strftime("%Y-%m"), kind)] += credits
+        expected = defaultdict(int)
+        for (period, kind), credits in by_kind.items():
+            expected[(period, reports.FLOW_OF_KIND[kind])] += abs(credits)
+        for expires, remaining in session.execute(select(CreditLot.expires_at, CreditLot.remaining)).all():
+            if expires is not None and at(2, 15) < expires.replace(tzinfo=UTC) <= now:
+                expected[(local_time(expires, "Europe/Berlin").strftime("%Y-%m"), "expired")] += remaining
+    assert {(f["period"], f["flow"]): f["credits"] for f in flows} == {k: v for k, v in expected.items() if v}
