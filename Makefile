@@ -33,7 +33,7 @@ demo-data: $(APP_STAMP)
 run: migrate demo-data
 	@$(PY) -m billing_core serve-webhooks & SIDECAR=$$!; \
 	  trap 'kill $$SIDECAR 2>/dev/null' EXIT INT TERM; \
-	  $(PY) -m streamlit run Home.py
+	  $(PY) -m streamlit run Home.py --server.address "$$($(PY) -c 'from billing_core.settings import get_settings; print(get_settings().dashboard_address)')"
 
 test: $(DEV_STAMP)
 	@PG=$$($(PY) tests/pg_url.py); \
@@ -50,3 +50,4 @@ bench: $(DEV_STAMP)
 	$(PY) bench/webhooks.py --database $(BENCH_DB)
 	$(PY) bench/consume.py --database $(BENCH_DB)
 	$(PY) bench/dashboard.py
+	$(PY) bench/return_page_flood.py --database $(BENCH_DB)

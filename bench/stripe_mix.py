@@ -385,6 +385,9 @@ def ledger_mismatches(engine, workload: Workload) -> list[str]:
         unfinished = {s: n for s, n in statuses.items() if s not in ("processed", "ignored")}
         if unfinished:
             problems.append(f"events not applied: {unfinished}")
+            errors = session.execute(select(StripeEvent.type, StripeEvent.error).where(
+                StripeEvent.id.in_(ids), StripeEvent.status.not_in(("processed", "ignored"))).limit(5)).all()
+            problems += [f"{event_type}: {error}" for event_type, error in errors]
         users = list(workload.customers)
         grants = session.execute(select(func.count()).select_from(LedgerEntry).where(
             LedgerEntry.user_id.in_(users), LedgerEntry.kind.in_(("subscription_grant", "pack_grant")))).scalar_one()

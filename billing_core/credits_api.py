@@ -3,8 +3,11 @@
     GET  /api/accounts/{user_id}           the account summary (the names of `balance --json`)
     POST /api/accounts/{user_id}/consume   {"credits": N, "reference": "..."}
 
-Every request needs `Authorization: Bearer <BILLING_API_TOKEN>` (compared in constant time); with no
-token configured the API answers 503 and stays closed. Errors are JSON `{"error": "..."}`.
+Every request needs `Authorization: Bearer <token>`: BILLING_API_TOKEN (named "default") or one of the named
+tokens of BILLING_API_TOKENS=name:token,... (compared in constant time). Tokens are reread from the
+configuration file within TOKEN_RECHECK_SECONDS of a change, without a restart; each spend records the
+name of the token that made it. With no token configured the API answers 503 and stays closed. Errors are
+JSON `{"error": "..."}`.
 The ledger does the real work inside one write transaction that locks the account, so parallel
 spends on one account queue up and can neither overspend nor lose a spend. Database work runs in
 the thread pool so a waiting writer never blocks the event loop.
@@ -14,6 +17,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import threading
+import time
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -23,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import db, ledger
-from .settings import Settings, get_settings
+from .settings import Settings, get_settings, load_settings
 
 log = logging.getLogger("billing_core.credits_api")
 
@@ -46,17 +52,60 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 # --- request checks -----------------------------------------------------------------------
 
-def check_authorization(request: Request, *, settings: Settings) -> None:
-    expected = settings.billing_api_token
-    if not expected:
-        raise ApiError(503, "the credits API is closed: BILLING_API_TOKEN is not configured")
+TOKEN_RECHECK_SECONDS = 5.0  # a changed configuration file is seen within this (the promise is 10 s)
+_clock = time.monotonic  # tests replace it
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+class TokenSource:
+    """The API tokens of a running server: parsed from its settings at start, and parsed again from the
+    configuration file (config/.env or BILLING_ENV_FILE) when its modification time or size changed, checked
+    at most every TOKEN_RECHECK_SECONDS. Environment variables override the file, as at start-up."""
+
+    def __init__(self, settings: Settings):
+        self._path = settings.env_file
+        self._tokens = settings.api_tokens
+        self._stamp = _file_stamp(self._path) if self._path else None
+        self._checked_at = _clock()
+        self._lock = threading.Lock()
+
+    def current(self) -> dict[str, str]:
+        if not self._path or _clock() - self._checked_at < TOKEN_RECHECK_SECONDS:
+            return self._tokens
+        with self._lock:
+            self._checked_at = _clock()
+            stamp = _file_stamp(self._path)
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._tokens = load_settings({**os.environ, "BILLING_ENV_FILE": self._path}).api_tokens
+                log.info("credits API: configuration changed; %d token(s) now accepted: %s", len(self._tokens),
+                         ", ".join(self._tokens) or "none")
+        return self._tokens
+
+
+def check_authorization(request: Request, *, tokens: dict[str, str]) -> str:
+    """The name of the token presented, or an ApiError (401 wrong or missing, 503 none configured)."""
+    if not tokens:
+        raise ApiError(503, "the credits API is closed: BILLING_API_TOKEN is not configured (nor BILLING_API_TOKENS)")
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     presented = presented.strip()
     if scheme.lower() != "bearer" or not presented:
         raise ApiError(401, "missing bearer token: send Authorization: Bearer <BILLING_API_TOKEN>",
                        {"WWW-Authenticate": AUTH_CHALLENGE})
-    if not hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8")):
+    matched = None
+    for name, expected in tokens.items():  # every token compared, so the time taken doesn't tell which matched
+        if hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8")):
+            matched = name
+    if matched is None:
         raise ApiError(401, "invalid bearer token", {"WWW-Authenticate": AUTH_CHALLENGE + ', error="invalid_token"'})
+    return matched
 
 
 def check_path_user_id(raw: str) -> str:
@@ -112,10 +161,12 @@ def read_account(user_id: str, *, settings: Settings) -> dict | None:
     return summary.as_dict() if summary.exists else None
 
 
-def spend(user_id: str, *, credits: int, reference: str, settings: Settings) -> ledger.ConsumeResult:
+def spend(user_id: str, *, credits: int, reference: str, settings: Settings,
+          token_name: str | None = None) -> ledger.ConsumeResult:
     try:
         with db.write_session(_engine(settings)) as session:
-            return ledger.consume(session, user_id=user_id, credits=credits, reference=reference)
+            return ledger.consume(session, user_id=user_id, credits=credits, reference=reference,
+                                  token_name=token_name)
     except ledger.UnknownAccount:
         raise ApiError(404, f"no account for user {user_id!r}") from None
     except (ledger.AccountFlagged, ledger.InsufficientCredits) as exc:
@@ -128,12 +179,12 @@ def spend(user_id: str, *, credits: int, reference: str, settings: Settings) -> 
 
 # --- endpoints ----------------------------------------------------------------------------
 
-def _endpoint(handler, *, settings: Settings | None):
+def _endpoint(handler, *, settings: Settings | None, tokens: TokenSource | None):
     async def endpoint(request: Request):
         current = settings or get_settings()
         try:
-            check_authorization(request, settings=current)
-            return await handler(request, current)
+            token_name = check_authorization(request, tokens=tokens.current() if tokens else current.api_tokens)
+            return await handler(request, current, token_name)
         except ApiError as exc:
             return error_response(exc.status, exc.message, exc.headers)
         except db.PoolExhausted:  # every connection of this process busy: say so at once, not after 30 s
@@ -148,7 +199,7 @@ def _endpoint(handler, *, settings: Settings | None):
     return endpoint
 
 
-async def get_account(request: Request, settings: Settings) -> JSONResponse:
+async def get_account(request: Request, settings: Settings, token_name: str) -> JSONResponse:
     user_id = check_path_user_id(request.path_params["user_id"])
     account = await run_in_threadpool(read_account, user_id, settings=settings)
     if account is None:
@@ -156,12 +207,14 @@ async def get_account(request: Request, settings: Settings) -> JSONResponse:
     return JSONResponse(account)
 
 
-async def consume(request: Request, settings: Settings) -> JSONResponse:
+async def consume(request: Request, settings: Settings, token_name: str) -> JSONResponse:
     user_id = check_path_user_id(request.path_params["user_id"])
     credits, reference = parse_consume_body(await _read_limited(request))
-    result = await run_in_threadpool(spend, user_id, credits=credits, reference=reference, settings=settings)
+    result = await run_in_threadpool(spend, user_id, credits=credits, reference=reference, settings=settings,
+                                     token_name=token_name)
     if not result.replayed:
-        log.info("credits API: %s spent %d credits (reference %r)", result.user_id, result.credits, reference)
+        log.info("credits API: %s spent %d credits (reference %r, token %s)", result.user_id, result.credits,
+                 reference, token_name)
     return JSONResponse(result.as_dict(), headers={"Idempotent-Replayed": "true" if result.replayed else "false"})
 
 
@@ -178,12 +231,16 @@ async def _read_limited(request: Request) -> bytes:
 
 
 def routes(settings: Settings | None = None) -> list[Route]:
-    """The API's routes; `settings` defaults to get_settings() read on each request.
+    """The API's routes; `settings` defaults to get_settings() read on each request. With `settings` given
+    (the sidecar), the tokens are reread from its configuration file when it changes (TokenSource).
 
     User ids may contain '/', sent percent-encoded, hence the `path` converters; the consume route
     comes first so `.../consume` is never read as part of a user id on POST.
     """
+    tokens = TokenSource(settings) if settings is not None else None
     return [
-        Route("/api/accounts/{user_id:path}/consume", _endpoint(consume, settings=settings), methods=["POST"]),
-        Route("/api/accounts/{user_id:path}", _endpoint(get_account, settings=settings), methods=["GET"]),
+        Route("/api/accounts/{user_id:path}/consume", _endpoint(consume, settings=settings, tokens=tokens),
+              methods=["POST"]),
+        Route("/api/accounts/{user_id:path}", _endpoint(get_account, settings=settings, tokens=tokens),
+              methods=["GET"]),
     ]

@@ -1,6 +1,7 @@
 """Money from integer minor units and times in the operator's timezone, as the dashboard shows them."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -80,3 +81,14 @@ def age(value: datetime | None, *, now: datetime) -> str:
 
 def credits(value: int | None) -> str:
     return "—" if value is None else f"{int(value):,}"
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=^\"'%@/])")
+
+
+def escape_markdown(text) -> str:
+    """Untrusted text (a user id, an email, a reason) made inert inside Streamlit Markdown: every ASCII
+    punctuation character backslash-escaped (CommonMark allows that for all of them), so no image, link,
+    emphasis, HTML, `:color[...]` directive or `$` formula can form; line breaks become spaces."""
+    text = "" if text is None else str(text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.splitlines()))

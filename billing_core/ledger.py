@@ -908,7 +908,7 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
 
 
 def consume(session: Session, *, user_id: str, credits: int, reference: str,
-            now: datetime | None = None) -> ConsumeResult:
+            now: datetime | None = None, token_name: str | None = None) -> ConsumeResult:
     """The DevOps Agent spends credits: atomic, and once per (user, reference)."""
     credits = check_credits(credits, allow_negative=False)
     if not (isinstance(reference, str) and reference.strip()):
@@ -935,5 +935,6 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
     result = ConsumeResult(book.user_id, credits, reference, book.balance, book.spendable())
     book.conn.execute(_INSERT_CONSUMPTION, {"user_id": book.user_id, "reference": reference, "credits": credits,
                                             "balance_after": result.balance,
-                                            "spendable_after": result.spendable_balance, "created_at": book.now})
+                                            "spendable_after": result.spendable_balance, "created_at": book.now,
+                                            "token_name": token_name})
     return result

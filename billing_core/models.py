@@ -168,6 +168,7 @@ class Consumption(SQLModel, table=True):
     balance_after: int
     spendable_after: int
     created_at: datetime = Field(default_factory=utcnow)
+    token_name: str | None = Field(default=None, max_length=100)  # which credits-API token made the spend
 
 
 class Dispute(SQLModel, table=True):
@@ -227,6 +228,48 @@ class Operator(SQLModel, table=True):
     password_hash: str = Field(max_length=300)
     disabled: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class SignInAttempt(SQLModel, table=True):
+    """Every local sign-in attempt, kept in the database so every dashboard process throttles alike."""
+    __tablename__ = "sign_in_attempt"
+    __table_args__ = (
+        Index("ix_sign_in_attempt_name_at", "name", "at"),
+        Index("ix_sign_in_attempt_client_at", "client_address", "at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)  # lower-cased as typed (unknown names too), cut to 100 characters
+    client_address: str = Field(max_length=64)
+    success: bool = False
+    at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class OperatorAudit(SQLModel, table=True):
+    """Every change to an operator account and who made it."""
+    __tablename__ = "operator_audit"
+    id: int | None = Field(default=None, primary_key=True)
+    operator_name: str = Field(max_length=100, index=True)  # the account changed
+    action: str = Field(max_length=40)  # created, disabled, enabled, password_reset, role_changed, password_rehashed
+    detail: str | None = Field(default=None, max_length=200)
+    changed_by: str = Field(max_length=200)
+    at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class AdjustmentRequest(SQLModel, table=True):
+    """A support adjustment beyond the operator's rolling 24-hour cap, waiting for an admin (maker-checker)."""
+    __tablename__ = "adjustment_request"
+    __table_args__ = (Index("ix_adjustment_request_status_requested", "status", "requested_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="account.user_id", index=True, max_length=200)
+    credits: int
+    reason: str = Field(max_length=500)
+    requested_by: str = Field(max_length=200)
+    requested_at: datetime = Field(default_factory=utcnow)
+    form_key: str = Field(unique=True, max_length=255)  # the form's idempotency key: one request per submit
+    status: str = Field(default="pending", max_length=20)  # pending, approved, rejected
+    decided_by: str | None = Field(default=None, max_length=200)
+    decided_at: datetime | None = None
+    decision_reason: str | None = Field(default=None, max_length=500)
 
 
 from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod  # noqa: E402,F401  (registers them)

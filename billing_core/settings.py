@@ -28,13 +28,16 @@ PRICE_SETTINGS = {
     "pack_1000": "STRIPE_PRICE_PACK_1000",
 }
 
-SECRET_NAMES = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "BILLING_API_TOKEN")
+SECRET_NAMES = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "BILLING_API_TOKEN", "BILLING_API_TOKENS")
 KNOWN_NAMES = (
     "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY", "STRIPE_WEBHOOK_SECRET", "BASE_URL",
     *PRICE_SETTINGS.values(),
     "DATABASE_URL", "STRIPE_API_BASE", "BILLING_API_TOKEN", "WEBHOOK_HOST", "WEBHOOK_PORT",
     "SUBSCRIPTION_CREDITS_ROLLOVER", "CHECKOUT_LINK_EXPIRY_HOURS", "SUPPORT_ADJUSTMENT_LIMIT",
     "OPERATOR_TIMEZONE", "ADMIN_EMAILS", "SUPPORT_EMAILS",
+    # hardening (issue 13): where the dashboard and the credits API listen, named API tokens, operator limits
+    "DASHBOARD_ADDRESS", "API_HOST", "API_PORT", "BILLING_API_TOKENS", "SESSION_IDLE_MINUTES",
+    "SUPPORT_DAILY_ADJUSTMENT_CAP", "DASHBOARD_TRUSTED_PROXIES",
     *("WEBHOOK_WORKERS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT"),  # deployment: workers, connections
 )
 SECRET_KEY_MODES = {"sk_test_": "test", "sk_live_": "live", "rk_test_": "test", "rk_live_": "live"}
@@ -74,6 +77,13 @@ class Settings:
     operator_timezone: str = "UTC"
     admin_emails: tuple[str, ...] = ()
     support_emails: tuple[str, ...] = ()
+    dashboard_address: str = "127.0.0.1"
+    dashboard_trusted_proxies: int = 0  # proxies in front of the dashboard whose X-Forwarded-For is believed
+    api_host: str = ""  # empty: the credits API is served on the webhook listener
+    api_port: int | None = None
+    billing_api_tokens: str = field(default="", repr=False)  # name:token,name:token
+    session_idle_minutes: int = 30
+    support_daily_adjustment_cap: int = 2000
     # deployment: each worker process keeps its own pool of up to db_pool_size + db_max_overflow connections
     webhook_workers: int = 1
     db_pool_size: int = 5
@@ -121,6 +131,50 @@ class Settings:
 
     def price_id(self, item_key: str) -> str:
         return self.price_ids.get(item_key, "")
+
+    @property
+    def api_tokens(self) -> dict[str, str]:
+        """Credits-API tokens by name: BILLING_API_TOKENS' name:token pairs, and BILLING_API_TOKEN as "default"."""
+        return parse_api_tokens(self.billing_api_tokens, self.billing_api_token)[0]
+
+    @property
+    def api_listener_separate(self) -> bool:
+        """True when API_HOST or API_PORT gives the credits API its own listener."""
+        return bool(self.api_host) or self.api_port is not None
+
+    @property
+    def api_listener(self) -> tuple[str, int]:
+        """The credits API's own (host, port): API_HOST (default WEBHOOK_HOST), API_PORT (default 5001)."""
+        return self.api_host or self.webhook_host, self.api_port or DEFAULT_API_PORT
+
+
+DEFAULT_API_PORT = 5001
+API_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MIN_API_TOKEN_LENGTH = 16
+
+
+def parse_api_tokens(named: str, single: str = "") -> tuple[dict[str, str], list[str]]:
+    """({name: token}, problems) from `name:token,name:token` plus the single BILLING_API_TOKEN ("default").
+    Problems never contain a token."""
+    tokens: dict[str, str] = {}
+    problems: list[str] = []
+    for position, pair in enumerate((p.strip() for p in named.split(",")), start=1):
+        if not pair:
+            continue
+        name, sep, token = (part.strip() for part in pair.partition(":"))
+        if not sep or not token:
+            problems.append(f"entry {position} must be name:token")
+        elif not API_TOKEN_NAME.match(name):
+            problems.append(f"entry {position}: a token name is 1-100 letters, digits, . _ - (got {shown(name)!r})")
+        elif name in tokens or (name == "default" and single):
+            problems.append(f"entry {position}: the name {name!r} is used twice")
+        elif len(token) < MIN_API_TOKEN_LENGTH:
+            problems.append(f"entry {position} ({name}): the token must be at least {MIN_API_TOKEN_LENGTH} characters")
+        else:
+            tokens[name] = token
+    if single:
+        tokens = {"default": single, **tokens}
+    return tokens, problems
 
 
 def resolve_sqlite_path(url: str) -> str:
@@ -249,6 +303,14 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         operator_timezone=raw.get("OPERATOR_TIMEZONE") or "UTC",
         admin_emails=_emails(raw, "ADMIN_EMAILS"),
         support_emails=_emails(raw, "SUPPORT_EMAILS"),
+        dashboard_address=raw.get("DASHBOARD_ADDRESS") or "127.0.0.1",
+        dashboard_trusted_proxies=_parse_int(raw, "DASHBOARD_TRUSTED_PROXIES", 0, problems, low=0, high=5),
+        api_host=raw.get("API_HOST", ""),
+        api_port=_parse_int(raw, "API_PORT", None, problems, low=1, high=65535),
+        billing_api_tokens=raw.get("BILLING_API_TOKENS", ""),
+        session_idle_minutes=_parse_int(raw, "SESSION_IDLE_MINUTES", 30, problems, low=1, high=24 * 60),
+        support_daily_adjustment_cap=_parse_int(raw, "SUPPORT_DAILY_ADJUSTMENT_CAP", 2000, problems, low=0,
+                                                high=10_000_000),
         webhook_workers=_parse_int(raw, "WEBHOOK_WORKERS", 1, problems, low=1, high=64),
         db_pool_size=_parse_int(raw, "DB_POOL_SIZE", 5, problems, low=1, high=1000),
         db_max_overflow=_parse_int(raw, "DB_MAX_OVERFLOW", 5, problems, low=0, high=1000),
@@ -256,6 +318,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         env_file=str(path),
         parse_problems=tuple(problems),
     )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 def _is_local_host(host: str) -> bool:
@@ -319,6 +385,23 @@ def check_config(settings: Settings) -> list[Problem]:
     if db and not (db.startswith("sqlite:///") or db.startswith("postgresql")):
         problems.append(Problem("error", "DATABASE_URL",
                                 "must start with sqlite:/// or postgresql:// (postgresql+psycopg://)"))
+    if not _is_local_host(settings.dashboard_address) or settings.dashboard_address == "0.0.0.0":
+        problems.append(Problem("warning", "DASHBOARD_ADDRESS",
+                                f"the dashboard listens on {shown(settings.dashboard_address)}: keep it behind an "
+                                "authenticating proxy or OIDC (see the README's deployment section)"))
+    if settings.api_tokens and not settings.api_listener_separate and not _is_loopback(settings.webhook_host):
+        problems.append(Problem("warning", "API_PORT",
+                                f"the credits API shares the webhook listener on {shown(settings.webhook_host)}, "
+                                "which Stripe must reach; set API_HOST/API_PORT to serve it on a private address"))
+    for message in parse_api_tokens(settings.billing_api_tokens)[1]:
+        problems.append(Problem("error", "BILLING_API_TOKENS", message))
+    if settings.api_listener_separate and settings.api_listener == (settings.webhook_host, settings.webhook_port):
+        problems.append(Problem("error", "API_PORT", f"{settings.webhook_port} is the webhook listener's port; give "
+                                "the credits API its own port (or leave API_HOST and API_PORT unset to share it)"))
+    if settings.webhook_workers > 1 and settings.api_listener_separate:
+        problems.append(Problem("error", "WEBHOOK_WORKERS", f"{settings.webhook_workers} workers with the credits API "
+                                "on its own listener (API_HOST/API_PORT) is not supported yet: run one worker, or "
+                                "leave API_HOST/API_PORT unset"))
     if settings.webhook_workers > 1 and settings.database_url.startswith("sqlite"):
         problems.append(Problem("error", "WEBHOOK_WORKERS", f"{settings.webhook_workers} workers need PostgreSQL; "
                                 "SQLite admits one writer at a time, so run one worker (WEBHOOK_WORKERS=1)"))

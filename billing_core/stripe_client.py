@@ -45,15 +45,20 @@ class StripeActionError(StripeProblem):
         self.param = param
 
 
-def make_stripe_client(settings: Settings | None = None, *,
-                       http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
+def make_stripe_client(settings: Settings | None = None, *, http_client: stripe.HTTPClient | None = None,
+                       max_network_retries: int = MAX_NETWORK_RETRIES,
+                       timeout: float | None = None) -> stripe.StripeClient:
+    """`timeout` (seconds per request; stripe-python's default is 80) and `max_network_retries` let a caller
+    that must answer quickly (the return page) fail fast."""
     settings = settings or get_settings()
     if not settings.stripe_secret_key:
         raise StripeNotConfigured()
-    options: dict = {"max_network_retries": MAX_NETWORK_RETRIES}
+    options: dict = {"max_network_retries": max_network_retries}
     if settings.stripe_api_base:
         options["base_addresses"] = {"api": settings.stripe_api_base}
     http_client = http_client or _test_http_client
+    if http_client is None and timeout is not None:
+        http_client = stripe.new_default_http_client(timeout=timeout)
     if http_client is not None:
         options["http_client"] = http_client
     return stripe.StripeClient(settings.stripe_secret_key, **options)

@@ -4,15 +4,21 @@
     GET  /healthz              {"database": "ok", "last_event_at": ..., "events": {"failed": n, "needs_attention": n},
                                "pool": {...}}; 503 when the database is unreachable or every pooled connection is busy
     GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
+                               (database first; Stripe at most once per session id per 30 s, on its own pool)
     GET  /checkout/cancel      says nothing was charged
-    + the credits API routes (billing_core.credits_api) when that module is present
+    + the credits API routes (billing_core.credits_api), unless API_HOST/API_PORT give them their own
+      listener (create_api_app)
 
 Database work runs in the thread pool, so a writer waiting for a lock never blocks the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy import func, select
 from starlette.applications import Starlette
@@ -25,7 +31,7 @@ from starlette.routing import Route
 
 from . import credits_api, db, events, ledger
 from .catalog import CATALOG
-from .models import StripeEvent
+from .models import Payment, StripeEvent
 from .settings import Settings, get_settings
 
 log = logging.getLogger("billing_core.webapp")
@@ -153,14 +159,91 @@ def _item_name(checkout_session: dict) -> str:
 
 NOT_APPLIED = object()  # the success page could not apply the paid session now (the webhook will)
 
+# The return page must neither wait long nor let a flood of requests slow anything else down:
+RETURN_PAGE_STRIPE_TIMEOUT = 5.0  # seconds per Stripe request, and no retries
+RETURN_PAGE_WAIT = 4.0  # the page answers within this even when Stripe is slower ("credits on their way")
+RETURN_PAGE_WORKERS = 4  # at most this many Stripe lookups at once; beyond it the page answers at once
+RETURN_PAGE_REUSE_SECONDS = 30.0  # one Stripe lookup per session id within this window
+RETURN_PAGE_MAX_REMEMBERED = 10_000
+
+
+class ReturnPageLookups:
+    """The return page's Stripe lookups and their fulfilment, on their own small thread pool (never the
+    pool that serves the credits API and the webhooks), at most one per session id per reuse window:
+    later requests for the same id share the first one's answer."""
+
+    def __init__(self, fulfil, *, workers: int = RETURN_PAGE_WORKERS, reuse_seconds: float = RETURN_PAGE_REUSE_SECONDS,
+                 clock=time.monotonic):
+        self._fulfil = fulfil
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="return-page-stripe")
+        self._slots = threading.BoundedSemaphore(workers)
+        self._reuse_seconds = reuse_seconds
+        self._clock = clock
+        self._recent: dict[str, tuple[float, Future]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, session_id: str) -> Future | None:
+        """The (shared) lookup for this session id; None when every worker is busy (no Stripe call made)."""
+        now = self._clock()
+        with self._lock:
+            self._forget_old(now)
+            recent = self._recent.get(session_id)
+            if recent is not None:
+                return recent[1]
+            if not self._slots.acquire(blocking=False):
+                return None
+            future = self._pool.submit(self._run, session_id)
+            self._recent[session_id] = (now, future)
+            return future
+
+    def _run(self, session_id: str):
+        try:
+            return self._fulfil(session_id)
+        finally:
+            self._slots.release()
+
+    def _forget_old(self, now: float) -> None:
+        while self._recent:
+            oldest_id, (at, _future) = next(iter(self._recent.items()))
+            if now - at < self._reuse_seconds and len(self._recent) < RETURN_PAGE_MAX_REMEMBERED:
+                break
+            del self._recent[oldest_id]
+
+
+def _on_its_way(what: str = "your purchase") -> HTMLResponse:
+    return page("Payment received", [
+        f"Thank you for buying {what}. Your payment was received and your credits are on their way: they "
+        "will appear in a few moments. You can close this page."])
+
+
+def _balance_page(what: str, summary, *, subscription: bool) -> HTMLResponse:
+    lines = [f"Thank you: your payment for {what} was received."]
+    if subscription and summary.tier == "none":
+        lines.append("Your subscription credits will appear in a moment, once the first invoice is recorded.")
+    lines.append(f"Your credit balance is now {summary.balance:,} credits.")
+    return page("Payment received", lines)
+
 
 def make_success_page(settings: Settings, engine: Engine):
+    database_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="return-page-db")
+
+    def recorded(session_id: str):
+        """(item name, balance summary, is a plan) when this session's payment is already in the database."""
+        with db.read_session(engine) as session:
+            payment = session.execute(select(Payment).where(Payment.checkout_session_id == session_id)
+                                      ).scalars().first()
+            if payment is None or not payment.user_id or payment.status in ("unpaid", "failed"):
+                return None
+            item = CATALOG.get(payment.item or "")
+            what = item.name + (" plan" if item.kind == "plan" else "") if item else "your purchase"
+            return what, ledger.account_summary(session, payment.user_id), payment.kind == "plan"
+
     def fulfil(session_id: str):
         from .stripe_client import StripeProblem, make_stripe_client, stripe_errors
 
         try:
             with stripe_errors("retrieving the checkout session", settings=settings):
-                client = make_stripe_client(settings)
+                client = make_stripe_client(settings, max_network_retries=0, timeout=RETURN_PAGE_STRIPE_TIMEOUT)
                 checkout_session = client.v1.checkout.sessions.retrieve(session_id).to_dict()
         except StripeProblem as exc:
             return None, None, exc
@@ -176,11 +259,29 @@ def make_success_page(settings: Settings, engine: Engine):
             log.error("success page could not read the balance: %s", events.safe_error_text(exc, settings))
             return checkout_session, NOT_APPLIED, None
 
+    lookups = ReturnPageLookups(fulfil)
+
     async def success(request: Request):
         session_id = request.query_params.get("session_id", "").strip()
         if not session_id.startswith("cs_") or len(session_id) > 255 or not session_id.isascii():
             return page("Payment status unknown", ["This link has no valid checkout session."], 400)
-        checkout_session, summary, problem = await run_in_threadpool(fulfil, session_id)
+        loop = asyncio.get_running_loop()
+        try:
+            known = await loop.run_in_executor(database_pool, recorded, session_id)
+        except Exception as exc:
+            log.error("success page could not read the database: %s", events.safe_error_text(exc, settings))
+            known = None
+        if known is not None:
+            what, summary, is_plan = known
+            return _balance_page(what, summary, subscription=is_plan)
+        lookup = lookups.lookup(session_id)
+        if lookup is None:  # every Stripe worker is busy: say what we can now, call nobody
+            return _on_its_way()
+        try:
+            checkout_session, summary, problem = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(lookup)),
+                                                                        timeout=RETURN_PAGE_WAIT)
+        except asyncio.TimeoutError:
+            return _on_its_way()
         if problem is not None:
             if getattr(problem, "cause", None) == "not_found":
                 return page("Payment status unknown", ["We could not find this checkout session."], 404)
@@ -196,11 +297,7 @@ def make_success_page(settings: Settings, engine: Engine):
             return page("Payment being confirmed", [
                 f"Thank you for buying {what}. We are confirming your payment; your credits will appear "
                 "shortly. You can close this page."])
-        lines = [f"Thank you: your payment for {what} was received."]
-        if checkout_session.get("mode") == "subscription" and summary.tier == "none":
-            lines.append("Your subscription credits will appear in a moment, once the first invoice is recorded.")
-        lines.append(f"Your credit balance is now {summary.balance:,} credits.")
-        return page("Payment received", lines)
+        return _balance_page(what, summary, subscription=checkout_session.get("mode") == "subscription")
 
     return success
 
@@ -210,18 +307,32 @@ async def cancel(request: Request):
                                       "when you are ready."])
 
 
-def create_app(settings: Settings | None = None, *, check_schema: bool = True) -> Starlette:
+def create_app(settings: Settings | None = None, *, check_schema: bool = True,
+               include_api: bool | None = None) -> Starlette:
     """The sidecar app. Refuses to start on an out-of-date database schema (run init-db).
-    Settings are read once here (the entry point) and handed, with the engine, to everything below."""
+    Settings are read once here (the entry point) and handed, with the engine, to everything below.
+    The credits API is part of it unless API_HOST/API_PORT give the API its own listener (create_api_app)."""
     settings = settings or get_settings()
     if check_schema:
         db.ensure_schema_current(settings.database_url)
     engine = db.get_engine(settings.database_url)
+    if include_api is None:
+        include_api = not settings.api_listener_separate
     routes = [
         Route(WEBHOOK_PATH, make_webhook_endpoint(settings, engine), methods=["POST"]),
         Route("/healthz", make_healthz(settings, engine), methods=["GET"]),
         Route("/checkout/success", make_success_page(settings, engine), methods=["GET"]),
         Route("/checkout/cancel", cancel, methods=["GET"]),
-        *credits_api.routes(settings),
+        *(credits_api.routes(settings) if include_api else []),
     ]
     return Starlette(routes=routes)
+
+
+def create_api_app(settings: Settings | None = None, *, check_schema: bool = True) -> Starlette:
+    """The credits API alone, for its own listener (API_HOST/API_PORT), plus /healthz."""
+    settings = settings or get_settings()
+    if check_schema:
+        db.ensure_schema_current(settings.database_url)
+    engine = db.get_engine(settings.database_url)
+    return Starlette(routes=[Route("/healthz", make_healthz(settings, engine), methods=["GET"]),
+                             *credits_api.routes(settings)])

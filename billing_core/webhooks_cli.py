@@ -23,7 +23,7 @@ def check_workers(workers: int, *, database_url: str) -> None:
 def cmd_serve_webhooks(args) -> int:
     import uvicorn
 
-    from .webapp import create_app
+    from .webapp import create_api_app, create_app
 
     settings = get_settings()
     host = args.host or settings.webhook_host
@@ -33,11 +33,67 @@ def cmd_serve_webhooks(args) -> int:
     app = create_app(settings)  # raises SchemaOutOfDate naming init-db, printed as one line
     if not settings.webhook_secrets:
         print("warning: STRIPE_WEBHOOK_SECRET is not set: every webhook delivery will be refused", file=sys.stderr)
-    if workers > 1:
-        serve_workers(workers, host=host, port=port)
+    if not settings.api_listener_separate:
+        if workers > 1:
+            serve_workers(workers, host=host, port=port)
+            return 0
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
         return 0
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    if workers > 1:
+        raise ValueError(f"{workers} workers with the credits API on its own listener (API_HOST/API_PORT) is not "
+                         "supported yet: run one worker, or leave API_HOST/API_PORT unset")
+    api_host, api_port = settings.api_listener
+    if (api_host, api_port) == (host, port):
+        raise ValueError(f"API_HOST/API_PORT ({api_host}:{api_port}) is the webhook listener's own address; "
+                         "give the credits API another port")
+    print(f"webhooks and return pages on {host}:{port}; credits API on {api_host}:{api_port}", file=sys.stderr)
+    serve_listeners([(app, host, port), (create_api_app(settings, check_schema=False), api_host, api_port)])
     return 0
+
+
+def serve_listeners(listeners: list[tuple]) -> None:
+    """Several uvicorn servers in this one process and event loop (one schema check, one database pool);
+    SIGINT/SIGTERM stop them all. Each listener serves only its own app's routes."""
+    import asyncio
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Listener(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # one handler below stops every listener (each would replace the other's)
+            yield
+
+    servers = [Listener(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
+               for app, host, port in listeners]
+
+    def stop(signum, _frame) -> None:
+        for server in servers:
+            server.force_exit = server.should_exit and signum == signal.SIGINT
+            server.should_exit = True
+
+    originals = {}
+    if threading.current_thread() is threading.main_thread():
+        originals = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(_serve_all(servers))
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
+
+
+async def _serve_all(servers) -> None:
+    import asyncio
+
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:  # one stopped (or failed to bind): stop the others too
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
 
 
 def serve_workers(workers: int, *, host: str, port: int) -> None:
@@ -88,7 +144,8 @@ def cmd_replay(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve-webhooks", help="run the webhook sidecar (Stripe events, checkout pages, credits API)")
+    p = sub.add_parser("serve-webhooks", help="run the webhook sidecar (Stripe events, checkout pages, credits API; "
+                                              "the API on its own listener when API_HOST/API_PORT are set)")
     p.add_argument("--host", help="address to listen on (default WEBHOOK_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default WEBHOOK_PORT, 5000)")
     p.add_argument("--workers", type=int, help="worker processes sharing the port (default WEBHOOK_WORKERS, 1); "

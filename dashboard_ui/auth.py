@@ -6,60 +6,35 @@ local operator account (name + password, salted scrypt hash) in the database in 
 """
 from __future__ import annotations
 
-import threading
 import time
+from datetime import timedelta
 
 import streamlit as st
 
-from billing_core import db
+from billing_core import db, signin
+from billing_core.models import utcnow
+from billing_core.operators import Identity, active_identity, role_for_email
 from demo_data import DEMO_OPERATOR
-from billing_core.operators import Identity, active_identity, authenticate, role_for_email
 from billing_core.settings import Settings
 
 SESSION_KEY = "operator_identity"
-MAX_FAILURES = 5
-FAILURE_WINDOW_SECONDS = 300  # 5 failures within it lock the name for as long again
-
-# Failed sign-ins per lower-cased user name (unknown names too), kept process-wide: Streamlit serves
-# every browser session from this one process, and a page reload starts a fresh st.session_state.
-_failures: dict[str, list[float]] = {}
-_locked_until: dict[str, float] = {}
-_failures_lock = threading.Lock()
-_MAX_TRACKED_NAMES = 10_000  # guessed names must not grow the dicts without bound
+ACTIVITY_KEY = "operator_last_activity"
+IDLE_NOTICE_KEY = "operator_idle_notice"
 
 
-def _throttled(name: str, now: float) -> bool:
-    with _failures_lock:
-        return _locked_until.get(name, 0.0) > now
+def _now():
+    """The sign-in throttle's clock (tests replace it)."""
+    return utcnow()
 
 
-def _record_failure(name: str, now: float) -> None:
-    with _failures_lock:
-        if len(_failures) >= _MAX_TRACKED_NAMES:
-            _prune(now)
-        recent = [t for t in _failures.get(name, []) if now - t < FAILURE_WINDOW_SECONDS] + [now]
-        _failures[name] = recent
-        if len(recent) >= MAX_FAILURES:
-            _locked_until[name] = now + FAILURE_WINDOW_SECONDS
-            _failures.pop(name)
-
-
-def _prune(now: float) -> None:
-    for name in [n for n, times in _failures.items() if now - times[-1] >= FAILURE_WINDOW_SECONDS]:
-        del _failures[name]
-    for name in [n for n, until in _locked_until.items() if until <= now]:
-        del _locked_until[name]
-
-
-def _forget_failures(name: str) -> None:
-    with _failures_lock:
-        _failures.pop(name, None)
-
-
-def reset_sign_in_throttle() -> None:
-    with _failures_lock:
-        _failures.clear()
-        _locked_until.clear()
+def client_address(settings: Settings) -> str | None:
+    """The browser's address: as Streamlit saw it, or behind DASHBOARD_TRUSTED_PROXIES proxies, from their
+    X-Forwarded-For. None in AppTest."""
+    try:
+        peer, forwarded = st.context.ip_address, st.context.headers.get("X-Forwarded-For")
+    except Exception:
+        return None
+    return signin.client_address_from(peer, forwarded, settings.dashboard_trusted_proxies)
 
 
 def oidc_configured() -> bool:
@@ -76,15 +51,27 @@ def current_identity() -> Identity | None:
 
 def sign_out() -> None:
     st.session_state.pop(SESSION_KEY, None)
+    st.session_state.pop(ACTIVITY_KEY, None)
     if oidc_configured():
         st.logout()
 
 
 def require_operator(settings: Settings) -> Identity:
     """The signed-in operator; otherwise renders the sign-in page and stops the script."""
-    if oidc_configured():
-        return _require_oidc(settings)
-    return _require_local(settings)
+    _sign_out_when_idle(settings)
+    identity = _require_oidc(settings) if oidc_configured() else _require_local(settings)
+    st.session_state[ACTIVITY_KEY] = time.monotonic()
+    return identity
+
+
+def _sign_out_when_idle(settings: Settings) -> None:
+    """SESSION_IDLE_MINUTES without a rerun (any click or input) signs the operator out."""
+    last = st.session_state.get(ACTIVITY_KEY)
+    if last is None or current_identity() is None and not oidc_configured():
+        return
+    if time.monotonic() - last > settings.session_idle_minutes * 60:
+        st.session_state[IDLE_NOTICE_KEY] = settings.session_idle_minutes
+        sign_out()
 
 
 def _require_oidc(settings: Settings) -> Identity:
@@ -95,10 +82,17 @@ def _require_oidc(settings: Settings) -> Identity:
         st.button("Sign in", type="primary", on_click=st.login)
         st.stop()
     email = str(user.get("email") or "")
+    if user.get("email_verified") is not True:  # an unverified address could be anybody's
+        st.title("No access")
+        st.error("Your identity provider has not verified this account's email address, so it can't be "
+                 "matched to ADMIN_EMAILS or SUPPORT_EMAILS. Verify it with the provider, then sign in again.")
+        st.button("Sign out", on_click=st.logout)
+        st.stop()
     role = role_for_email(email, settings)
     if role is None:
         st.title("No access")
-        st.error(f"{email or 'This account'} is not in ADMIN_EMAILS or SUPPORT_EMAILS; ask an admin to add it.")
+        st.error("This account is not in ADMIN_EMAILS or SUPPORT_EMAILS; ask an admin to add it.")
+        st.text(email)
         st.button("Sign out", on_click=st.logout)
         st.stop()
     identity = Identity(name=email.lower(), role=role)
@@ -125,6 +119,9 @@ def _is_demo_operator(name: str) -> bool:
 
 def _sign_in_form(settings: Settings) -> None:
     st.title("Sign in")
+    idle = st.session_state.pop(IDLE_NOTICE_KEY, None)
+    if idle:
+        st.info(f"You were signed out after {idle} minutes without activity.")
     if settings.demo_mode:
         name, password = DEMO_OPERATOR
         st.info(f"Demo mode: sign in as **{name}** with password **{password}**.")
@@ -135,20 +132,23 @@ def _sign_in_form(settings: Settings) -> None:
     if not submitted:
         st.caption("Operators are created with `python -m billing_core add-operator NAME --role admin|support`.")
         return
-    now = time.monotonic()
-    throttle_key = (name or "").strip().lower()
-    if _throttled(throttle_key, now):
-        st.error("Too many failed sign-ins; wait a few minutes and try again.")
+    # The demo operator's password is public: it signs in only in the demo database.
+    refuse = not settings.demo_mode and _is_demo_operator(name)
+    result = signin.sign_in(name=name, password=password, client_address=client_address(settings),
+                            url=settings.database_url, now=_now(), refuse=refuse)
+    if result.throttled:
+        st.error(f"Too many failed sign-ins; try again in {_duration(result.retry_after)}.")
         return
-    identity = None
-    if settings.demo_mode or not _is_demo_operator(name):  # its password is public: demo database only
-        with db.read_session() as session:
-            operator = authenticate(session, name=name, password=password)
-            identity = Identity(name=operator.name, role=operator.role) if operator else None
-    if identity is None:
-        _record_failure(throttle_key, now)
+    if result.identity is None:
         st.error("Wrong user name or password.")
         return
-    _forget_failures(throttle_key)
-    st.session_state[SESSION_KEY] = identity
+    st.session_state[SESSION_KEY] = result.identity
+    st.session_state[ACTIVITY_KEY] = time.monotonic()
     st.rerun()
+
+
+def _duration(wait: timedelta) -> str:
+    seconds = max(1, int(wait.total_seconds() + 0.999))
+    if seconds < 120:
+        return f"{seconds} seconds"
+    return f"{-(-seconds // 60)} minutes"

@@ -25,7 +25,7 @@ def start_page(title: str, *, icon: str = ":material/payments:") -> tuple[Identi
     mode_banner(settings)
     identity = require_operator(settings)
     with st.sidebar:
-        st.caption(f"Signed in as **{identity.name}** ({identity.role})")
+        st.caption(f"Signed in as **{formatting.escape_markdown(identity.name)}** ({identity.role})")
         st.button("Sign out", on_click=sign_out, key="sidebar_sign_out")
     st.title(title)
     return identity, settings

@@ -3,6 +3,7 @@ import streamlit as st
 
 from billing_core import db, reports
 from billing_core.catalog import CATALOG, PACKS, PLANS
+from billing_core.formatting import escape_markdown as md
 from billing_core.checkout import CheckoutRefused, create_checkout_link
 from billing_core.stripe_client import StripeProblem
 from dashboard_ui import data
@@ -59,7 +60,7 @@ if clicked:
                                           email=email or None, settings=settings,
                                           engine=db.get_engine(settings.database_url))
     except (CheckoutRefused, StripeProblem, ValueError) as exc:
-        st.error(str(exc))
+        st.error(md(str(exc)))  # may quote the typed user id or a Stripe message
     else:
         st.session_state["issued_link"] = issued
 
@@ -69,7 +70,7 @@ if issued is not None and (issued.user_id, issued.item) != (user_id, item_key):
     issued = None
 if issued is not None:
     reused = " (the link already issued in the last minutes, reused)" if issued.reused else ""
-    st.success(f"Checkout link for **{issued.user_id}** · {CATALOG[issued.item].name}{reused}")
+    st.success(f"Checkout link for **{md(issued.user_id)}** · {CATALOG[issued.item].name}{reused}")
     st.code(issued.url, language=None)
     cols = st.columns([1, 3])
     cols[0].link_button("Open link", issued.url)

@@ -5,7 +5,7 @@ from datetime import datetime, time, timedelta
 import streamlit as st
 
 from billing_core import reports
-from billing_core.formatting import zone
+from billing_core.formatting import escape_markdown as md, zone
 from billing_core.operators import check_admin, OperatorError
 from dashboard_ui import data
 from dashboard_ui.common import pager, start_page, table, when
@@ -28,10 +28,13 @@ st.markdown("#### Needs attention")
 if not queue:
     st.write("Nothing needs attention.")
 for event in queue:
-    with st.expander(f"{event['type']} · {event['id']} · {when(event['received_at'], settings)}"):
-        st.write(event["error"] or "No error recorded.")
+    with st.expander(f"{md(event['type'])} · {md(event['id'])} · {when(event['received_at'], settings)}"):
+        if event["error"]:
+            st.text(event["error"])  # untrusted (it may quote a user id or a Stripe message): plain text only
+        else:
+            st.caption("No error recorded.")
         if event["assigned_user_id"]:
-            st.caption(f"Assigned to {event['assigned_user_id']}")
+            st.caption(f"Assigned to {md(event['assigned_user_id'])}")
         with st.form(f"reprocess_{event['id']}"):
             assigned = st.text_input("Assign to user id", value=event["assigned_user_id"] or event["user_id"] or "",
                                      key=f"assign_{event['id']}")
@@ -42,7 +45,7 @@ for event in queue:
                 outcome = reprocess_event(event["id"], assigned_user_id=assigned.strip() or None,
                                           operator=identity.name)
             except (OperatorError, ValueError, LookupError) as exc:
-                st.error(str(exc))
+                st.error(md(str(exc)))
             else:
                 data.clear_cached_aggregates()
                 level = "success" if outcome.startswith(("processed", "ignored")) else "warning"
@@ -58,14 +61,14 @@ if st.button(f"Replay {failed:,} failed event(s)", disabled=not (identity.is_adm
         check_admin(identity, "replay failed events")
         outcome = replay_failed_events(operator=identity.name)
     except (OperatorError, ValueError) as exc:
-        st.error(str(exc))
+        st.error(md(str(exc)))
     else:
         data.clear_cached_aggregates()
         st.session_state["events_done"] = ("success", f"Replayed failed events: {outcome}")
         st.rerun()
 if st.session_state.get("events_done"):
     level, message = st.session_state.pop("events_done")
-    (st.success if level == "success" else st.warning)(message)
+    (st.success if level == "success" else st.warning)(md(message))
 
 st.markdown("#### All events")
 cols = st.columns([1.2, 2, 1.5, 2])
@@ -94,7 +97,7 @@ if events:
     with data.read(url) as session:
         detail = reports.event_detail(session, chosen)
     if detail:
-        st.caption(f"{detail['type']} · API version {detail['api_version'] or '—'} · "
+        st.caption(f"{md(detail['type'])} · API version {md(detail['api_version'] or '—')} · "
                    f"{'live' if detail['livemode'] else 'test'} mode · created {when(detail['created'], settings)}")
         try:
             st.json(json.loads(detail["payload"]), expanded=2)

@@ -1,12 +1,9 @@
 """Settings: configuration problems (secrets masked), catalog against Stripe, the webhook URL."""
 import streamlit as st
-from sqlalchemy import select
 
 from billing_core.catalog import CATALOG
-from billing_core.models import Operator
 from billing_core.settings import check_config, mask_secret, mask_url_password
-from dashboard_ui import data
-from dashboard_ui.common import money, start_page, table, when
+from dashboard_ui.common import money, start_page, table
 
 WEBHOOK_PATH = "/api/stripe/webhook"
 identity, settings = start_page("Settings")
@@ -25,6 +22,14 @@ table([{"Setting": name, "Value": value} for name, value in (
     ("SUBSCRIPTION_CREDITS_ROLLOVER", str(settings.subscription_credits_rollover).lower()),
     ("CHECKOUT_LINK_EXPIRY_HOURS", str(settings.checkout_link_expiry_hours)),
     ("SUPPORT_ADJUSTMENT_LIMIT", f"{settings.support_adjustment_limit:,} credits"),
+    ("SUPPORT_DAILY_ADJUSTMENT_CAP", f"{settings.support_daily_adjustment_cap:,} credits in 24 hours"),
+    ("SESSION_IDLE_MINUTES", f"{settings.session_idle_minutes} minutes"),
+    ("DASHBOARD_ADDRESS", settings.dashboard_address),
+    ("DASHBOARD_TRUSTED_PROXIES", str(settings.dashboard_trusted_proxies)),
+    ("BILLING_API_TOKENS", ", ".join(f"{name} {mask_secret(token)}" for name, token in settings.api_tokens.items())
+     or "(not set)"),
+    ("API_HOST / API_PORT", "{}:{}".format(*settings.api_listener) if settings.api_listener_separate
+     else "(the webhook listener)"),
 )], key="settings_values")
 
 problems = check_config(settings)
@@ -61,11 +66,4 @@ st.code(f"stripe listen --forward-to {local}", language="bash")
 st.write("In production, add this endpoint in the Stripe dashboard (Developers → Webhooks):")
 st.code(f"{settings.base_url}{WEBHOOK_PATH}", language=None)
 
-if identity.is_admin:
-    st.markdown("#### Operators")
-    with data.read(settings.database_url) as session:
-        operators = session.execute(select(Operator.name, Operator.role, Operator.disabled, Operator.created_at)
-                                    .order_by(Operator.name).limit(200)).all()
-    table([{"Name": o.name, "Role": o.role, "Disabled": "yes" if o.disabled else "",
-            "Created": when(o.created_at, settings)} for o in operators], key="operators")
-    st.caption("Add one with `python -m billing_core add-operator NAME --role admin|support`.")
+st.caption("Operators, their sign-ins and the changes made to them: the Operators page (admins).")

@@ -21,6 +21,7 @@ PAGES = {
     "revenue": "pages/4_Revenue_and_credits.py",
     "events": "pages/5_Webhook_events.py",
     "settings": "pages/6_Settings.py",
+    "operators": "pages/7_Operators.py",
 }
 ADMIN = ("alice", "correct-horse-battery")
 SUPPORT = ("sam", "support-password-1")
@@ -65,15 +66,12 @@ def texts(at: AppTest) -> str:
 
 @pytest.fixture(autouse=True)
 def fresh_sign_in_throttle_and_caches():
-    """Sign-in failures and the cached aggregates live process-wide, keyed by database URL, and the PostgreSQL
-    URL is the same for every test of a run; each test starts with none."""
+    """The cached aggregates live process-wide, keyed by database URL, and the PostgreSQL URL is the same for
+    every test of a run; each test starts with none. (Sign-in failures live in each test's own database.)"""
     from dashboard_ui import data
-    from dashboard_ui.auth import reset_sign_in_throttle
 
-    reset_sign_in_throttle()
     data.clear_cached_aggregates()
     yield
-    reset_sign_in_throttle()
     data.clear_cached_aggregates()
 
 

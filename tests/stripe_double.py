@@ -262,6 +262,8 @@ class StripeState:
     now: Callable[[], float] = time.time
     objects: dict[str, dict[str, dict]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    # seconds the HTTP server (StripeServer) waits before answering: a slow Stripe
+    latency: float = 0.0
 
     def __post_init__(self):
         self._lock = threading.RLock()
@@ -885,6 +887,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.server.state.latency:
+            time.sleep(self.server.state.latency)
         try:
             status, answer = self.server.state.handle(self.command, self.path, dict(self.headers.items()), body)
         except FailedConnection:

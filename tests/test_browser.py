@@ -187,3 +187,76 @@ def test_dashboard_in_chromium(dashboard, browser_page, seeded_db, stripe_server
     for name in ("sign-in", "home", "checkout-links", "customers", "payments", "revenue-and-credits",
                  "webhook-events", "settings"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
+
+
+class PixelServer:
+    """A local HTTP server standing in for an attacker's image host; counts every request it gets."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_markdown_in_untrusted_text_is_shown_as_text_and_fetches_nothing(dashboard, browser_page, seeded_db):
+    """A user id, an email and an event error holding Markdown images: each shown as the literal text, and the
+    browser sends no request for any of the images."""
+    from billing_core.models import Account, StripeEvent
+
+    pixel = PixelServer()
+    user_id = f"![u]({pixel.url}/user.png)"
+    email = f"![e]({pixel.url}/email.png)"
+    error = f"can't tell the user ![x]({pixel.url}/error.png) <img src='{pixel.url}/html.png'>"
+    with db.write_session(db.get_engine(seeded_db)) as session:
+        session.add(Account(user_id=user_id, email=email))
+        session.add(StripeEvent(id="evt_markdown_1", type="checkout.session.completed", payload="{}",
+                                status="needs_attention", error=error))
+    page = browser_page
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        page.goto(dashboard)
+        page.get_by_label("User name").fill(ADMIN[0])
+        page.get_by_label("Password", exact=True).fill(ADMIN[1])
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("heading", name="Billing console").wait_for()
+        settle(page)
+
+        visit(page, "Customers", "Customers")
+        search = page.get_by_label("Search by user id, email or Stripe customer id")
+        search.fill(user_id)
+        search.press("Enter")
+        page.get_by_role("heading", name=user_id).wait_for()  # the literal text, as a heading
+        page.get_by_text(f"Email {email}").wait_for()
+        settle(page)
+        assert page.locator("img[src*='127.0.0.1:%d']" % int(pixel.url.rsplit(":", 1)[1])).count() == 0
+
+        visit(page, "Webhook events", "Webhook events")
+        page.get_by_text("evt_markdown_1").first.click()
+        page.get_by_test_id("stText").get_by_text(error).wait_for()
+        settle(page)
+        page.wait_for_timeout(1000)  # time for any image request to leave
+    finally:
+        pixel.close()
+    assert [url for url in requested if url.startswith(pixel.url)] == []
+    assert pixel.hits == []

@@ -3,6 +3,7 @@ checkout links against the Stripe double, and reprocessing an event that needs a
 import pytest
 from sqlalchemy import select
 
+from billing_core.formatting import escape_markdown
 from billing_core import db, events, ledger
 from wiring import wiring
 from billing_core.models import CheckoutLink, LedgerEntry, StripeEvent
@@ -14,7 +15,7 @@ from stripe_events import checkout_completed, encode
 def open_customer(credentials, user_id):
     at = signed_in(credentials, "customers")
     at.text_input(key="customer_query").input(user_id).run()
-    assert at.subheader[0].value == user_id
+    assert at.subheader[0].value == escape_markdown(user_id)
     return at
 
 
@@ -202,7 +203,7 @@ def test_reprocess_flow_assigns_the_user_and_grants(database_url):
     next(b for b in at.button if b.label == "Assign and reprocess").click()
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any(f"Reprocessed {event_id}: processed" in s.value for s in at.success)
+    assert any(escape_markdown(f"Reprocessed {event_id}: processed") in s.value for s in at.success)
     with db.read_session() as session:
         row = session.get(StripeEvent, event_id)
         assert (row.status, row.assigned_user_id, row.user_id) == ("processed", "rescued_user", "rescued_user")

@@ -14,7 +14,8 @@ from starlette.testclient import TestClient
 from billing_core import db, events, ledger
 from billing_core.models import LedgerEntry, StripeEvent
 from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver, event,
+from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver, encode,
+                           event,
                            subscription_invoice)
 
 NOW = int(time.time())
@@ -131,3 +132,32 @@ def test_waiting_events_are_retried_after_the_answer_and_a_failure_there_changes
     with db.read_session() as session:
         assert session.get(StripeEvent, purchase["id"]).status == "processed"
         assert session.get(StripeEvent, refund["id"]).status == "needs_attention"
+
+
+def test_two_events_creating_one_new_account_at_the_same_moment_both_apply(database_url, monkeypatch):
+    """On PostgreSQL both transactions insert the new account; the second must find it, not fail on the
+    Stripe customer's unique index. The window is narrow (bench/webhooks.py's 16 connections hit it about once
+    in 1,000 events), so this is a smoke test of the path; handlers.common.ensure_account explains the fix."""
+    import threading
+
+    from wiring import wiring
+
+    configure_webhooks(monkeypatch)
+    for n in range(8):
+        user, customer = f"u_race{n}", f"cus_race{n}"
+        pair = [checkout_completed(user_id=user, item="pack_100", customer=customer) for _ in range(2)]
+        start, results = threading.Barrier(2), []
+
+        def apply(evt):
+            start.wait()
+            results.append(events.ingest(evt, raw_payload=encode(evt), **wiring()).status)
+
+        threads = [threading.Thread(target=apply, args=(evt,)) for evt in pair]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == ["processed", "processed"]
+        with db.read_session() as session:
+            assert ledger.balance(session, user) == 200
+            assert ledger.account_summary(session, user).stripe_customer_id == customer

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, exists, select
+from sqlalchemy import String, bindparam, case, exists, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -112,9 +112,11 @@ def resolve_user(session: Session, ctx: EventContext, *, explicit: str | None, s
 
 # --- the account ----------------------------------------------------------------------------
 # What ledger.lock_account does for a handler (create the account, fill its email, link its Stripe customer
-# when no other account has it), in one statement built once. On PostgreSQL the ON CONFLICT DO UPDATE also
-# locks the row for the transaction, as lock_account's SELECT ... FOR UPDATE does; on SQLite the transaction
-# already holds the database's write lock.
+# when no other account has it), in statements built once: one on SQLite, whose transaction already holds the
+# database's write lock. On PostgreSQL the ON CONFLICT DO UPDATE locks the row for the transaction, as
+# lock_account's SELECT ... FOR UPDATE does, and the customer is linked by a second statement once the row is
+# ours: put in the INSERT, two transactions creating one new account at the same moment would both write the
+# customer into its unique index, and the second would fail instead of finding the account.
 _ACCOUNT = Account.__table__
 _CUSTOMER = bindparam("customer_id", type_=String)
 _CUSTOMER_IF_FREE = select(_CUSTOMER).where(
@@ -136,6 +138,10 @@ def _ensure_account_statement(dialect: str):
 
 
 _ENSURE_ACCOUNT = {name: _ensure_account_statement(name) for name in ("sqlite", "postgresql")}
+_LINK_CUSTOMER = (update(_ACCOUNT).where(_ACCOUNT.c.user_id == bindparam("account_user_id"),
+                                         _ACCOUNT.c.stripe_customer_id.is_(None),
+                                         ~exists().where(_ACCOUNT.c.stripe_customer_id == _CUSTOMER))
+                  .values(stripe_customer_id=_CUSTOMER, updated_at=bindparam("now")))
 
 
 def ensure_account(session: Session, *, user_id: str, email: str | None = None,
@@ -144,9 +150,13 @@ def ensure_account(session: Session, *, user_id: str, email: str | None = None,
     none (a customer another account has stays with that account); returns the checked user id."""
     user_id = ledger.check_user_id(user_id)
     connection = session.connection()
-    connection.execute(_ENSURE_ACCOUNT[connection.dialect.name], {
-        "user_id": user_id, "email": email.strip() if email and email.strip() else None,
-        "customer_id": stripe_customer_id, "now": utcnow()})
+    postgresql = connection.dialect.name == "postgresql"
+    values = {"user_id": user_id, "email": email.strip() if email and email.strip() else None,
+              "customer_id": stripe_customer_id, "now": utcnow()}
+    connection.execute(_ENSURE_ACCOUNT[connection.dialect.name], values | ({"customer_id": None} if postgresql else {}))
+    if postgresql and stripe_customer_id:
+        connection.execute(_LINK_CUSTOMER, {"account_user_id": user_id, "customer_id": stripe_customer_id,
+                                            "now": values["now"]})
     return user_id
 
 
