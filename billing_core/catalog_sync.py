@@ -1,7 +1,15 @@
 """The catalog in Stripe: create the products and prices once (found again by lookup key), write
-their IDs into config/.env, and check the configured prices against Stripe."""
+their IDs into config/.env, and check the configured prices against Stripe.
+
+The catalog also owns the customer portal configuration (found again by its metadata): customers switch
+among the three plans, upgrades are invoiced at once (`always_invoice`, so an upgrade's top-up stands on
+money collected at the change), downgrades are scheduled for the period's end, and cancellation takes
+effect at the period's end.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -10,7 +18,7 @@ from pathlib import Path
 
 import stripe
 
-from .catalog import CATALOG, CatalogItem
+from .catalog import CATALOG, PLANS, CatalogItem
 from .settings import PRICE_SETTINGS, Problem, Settings, get_settings
 from .stripe_client import (StripeNotConfigured, describe_stripe_error, get_stripe_client, make_stripe_client,
                             stripe_errors)
@@ -24,6 +32,7 @@ class SyncedPrice:
     price_id: str
     created: bool
     note: str = ""  # why a new price was created although one had the lookup key
+    product_id: str = ""
 
 
 def price_drift(price, item: CatalogItem) -> list[str]:
@@ -91,13 +100,20 @@ def sync_catalog(client: stripe.StripeClient | None = None) -> list[SyncedPrice]
             existing = by_lookup_key.get(item.lookup_key)
             drift = price_drift(existing, item) if existing is not None else []
             if existing is not None and not drift:
-                results.append(SyncedPrice(item.key, existing.id, created=False))
+                results.append(SyncedPrice(item.key, existing.id, created=False, product_id=_id(existing.product)))
                 continue
             product_id = _ensure_product(client, item)
             price = client.v1.prices.create(params=_price_params(item, product_id, transfer=existing is not None))
             note = f"replaces {existing.id}, which {'; '.join(drift)}" if existing is not None else ""
-            results.append(SyncedPrice(item.key, price.id, created=True, note=note))
+            results.append(SyncedPrice(item.key, price.id, created=True, note=note, product_id=_id(price.product)))
     return results
+
+
+def _id(value) -> str:
+    """An id, or the `id` of an expanded object."""
+    if isinstance(value, str):
+        return value
+    return str(_as_dict(value).get("id") or "") if value is not None else ""
 
 
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
@@ -172,3 +188,161 @@ def check_prices_against_stripe(settings: Settings | None = None, *, client=None
                                     f"mode price but STRIPE_SECRET_KEY is a {settings.stripe_mode}-mode key"))
     return problems
 
+
+
+# --- the customer portal configuration ------------------------------------------------------
+
+PORTAL_METADATA = {"managed_by": "billing_core", "purpose": "plan_changes"}
+PORTAL_SETTING = "customer portal"  # what check-config names for portal problems (there is no setting)
+
+
+@dataclass(frozen=True)
+class PlanPrice:
+    item: str
+    product_id: str
+    price_id: str
+
+
+@dataclass(frozen=True)
+class SyncedPortal:
+    configuration_id: str
+    action: str  # "created", "updated" or "unchanged"
+    drift: tuple[str, ...] = ()  # what an update corrected
+
+
+def portal_params(plan_prices: list[PlanPrice], settings: Settings) -> dict:
+    """The customer portal configuration for the catalog's plans: a pure function of the plan prices."""
+    return {
+        "business_profile": {"headline": "DevOps Agent: change or cancel your plan"},
+        "default_return_url": settings.base_url,
+        "features": {
+            "subscription_update": {
+                "enabled": True,
+                "default_allowed_updates": ["price"],
+                "products": [{"product": p.product_id, "prices": [p.price_id]} for p in plan_prices],
+                "proration_behavior": "always_invoice",
+                "schedule_at_period_end": {"conditions": [{"type": "decreasing_item_amount"}]},
+            },
+            "subscription_cancel": {"enabled": True, "mode": "at_period_end"},
+            "payment_method_update": {"enabled": True},
+            "invoice_history": {"enabled": True},
+        },
+        "metadata": dict(PORTAL_METADATA),
+    }
+
+
+def portal_drift(configuration, plan_prices: list[PlanPrice]) -> list[str]:
+    """How a portal configuration differs from what the catalog needs (empty when it matches)."""
+    configuration = _as_dict(configuration)
+    features = configuration.get("features") or {}
+    update = features.get("subscription_update") or {}
+    cancel = features.get("subscription_cancel") or {}
+    drift = []
+    if not configuration.get("active"):
+        drift.append("is inactive")
+    if not update.get("enabled"):
+        drift.append("does not let customers switch plans")
+    elif "price" not in (update.get("default_allowed_updates") or []):
+        drift.append("does not let customers change their plan's price")
+    offered = {p.get("product"): sorted(p.get("prices") or []) for p in update.get("products") or []}
+    wanted = {p.product_id: [p.price_id] for p in plan_prices}
+    if offered != wanted:
+        names = {p.product_id: p.item for p in plan_prices}
+        drift.append(f"offers {_offer_text(offered, names)}, the catalog's plans are {_offer_text(wanted, names)}")
+    if update.get("proration_behavior") != "always_invoice":
+        drift.append(f"prorates plan changes with {update.get('proration_behavior')!r}, the catalog needs "
+                     "'always_invoice' (upgrades invoiced at once)")
+    conditions = {c.get("type") for c in (update.get("schedule_at_period_end") or {}).get("conditions") or []}
+    if "decreasing_item_amount" not in conditions:
+        drift.append("applies downgrades at once, the catalog schedules them for the period's end")
+    if not cancel.get("enabled"):
+        drift.append("does not let customers cancel")
+    elif cancel.get("mode") != "at_period_end":
+        drift.append(f"cancels {cancel.get('mode')}, the catalog cancels at the period's end")
+    return drift
+
+
+def _offer_text(offer: dict, names: dict[str, str]) -> str:
+    """Plans by name in catalog order, then products the catalog doesn't know, by id."""
+    order = list(names)
+    ranked = sorted(offer.items(), key=lambda pair: (order.index(pair[0]) if pair[0] in names else len(order),
+                                                     str(pair[0])))
+    return "; ".join(f"{names.get(product, product)} ({', '.join(prices)})" for product, prices in ranked) or "none"
+
+
+def _digest(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def find_portal_configuration(client: stripe.StripeClient) -> dict | None:
+    """The configuration sync-catalog made (by its metadata), newest first; inactive ones too."""
+    params: dict = {"limit": 100}
+    while True:
+        page = client.v1.billing_portal.configurations.list(params=params)
+        for configuration in page.data:
+            found = _as_dict(configuration)
+            metadata = found.get("metadata") or {}
+            if all(metadata.get(key) == value for key, value in PORTAL_METADATA.items()):
+                return found
+        if not page.has_more or not page.data:
+            return None
+        params = {"limit": 100, "starting_after": page.data[-1].id}
+
+
+def sync_portal_configuration(plan_prices: list[PlanPrice], *, client: stripe.StripeClient | None = None,
+                              settings: Settings | None = None) -> SyncedPortal:
+    """Create the catalog's portal configuration, or update the one found by its metadata when it drifted."""
+    settings = settings or get_settings()
+    client = client or get_stripe_client()
+    params = portal_params(plan_prices, settings)
+    with stripe_errors("syncing the customer portal configuration with Stripe", settings=settings):
+        found = find_portal_configuration(client)
+        if found is None:
+            created = client.v1.billing_portal.configurations.create(
+                params=params, options={"idempotency_key": f"portal-configuration-{_digest(params)}"})
+            return SyncedPortal(created.id, "created")
+        drift = portal_drift(found, plan_prices)
+        if found.get("default_return_url") != settings.base_url:
+            drift.append(f"returns customers to {found.get('default_return_url')}, BASE_URL is {settings.base_url}")
+        if not drift:
+            return SyncedPortal(found["id"], "unchanged")
+        update = {**params, "active": True}
+        client.v1.billing_portal.configurations.update(
+            found["id"], params=update,
+            options={"idempotency_key": f"portal-configuration-{found['id']}-{_digest(update)}"})
+        return SyncedPortal(found["id"], "updated", tuple(drift))
+
+
+def plan_prices_of(results: list[SyncedPrice]) -> list[PlanPrice]:
+    by_item = {row.item: row for row in results}
+    return [PlanPrice(plan.key, by_item[plan.key].product_id, by_item[plan.key].price_id) for plan in PLANS]
+
+
+def check_portal_against_stripe(settings: Settings | None = None, *, client=None) -> list[Problem]:
+    """The portal configuration sync-catalog made, checked against the configured plan prices."""
+    settings = settings or get_settings()
+    try:
+        client = client or make_stripe_client(settings)
+    except StripeNotConfigured as exc:
+        return [Problem("error", "STRIPE_SECRET_KEY", f"--stripe: {exc}")]
+    try:
+        plan_prices = []
+        for plan in PLANS:
+            price_id = settings.price_id(plan.key)
+            if not price_id.startswith("price_"):
+                return []  # check_config already names the missing plan price; nothing to compare with
+            try:
+                price = _as_dict(client.v1.prices.retrieve(price_id))
+            except stripe.InvalidRequestError as exc:
+                if exc.code == "resource_missing":
+                    return []  # check_prices_against_stripe reports the missing price
+                raise
+            plan_prices.append(PlanPrice(plan.key, _id(price.get("product")), price_id))
+        found = find_portal_configuration(client)
+    except stripe.StripeError as exc:
+        return [Problem("error", PORTAL_SETTING, f"--stripe: {describe_stripe_error(exc, settings=settings)}")]
+    if found is None:
+        return [Problem("error", PORTAL_SETTING, "Stripe holds no portal configuration made by sync-catalog, so "
+                        "portal-link can't offer plan changes; run: python -m billing_core sync-catalog")]
+    return [Problem("error", PORTAL_SETTING, f"configuration {found['id']} {drift}")
+            for drift in portal_drift(found, plan_prices)]

@@ -7,6 +7,10 @@ session back from Stripe. A link already recorded for that key is returned witho
 is an open one recorded for the previous window's key less than a window ago (a double click across
 the window boundary), when it stays open at least 30 more minutes.
 
+One plan per user: before a new plan link is created, the user's other open plan links are expired in
+Stripe (`checkout.sessions.expire`) and marked expired here, so two plan links can't both be paid. When
+one of them turns out to be paid already, no new plan link is issued. Pack links are left alone.
+
 The Stripe call happens outside any database write transaction (SQLite's write lock is never held
 during an HTTP request): read what we know, ask Stripe, then record the link.
 """
@@ -17,12 +21,13 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import stripe
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from . import db, ledger
-from .catalog import get_item, price_id_for
+from .catalog import TIERS, get_item, price_id_for
 from .models import Account, CheckoutLink, from_epoch, utcnow
 from .settings import Settings
 from .stripe_client import make_stripe_client, stripe_errors
@@ -176,6 +181,8 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
         if recorded is not None:
             return _issued(recorded, reused=True)
 
+    if catalog_item.kind == "plan":
+        expire_other_plan_links(user_id=user_id, now=now, client=client, settings=settings, engine=engine)
     params = session_params(settings=settings, user_id=user_id, item_key=catalog_item.key, customer_id=customer_id,
                             email=email, expires_at=link_expiry(window_start, settings))
     with stripe_errors(f"creating the checkout link for {user_id} ({catalog_item.key})", settings=settings):
@@ -194,6 +201,39 @@ def create_checkout_link(*, user_id: str, item: str, operator: str | None = None
         return _issued(link, reused=False)
 
 
+def open_plan_links(session: Session, *, user_id: str, now: datetime) -> list[CheckoutLink]:
+    stmt = (select(CheckoutLink).where(CheckoutLink.user_id == user_id, CheckoutLink.status == "open",
+                                       CheckoutLink.item.in_(TIERS))
+            .order_by(CheckoutLink.created_at))
+    return [link for link in session.execute(stmt).scalars() if _aware(link.expires_at) > now]
+
+
+def expire_other_plan_links(*, user_id: str, now: datetime, client, settings: Settings,
+                            engine: Engine) -> list[str]:
+    """Expire the user's open plan links in Stripe and record it; the expired session ids. Refuses when one
+    of them was paid meanwhile (its subscription is on its way: a new plan link would make a second one)."""
+    with db.read_session(engine) as session:
+        found = [(link.session_id, link.item) for link in open_plan_links(session, user_id=user_id, now=now)]
+    expired = []
+    for session_id, item in found:
+        with stripe_errors(f"expiring {user_id}'s earlier {item} link {session_id}", settings=settings):
+            try:
+                client.v1.checkout.sessions.expire(session_id, options={"idempotency_key": f"expire-{session_id}"})
+                status = "expired"
+            except stripe.InvalidRequestError:  # no longer open: record what Stripe says it is
+                status = client.v1.checkout.sessions.retrieve(session_id).status
+                if status not in ("expired", "complete"):
+                    raise
+        with db.write_session(engine) as session:
+            mark_link_status(session, session_id=session_id, status=status, at=now)
+        if status == "complete":
+            raise CheckoutRefused(f"{user_id}'s earlier {item} link {session_id} has been paid: their subscription "
+                                  "is on its way; change plans in the Stripe customer portal instead: "
+                                  f"python -m billing_core portal-link {user_id}")
+        expired.append(session_id)
+    return expired
+
+
 def create_portal_link(*, user_id: str, settings: Settings, engine: Engine, client=None) -> str:
     """A Stripe customer portal URL where the user changes or cancels their plan."""
     user_id = ledger.check_user_id(user_id)
@@ -205,9 +245,17 @@ def create_portal_link(*, user_id: str, settings: Settings, engine: Engine, clie
         raise CheckoutRefused(f"no Stripe customer is known for {user_id} yet (they have not completed a "
                               "checkout); send a checkout link instead: python -m billing_core checkout-link "
                               f"{user_id} ITEM")
+    from .catalog_sync import find_portal_configuration
+
     with stripe_errors(f"creating the customer portal link for {user_id}", settings=settings):
+        configuration = find_portal_configuration(client)
+        if configuration is None or not configuration.get("active"):
+            raise CheckoutRefused("Stripe holds no active customer portal configuration made by sync-catalog "
+                                  "(plan switching, upgrades invoiced at once, downgrades at the period's end); "
+                                  "run: python -m billing_core sync-catalog")
         portal = client.v1.billing_portal.sessions.create(
-            params={"customer": customer_id, "return_url": settings.base_url})
+            params={"customer": customer_id, "return_url": settings.base_url,
+                    "configuration": configuration["id"]})
     return portal.url
 
 

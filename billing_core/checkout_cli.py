@@ -36,7 +36,7 @@ def cmd_portal_link(args) -> int:
 
 
 def cmd_sync_catalog(args) -> int:
-    from .catalog_sync import sync_catalog, write_env_prices
+    from .catalog_sync import plan_prices_of, sync_catalog, sync_portal_configuration, write_env_prices
 
     settings = get_settings()
     results = sync_catalog()
@@ -46,6 +46,9 @@ def cmd_sync_catalog(args) -> int:
         print(f"{what} {CATALOG[row.item].price_setting}={row.price_id}{note}")
     created = sum(r.created for r in results)
     print(f"{created} price(s) created, {len(results) - created} already in Stripe ({settings.stripe_mode} mode)")
+    portal = sync_portal_configuration(plan_prices_of(results), settings=settings)
+    corrected = f" (corrected: it {'; it '.join(portal.drift)})" if portal.drift else ""
+    print(f"customer portal configuration {portal.configuration_id}: {portal.action}{corrected}")
     if args.write_env:
         path = write_env_prices(settings.env_file, {r.item: r.price_id for r in results})
         print(f"wrote {len(results)} price IDs to {path}")

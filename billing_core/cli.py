@@ -45,8 +45,11 @@ def cmd_check_config(args) -> int:
     settings = get_settings()
     problems = check_config(settings)
     if args.stripe:
-        from .catalog_sync import check_prices_against_stripe
-        problems += check_prices_against_stripe(settings)
+        from .catalog_sync import check_portal_against_stripe, check_prices_against_stripe
+        price_problems = check_prices_against_stripe(settings)
+        problems += price_problems
+        if not any(p.setting == "STRIPE_SECRET_KEY" for p in price_problems):  # no key: said once already
+            problems += check_portal_against_stripe(settings)
     found: list[str] = []
     if args.database:
         found, database_problems = _check_database(settings, args)
@@ -153,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_db)
 
     p = sub.add_parser("check-config", help="report every configuration problem at once")
-    p.add_argument("--stripe", action="store_true", help="also check each configured price against Stripe")
+    p.add_argument("--stripe", action="store_true", help="also check each configured price and the customer portal "
+                   "configuration against Stripe")
     p.add_argument("--database", action="store_true",
                    help="also connect to the database: schema, and on PostgreSQL whether every process's pool fits "
                         "the server's max_connections")

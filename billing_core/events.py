@@ -249,7 +249,7 @@ def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
         with db.write_session(engine) as session:
             result = _store_and_apply(session, event, raw_payload, source=source, settings=settings, facts=facts)
     except _Waiting as waiting:  # its effects are rolled back with the transaction; the event is kept
-        return _record_waiting(engine, event, raw_payload, source, waiting.reason)
+        return _record_waiting(engine, event, raw_payload, source, waiting.reason, user_id=waiting.user_id)
     except Exception as exc:  # anything unexpected: nothing of it stays, Stripe retries on our 500
         error = safe_error_text(exc, settings)
         log.error("event %s failed: %s", event["id"], error, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -353,9 +353,10 @@ def _process(engine: Engine, event_id: str, *, settings: Settings, only_statuses
 class _Waiting(Exception):
     """The event needs a person: leave the transaction (its effects go with it) and keep the event apart."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, user_id: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.user_id = user_id
 
 
 def _run_handler(session, ctx: EventContext, *, savepoint: bool = True) -> tuple[str, str | None, str | None]:
@@ -371,8 +372,8 @@ def _run_handler(session, ctx: EventContext, *, savepoint: bool = True) -> tuple
     except NeedsAttention as exc:
         reason = printable(exc.reason, MAX_ERROR_CHARS)
         if not savepoint:
-            raise _Waiting(reason) from None
-        return "needs_attention", reason, None
+            raise _Waiting(reason, user_id=exc.user_id) from None
+        return "needs_attention", reason, exc.user_id
     except (ledger.LedgerError, UnknownPrice, UnknownItem) as exc:  # the event carries data we can't use
         if not savepoint:
             raise _Waiting(safe_error_text(exc, ctx.settings)) from None
@@ -384,17 +385,18 @@ def _run_handler(session, ctx: EventContext, *, savepoint: bool = True) -> tuple
     return "processed", None, handled.user_id
 
 
-def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, reason: str) -> IngestResult:
-    """Keep an event that needs a person, with the reason, in a transaction of its own."""
+def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, reason: str, *,
+                    user_id: str | None = None) -> IngestResult:
+    """Keep an event that needs a person, with the reason (and its user when known), in a transaction of its own."""
     with db.write_session(engine) as session:
         connection = session.connection()
-        if not _insert_event(connection, _event_values(event, raw_payload, source, status="needs_attention",
-                                                       attempts=1, error=reason)):
-            if not _finish_event(connection, event["id"], status="needs_attention", error=reason, user_id=None,
+        values = _event_values(event, raw_payload, source, status="needs_attention", attempts=1, error=reason)
+        if not _insert_event(connection, {**values, "user_id": user_id}):
+            if not _finish_event(connection, event["id"], status="needs_attention", error=reason, user_id=user_id,
                                  statement=_FINISH_PENDING_EVENT):
                 row = _stored_status(connection, event["id"])  # a copy finished it meanwhile
                 return IngestResult(event["id"], row.status, duplicate=True, error=row.error, user_id=row.user_id)
-    return IngestResult(event["id"], "needs_attention", error=reason)
+    return IngestResult(event["id"], "needs_attention", error=reason, user_id=user_id)
 
 
 def _record_failure(engine: Engine, event_id: str, error: str, *, stored: dict | None = None) -> None:

@@ -938,3 +938,50 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
                                             "spendable_after": result.spendable_balance, "created_at": book.now,
                                             "token_name": token_name})
     return result
+
+
+# --- plan changes (billing_core/plan_changes.py decides; these write) ------------------------------
+
+DOWNGRADE_TAKEBACK = "downgrade_takeback"
+
+
+def _of_period(lot: Lot, subscription_id: str, period_end: int) -> bool:
+    return lot.source == "subscription" and lot.subscription_id == subscription_id and lot.period_end == period_end
+
+
+def period_unspent(session: Session, *, user_id: str, subscription_id: str, period_end: int,
+                   now: datetime | None = None) -> int:
+    """A subscription period's credits still unspent (in its open lots; frozen ones count, held ones don't)."""
+    return sum(lot.remaining for lot in open_lots(session, user_id, now=now)
+               if _of_period(lot, subscription_id, period_end) and not lot.closed)
+
+
+def grant_plan_change_topup(session: Session, *, user_id: str, subscription_id: str, period_end: int, credits: int,
+                            source_key: str, payment_id: int | None, expires_at: datetime | None,
+                            rollover: bool = False, now: datetime | None = None) -> LedgerEntry | None:
+    """An upgrade's top-up for the rest of its period, once per source key, tied to the payment of the invoice
+    that carried its proration (so refunding that invoice takes it back). A subscription lot of that period,
+    expiring at `expires_at` (never with `rollover`)."""
+    book = _open_book(session, user_id, now=now)
+    entry = _grant(book, credits=credits, kind="upgrade_topup", source_key=source_key, lot_source="subscription",
+                   expires_at=None if rollover else expires_at, subscription_id=subscription_id,
+                   period_end=period_end, payment_id=payment_id)
+    book.save_totals()
+    return entry
+
+
+def take_back_for_downgrade(session: Session, *, user_id: str, subscription_id: str, period_end: int, credits: int,
+                            source_key: str, reason: str, now: datetime | None = None) -> int:
+    """Take up to `credits` from the period's unspent subscription credits (never packs or adjustments, never
+    into debt); what was taken. Once per source key."""
+    book = _open_book(session, user_id, now=now)
+    if credits <= 0 or _key_exists(session, f"{source_key}:0"):
+        book.save_totals()
+        return 0
+    period_lots = [lot for lot in book.open_lots(spendable_only=False) if _of_period(lot, subscription_id, period_end)]
+    take = min(credits, sum(lot.remaining for lot in period_lots))
+    if take > 0:
+        _draw(book, credits=take, kind=DOWNGRADE_TAKEBACK, key_prefix=source_key, lots=period_lots, allow_debt=False,
+              subscription_id=subscription_id, period_end=period_end, reason=reason)
+    book.finish(refresh_flag=True)
+    return max(take, 0)

@@ -50,6 +50,7 @@ class Subscription(SQLModel, table=True):
     price_id: str | None = Field(default=None, max_length=100)
     status: str = Field(default="incomplete", max_length=40)
     current_period_end: int | None = Field(default=None, sa_column=Column(BigInteger))
+    current_period_start: int | None = Field(default=None, sa_column=Column(BigInteger))
     cancel_at_period_end: bool = False
     # `created` of the newest Stripe object snapshot applied; older snapshots are stale.
     state_at: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
@@ -270,6 +271,31 @@ class AdjustmentRequest(SQLModel, table=True):
     decided_by: str | None = Field(default=None, max_length=200)
     decided_at: datetime | None = None
     decision_reason: str | None = Field(default=None, max_length=500)
+
+
+class PlanChange(SQLModel, table=True):
+    """A mid-period plan change, reported by a subscription event, by the invoice carrying its proration, or by
+    both (matched by subscription, period, plans and change time). Its credits are fixed by the first report;
+    the ledger entries it causes carry source keys `plan-change:<id>:...`, so it is applied once."""
+    __tablename__ = "plan_change"
+    __table_args__ = (Index("ix_plan_change_period", "subscription_id", "period_end"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="account.user_id", index=True, max_length=200)
+    subscription_id: str = Field(max_length=100)
+    period_start: int | None = Field(default=None, sa_column=Column(BigInteger))
+    period_end: int = Field(sa_column=Column(BigInteger, nullable=False))
+    changed_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    from_tier: str = Field(max_length=40)
+    to_tier: str = Field(max_length=40)
+    fraction: str = Field(max_length=60)  # of the period left at the change, "numerator/denominator"
+    credits: int  # + top-up of an upgrade, - take-back of a downgrade (before the cap at unspent credits)
+    applied: int = 0  # credits granted (+) or taken back (-) so far
+    event_id: str | None = Field(default=None, unique=True, max_length=100)  # customer.subscription.updated
+    invoice_id: str | None = Field(default=None, index=True, max_length=100)  # the invoice carrying its proration
+    payment_id: int | None = Field(default=None, foreign_key="payment.id")  # that invoice's payment, once paid
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod  # noqa: E402,F401  (registers them)

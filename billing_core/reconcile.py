@@ -25,7 +25,7 @@ from sqlmodel import Session
 
 from . import db
 from .catalog import PLANS
-from .ledger import SUBSCRIPTION_GRANT_KINDS
+from .ledger import DOWNGRADE_TAKEBACK, SUBSCRIPTION_GRANT_KINDS
 from .ledger_check import check_ledger
 from .models import LedgerEntry, Payment, StripeEvent, from_epoch, utcnow
 from .settings import Settings
@@ -325,10 +325,12 @@ def applied_twice(session: Session) -> list[dict]:
     for payment_id, user_id, count, credits in session.execute(per_payment).all():
         found.append({"what": "pack granted more than once for one payment", "payment_id": payment_id,
                       "user_id": user_id, "grants": count, "credits": int(credits)})
+    # net of downgrade take-backs: several plan changes in a period each grant or take back (plan_changes)
     per_period = (select(LedgerEntry.subscription_id, LedgerEntry.period_end, LedgerEntry.user_id,
-                         func.count(), func.sum(LedgerEntry.credits),
+                         func.sum(case((LedgerEntry.kind.in_(SUBSCRIPTION_GRANT_KINDS), 1), else_=0)),
+                         func.sum(LedgerEntry.credits),
                          func.sum(case((LedgerEntry.kind == "subscription_grant", 1), else_=0)))
-                  .where(LedgerEntry.kind.in_(SUBSCRIPTION_GRANT_KINDS))
+                  .where(LedgerEntry.kind.in_((*SUBSCRIPTION_GRANT_KINDS, DOWNGRADE_TAKEBACK)))
                   .group_by(LedgerEntry.subscription_id, LedgerEntry.period_end, LedgerEntry.user_id))
     for sub_id, period_end, user_id, count, credits, base_grants in session.execute(per_period).all():
         if int(base_grants or 0) > 1 or int(credits) > _max_allowance():

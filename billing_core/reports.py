@@ -731,7 +731,7 @@ CREDIT_FLOW_KINDS = {
     "granted": ledger.GRANT_KINDS,
     "spent": ("spend",),
     "expired": ("expire",),
-    "clawed back": ("clawback",),
+    "clawed back": ("clawback", ledger.DOWNGRADE_TAKEBACK),
 }
 FLOW_OF_KIND = {kind: flow for flow, kinds in CREDIT_FLOW_KINDS.items() for kind in kinds}
 

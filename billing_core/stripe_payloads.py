@@ -38,9 +38,10 @@ MAX_EMAIL_CHARS = 320
 class NeedsAttention(Exception):
     """The event can't be applied without a person (unknown user, unknown price, unknown payment)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, user_id: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.user_id = user_id  # recorded on the event when known, so the Customers page finds it
 
 
 # --- checked readers -------------------------------------------------------------------------
@@ -196,6 +197,12 @@ def subscription_period_end(sub: dict) -> int | None:
     return as_epoch(found, what="current_period_end")
 
 
+def subscription_period_start(sub: dict) -> int | None:
+    """Today on the item; before 2025-03 on the subscription itself."""
+    found = dig(sub, "items", "data", 0, "current_period_start") or sub.get("current_period_start")
+    return as_epoch(found, what="current_period_start")
+
+
 def previous_subscription_price(previous_attributes: dict) -> Any:
     """The price a `customer.subscription.updated` replaced, when it changed."""
     return dig(previous_attributes, "items", "data", 0, "price") or dig(previous_attributes, "plan")
@@ -273,6 +280,10 @@ def line_is_proration(line: dict) -> bool:
 
 def line_period_end(line: dict) -> int | None:
     return as_epoch(dig(line, "period", "end"), what="invoice line period end")
+
+
+def line_period_start(line: dict) -> int | None:
+    return as_epoch(dig(line, "period", "start"), what="invoice line period start")
 
 
 # --- charges and disputes --------------------------------------------------------------------

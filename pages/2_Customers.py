@@ -5,11 +5,12 @@ import uuid
 
 import streamlit as st
 
-from billing_core import approvals, db, ledger, reports
+from billing_core import approvals, db, ledger, reports, second_subscription
 from billing_core.catalog import PLANS
 from billing_core.formatting import escape_markdown as md
 from billing_core.formatting import money_by_currency
 from billing_core.operators import OperatorError, adjustment_limit
+from billing_core.stripe_client import StripeProblem
 from dashboard_ui import data
 from dashboard_ui.common import money, pager, start_page, table, when
 
@@ -97,6 +98,30 @@ st.download_button("Download full ledger (CSV)", key="ledger_csv", mime="text/cs
                    data=lambda: data.customer_ledger_csv(url, user_id, settings.operator_timezone),
                    file_name=f"ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', user_id)}.csv",
                    help="Every ledger entry of this account, oldest first, times in your timezone")
+
+with data.read(url) as session:
+    second_candidate = second_subscription.has_second_candidate(session, user_id=user_id)
+if second_candidate:
+    st.markdown("#### Second subscription")
+    st.warning("More than one subscription is known for this user. One plan per user: a second live "
+               "subscription grants nothing, and its events wait under Webhook events (needs attention).")
+    if not identity.is_admin:
+        st.caption("Ask an admin to cancel and refund the newer subscription.")
+    else:
+        with st.form("cancel_second"):
+            confirm_second = st.checkbox("I confirm: cancel the newer live subscription in Stripe now and refund "
+                                         "its latest payment in full", key="cancel_second_confirm")
+            cancel_second = st.form_submit_button("Cancel and refund the newer subscription")
+        if cancel_second and not confirm_second:
+            st.error("Tick the confirmation box to cancel and refund the newer subscription.")
+        elif cancel_second:
+            try:
+                outcome = second_subscription.cancel_and_refund_newer(
+                    user_id=user_id, operator=identity.name, settings=settings, engine=db.get_engine(url))
+            except (second_subscription.SecondSubscriptionError, StripeProblem) as exc:
+                st.error(md(str(exc)))
+            else:
+                st.success(outcome.message())  # Stripe ids and an amount only
 
 st.markdown("#### Balance by source and expiry")
 if overview["breakdown"]:

@@ -26,18 +26,24 @@ Two ways in, one state:
 * Prices: a ``lookup_key`` already used by another price -> 400 unless ``transfer_lookup_key=true``.
 
 Endpoints (all under /v1): checkout/sessions (create, retrieve, list), checkout/sessions/{id}/line_items,
-billing_portal/sessions (create), products (create, list, retrieve, update), prices (create, list with
+checkout/sessions/{id}/expire (open sessions only, else 400),
+billing_portal/sessions (create; ``configuration`` must exist and be active, else Stripe's default
+configuration), billing_portal/configurations (create, list with ``active``/``is_default``, retrieve, update;
+products and prices must exist, belong together and be active recurring prices), products (create, list, retrieve, update), prices (create, list with
 ``lookup_keys[]``/``active``/``product``/``type``, retrieve, update), customers (create, retrieve),
 invoice_payments (list, filter ``invoice`` or ``payment[type]=payment_intent&payment[payment_intent]=``),
 events (list with ``limit``/``starting_after``/``ending_before``/``created[gte|gt|lte|lt]``/``type``/
 ``types[]``, newest first, ``has_more``; retrieve), and retrieve for charges, payment_intents, invoices,
-subscriptions, disputes and refunds. ``expand[]`` is accepted everywhere; ``product`` on prices and
+subscriptions, disputes and refunds; subscriptions/{id} (DELETE: cancel; a canceled one -> 400) and refunds
+(create by ``payment_intent`` or ``charge``; nothing left to refund -> 400 ``charge_already_refunded``).
+``expand[]`` is accepted everywhere; ``product`` on prices and
 ``line_items`` on checkout sessions are really expanded, other expansions are ignored.
 
 Test-side API (all return the stored dict; objects are plain dicts shaped like the current API):
 
 * ``state.add_product(...)``, ``state.add_price(...)``, ``state.seed_catalog(items) -> {item_key: price_id}``
 * ``state.add_customer(id=None, email=None, ...)``
+* ``state.add_portal_configuration(features=None, metadata=None, is_default=False, active=True)``
 * ``state.add_checkout_session(**fields)``; ``state.complete_checkout_session(id, payment_status="paid",
   customer=None, payment_intent=None, subscription=None, invoice=None)``; ``state.expire_checkout_session(id)``
 * ``state.add_invoice_payment(invoice=, payment_intent=, amount_paid=, currency="usd", status="paid")``
@@ -110,6 +116,31 @@ SESSION_LIST = {**LIST, "customer": str, "payment_intent": str, "subscription": 
                 "status": ("open", "complete", "expired"), "created": CREATED_RANGE}
 PORTAL_CREATE = {"customer": str, "return_url": str, "configuration": str, "locale": str, "flow_data": ANY,
                  **EXPAND}
+PORTAL_FEATURES = {
+    "customer_update": {"enabled": bool, "allowed_updates": [("address", "email", "name", "phone", "shipping",
+                                                             "tax_id")]},
+    "invoice_history": {"enabled": bool},
+    "payment_method_update": {"enabled": bool, "payment_method_configuration": str},
+    "subscription_cancel": {"enabled": bool, "mode": ("at_period_end", "immediately"),
+                            "proration_behavior": ("always_invoice", "create_prorations", "none"),
+                            "cancellation_reason": {"enabled": bool, "options": [str], "feedback_options": [str]}},
+    "subscription_pause": {"enabled": bool, "duration": ANY},
+    "subscription_update": {
+        "enabled": bool, "default_allowed_updates": [("price", "promotion_code", "quantity")],
+        "products": [{"product": str, "prices": [str], "adjustable_quantity": {"enabled": bool, "maximum": int,
+                                                                               "minimum": int}}],
+        "proration_behavior": ("always_invoice", "create_prorations", "none"),
+        "billing_cycle_anchor": ("now", "unchanged"),
+        "schedule_at_period_end": {"conditions": [{"type": ("decreasing_item_amount", "shortening_interval")}]},
+        "trial_update_behavior": ("continue_trial", "end_trial"),
+    },
+}
+PORTAL_CONFIGURATION_CREATE = {
+    "features": PORTAL_FEATURES, "business_profile": {"headline": str, "privacy_policy_url": str,
+                                                      "terms_of_service_url": str},
+    "default_return_url": str, "login_page": {"enabled": bool}, "metadata": METADATA, "name": str, **EXPAND}
+PORTAL_CONFIGURATION_UPDATE = {**PORTAL_CONFIGURATION_CREATE, "active": bool}
+PORTAL_CONFIGURATION_LIST = {**LIST, "active": bool, "is_default": bool}
 PRODUCT_CREATE = {"name": str, "id": str, "active": bool, "description": str, "metadata": METADATA,
                   "tax_code": str, "unit_label": str, "statement_descriptor": str, **EXPAND}
 PRODUCT_UPDATE = {"name": str, "active": bool, "description": str, "metadata": METADATA, "default_price": str,
@@ -132,6 +163,12 @@ INVOICE_PAYMENT_LIST = {**LIST, "invoice": str, "status": str,
 EVENT_LIST = {**LIST, "created": CREATED_RANGE | {"": int}, "type": str, "types": [str],
               "delivery_success": bool}
 RETRIEVE = dict(EXPAND)
+SUBSCRIPTION_CANCEL = {"cancellation_details": {"comment": str, "feedback": (
+    "customer_service", "low_quality", "missing_features", "other", "switched_service", "too_complex",
+    "too_expensive", "unused", "")}, "invoice_now": bool, "prorate": bool, **EXPAND}
+REFUND_CREATE = {"payment_intent": str, "charge": str, "amount": int, "metadata": METADATA,
+                 "reason": ("duplicate", "fraudulent", "requested_by_customer"), "instructions_email": str,
+                 "refund_application_fee": bool, "reverse_transfer": bool, **EXPAND}
 
 RETRIEVABLE = {  # path segment -> stored kind
     "charges": "charges", "payment_intents": "payment_intents", "invoices": "invoices",
@@ -573,6 +610,14 @@ class StripeState:
             result["line_items"] = _list(session["_line_items"], "/v1/checkout/sessions/%s/line_items" % session_id)
         return result
 
+    def _expire_session(self, params: dict, session_id: str) -> dict:
+        validate(params, RETRIEVE)
+        session = self._get("checkout_sessions", session_id, "checkout.session")
+        if session["status"] != "open":
+            raise bad_request(f"Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout "
+                              f"Session has a status of \"{session['status']}\".")
+        return self.expire_checkout_session(session_id)
+
     def _session_line_items(self, params: dict, session_id: str) -> dict:
         validate(params, LIST)
         session = self._get("checkout_sessions", session_id, "checkout.session")
@@ -593,12 +638,112 @@ class StripeState:
             raise bad_request("Missing required param: customer.", param="customer", code="parameter_missing")
         if customer not in self._store("customers"):
             raise missing("customer", customer, param="customer")
+        configuration = params.get("configuration")
+        if configuration is not None:
+            found = self._get_param("portal_configurations", configuration, "configuration", "configuration")
+            if not found["active"]:
+                raise bad_request("The configuration specified is inactive.", param="configuration")
+        else:
+            configuration = self._default_portal_configuration()["id"]
         portal_id = self._id("bps")
         session = {"id": portal_id, "object": "billing_portal.session", "customer": customer,
+                   "configuration": configuration,
                    "return_url": params.get("return_url"), "created": self._now(), "livemode": self.livemode,
                    "url": f"https://billing.stripe.com/p/session/{portal_id}"}
         self._store("portal_sessions")[portal_id] = session
         return session
+
+    # ---- customer portal configurations ----
+    def add_portal_configuration(self, *, features: dict | None = None, metadata: dict | None = None,
+                                 is_default: bool = False, active: bool = True, **extra) -> dict:
+        """A stored configuration with Stripe's full `features` shape (defaults filled in)."""
+        with self._lock:
+            configuration = {"id": self._id("bpc"), "object": "billing_portal.configuration", "active": active,
+                             "application": None, "business_profile": {"headline": None, "privacy_policy_url": None,
+                                                                       "terms_of_service_url": None},
+                             "created": self._now(), "updated": self._now(), "default_return_url": None,
+                             "features": _portal_features(features or {}), "is_default": is_default,
+                             "livemode": self.livemode, "login_page": {"enabled": False, "url": None},
+                             "metadata": dict(metadata or {}), "name": None, **extra}
+            self._store("portal_configurations")[configuration["id"]] = configuration
+            return configuration
+
+    def _default_portal_configuration(self) -> dict:
+        for configuration in self._store("portal_configurations").values():
+            if configuration["is_default"]:
+                return configuration
+        return self.add_portal_configuration(is_default=True)
+
+    def _check_portal_features(self, features: dict) -> None:
+        update = features.get("subscription_update") or {}
+        for index, product in enumerate(update.get("products") or []):
+            param = f"features[subscription_update][products][{index}]"
+            for name in ("product", "prices"):
+                if name not in product:
+                    raise bad_request(f"Missing required param: {param}[{name}].", param=f"{param}[{name}]",
+                                      code="parameter_missing")
+            self._get_param("products", product["product"], "product", f"{param}[product]")
+            for number, price_id in enumerate(product["prices"]):
+                price = self._get_param("prices", price_id, "price", f"{param}[prices][{number}]")
+                if price["product"] != product["product"]:
+                    raise bad_request(f"The price {price_id} does not belong to product {product['product']}.",
+                                      param=f"{param}[prices][{number}]")
+                if price["type"] != "recurring" or not price["active"]:
+                    raise bad_request(f"The price {price_id} must be an active recurring price.",
+                                      param=f"{param}[prices][{number}]")
+        if update.get("enabled") and "price" in (update.get("default_allowed_updates") or []) \
+                and not update.get("products"):
+            raise bad_request("At least one product must be specified when subscription updates allow price "
+                              "changes.", param="features[subscription_update][products]")
+        cancel = features.get("subscription_cancel") or {}
+        if cancel.get("proration_behavior") == "always_invoice":
+            raise bad_request("`always_invoice` is not a valid proration behavior for cancellation.",
+                              param="features[subscription_cancel][proration_behavior]")
+        if cancel.get("proration_behavior") == "create_prorations" and cancel.get("mode") != "immediately":
+            raise bad_request("`create_prorations` is only compatible with `mode=immediately`.",
+                              param="features[subscription_cancel][proration_behavior]")
+        for name, feature in features.items():
+            if isinstance(feature, dict) and name != "subscription_pause" and "enabled" not in feature:
+                raise bad_request(f"Missing required param: features[{name}][enabled].",
+                                  param=f"features[{name}][enabled]", code="parameter_missing")
+
+    def _create_portal_configuration(self, params: dict) -> dict:
+        params = validate(params, PORTAL_CONFIGURATION_CREATE)
+        if "features" not in params:
+            raise bad_request("Missing required param: features.", param="features", code="parameter_missing")
+        self._check_portal_features(params["features"])
+        params.pop("expand", None)
+        return self.add_portal_configuration(**params)
+
+    def _update_portal_configuration(self, params: dict, configuration_id: str) -> dict:
+        params = validate(params, PORTAL_CONFIGURATION_UPDATE)
+        configuration = self._get("portal_configurations", configuration_id, "configuration")
+        features = params.get("features") or {}
+        merged = {name: {**configuration["features"][name], **value} for name, value in features.items()}
+        for value in merged.values():  # the enabled flag may be left out on update
+            value.setdefault("enabled", False)
+        self._check_portal_features(merged)
+        for name, value in merged.items():
+            configuration["features"][name] = _portal_features({name: value})[name]
+        if "metadata" in params:
+            configuration["metadata"] = _merge_metadata(configuration["metadata"], params["metadata"])
+        for name in ("active", "default_return_url", "name"):
+            if name in params:
+                configuration[name] = params[name]
+        if "business_profile" in params:
+            configuration["business_profile"].update(params["business_profile"])
+        configuration["updated"] = self._now()
+        return configuration
+
+    def _list_portal_configurations(self, params: dict) -> dict:
+        params = validate(params, PORTAL_CONFIGURATION_LIST)
+        rows = [c for c in self._store("portal_configurations").values()
+                if all(c[name] == params[name] for name in ("active", "is_default") if name in params)]
+        return _page(list(reversed(rows)), params, "/v1/billing_portal/configurations")
+
+    def _retrieve_portal_configuration(self, params: dict, configuration_id: str) -> dict:
+        validate(params, RETRIEVE)
+        return self._get("portal_configurations", configuration_id, "configuration")
 
     # ---- products and prices ----
     def _create_product(self, params: dict) -> dict:
@@ -716,6 +861,45 @@ class StripeState:
                 and all(r["payment"].get(name) == value for name, value in payment.items())]
         return _page(list(reversed(rows)), params, "/v1/invoice_payments")
 
+    def _cancel_subscription(self, params: dict, subscription_id: str) -> dict:
+        params = validate(params, SUBSCRIPTION_CANCEL)
+        subscription = self._get("subscriptions", subscription_id, "subscription")
+        if subscription.get("status") in ("canceled", "incomplete_expired"):
+            raise bad_request(f"A canceled subscription can not be canceled again: '{subscription_id}'.",
+                              code="resource_missing")
+        now = self._now()
+        subscription.update(status="canceled", canceled_at=now, ended_at=now, cancel_at_period_end=False,
+                            cancellation_details={"comment": None, "feedback": None, "reason": "cancellation_requested",
+                                                  **params.get("cancellation_details", {})})
+        return subscription
+
+    def _create_refund(self, params: dict) -> dict:
+        params = validate(params, REFUND_CREATE)
+        if bool(params.get("payment_intent")) == bool(params.get("charge")):
+            raise bad_request("You must pass either `payment_intent` or `charge` (not both).", param="charge")
+        charges = self._store("charges")
+        if params.get("charge"):
+            charge = self._get_param("charges", params["charge"], "charge", "charge")
+        else:
+            found = [c for c in charges.values() if c.get("payment_intent") == params["payment_intent"]]
+            if not found:
+                raise missing("payment_intent", params["payment_intent"], param="payment_intent")
+            charge = found[-1]
+        left = charge["amount"] - charge.get("amount_refunded", 0)
+        if left <= 0:
+            raise bad_request(f"Charge {charge['id']} has already been refunded.", code="charge_already_refunded")
+        amount = params.get("amount", left)
+        if not 0 < amount <= left:
+            raise bad_request(f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
+                              param="amount")
+        charge["amount_refunded"] = charge.get("amount_refunded", 0) + amount
+        charge["refunded"] = charge["amount_refunded"] >= charge["amount"]
+        refund = {"id": self._id("re"), "object": "refund", "amount": amount, "charge": charge["id"],
+                  "currency": charge["currency"], "payment_intent": charge.get("payment_intent"),
+                  "reason": params.get("reason"), "metadata": params.get("metadata", {}), "status": "succeeded",
+                  "created": self._now()}
+        return self.add_object("refunds", refund)
+
     def _list_events(self, params: dict) -> dict:
         params = validate(params, EVENT_LIST)
         types = params.get("types") or ([params["type"]] if "type" in params else None)
@@ -749,6 +933,31 @@ def _recurring(recurring: dict | None) -> dict | None:
         return None
     return {"interval": recurring["interval"], "interval_count": int(recurring.get("interval_count", 1)),
             "meter": None, "usage_type": recurring.get("usage_type", "licensed"), "trial_period_days": None}
+
+
+def _portal_features(given: dict) -> dict:
+    """A configuration's `features` as Stripe returns it: every feature present, unset fields filled in."""
+    update = dict(given.get("subscription_update") or {})
+    cancel = dict(given.get("subscription_cancel") or {})
+    return {
+        "customer_update": {"enabled": False, "allowed_updates": [], **(given.get("customer_update") or {})},
+        "invoice_history": {"enabled": False, **(given.get("invoice_history") or {})},
+        "payment_method_update": {"enabled": False, "payment_method_configuration": None,
+                                  **(given.get("payment_method_update") or {})},
+        "subscription_cancel": {"enabled": False, "mode": "at_period_end", "proration_behavior": "none",
+                                "cancellation_reason": {"enabled": False, "options": []}, **cancel},
+        "subscription_pause": {"enabled": False},
+        "subscription_update": {
+            "enabled": False, "default_allowed_updates": [], "proration_behavior": "none",
+            "billing_cycle_anchor": None, "trial_update_behavior": "end_trial", **update,
+            "products": [{"product": p["product"], "prices": list(p["prices"]),
+                          "adjustable_quantity": {"enabled": False, "maximum": None, "minimum": 1,
+                                                  **(p.get("adjustable_quantity") or {})}}
+                         for p in update.get("products") or []],
+            "schedule_at_period_end": {"conditions": [dict(c) for c in (update.get("schedule_at_period_end") or {})
+                                                      .get("conditions", [])]},
+        },
+    }
 
 
 def _merge_metadata(current: dict, update: dict) -> dict:
@@ -809,8 +1018,8 @@ def _page(rows: list[dict], params: dict, url: str) -> dict:
 
 def _pattern(route: list[str]) -> tuple[str, ...]:
     """Path segments with object ids replaced by '*' (ids are the segments after a collection name)."""
-    known = {"checkout", "sessions", "billing_portal", "products", "prices", "customers", "invoice_payments",
-             "events", "line_items", *RETRIEVABLE}
+    known = {"checkout", "sessions", "billing_portal", "configurations", "products", "prices", "customers",
+             "invoice_payments", "events", "line_items", "expire", *RETRIEVABLE}
     return tuple(s if s in known else "*" for s in route)
 
 
@@ -819,7 +1028,12 @@ ROUTES: dict[tuple[str, tuple[str, ...]], Callable] = {
     ("GET", ("checkout", "sessions")): StripeState._list_sessions,
     ("GET", ("checkout", "sessions", "*")): StripeState._retrieve_session,
     ("GET", ("checkout", "sessions", "*", "line_items")): StripeState._session_line_items,
+    ("POST", ("checkout", "sessions", "*", "expire")): StripeState._expire_session,
     ("POST", ("billing_portal", "sessions")): StripeState._create_portal_session,
+    ("POST", ("billing_portal", "configurations")): StripeState._create_portal_configuration,
+    ("GET", ("billing_portal", "configurations")): StripeState._list_portal_configurations,
+    ("GET", ("billing_portal", "configurations", "*")): StripeState._retrieve_portal_configuration,
+    ("POST", ("billing_portal", "configurations", "*")): StripeState._update_portal_configuration,
     ("POST", ("products",)): StripeState._create_product,
     ("GET", ("products",)): StripeState._list_products,
     ("GET", ("products", "*")): lambda s, p, i: (validate(p, RETRIEVE), s._get("products", i, "product"))[1],
@@ -831,6 +1045,8 @@ ROUTES: dict[tuple[str, tuple[str, ...]], Callable] = {
     ("POST", ("customers",)): StripeState._create_customer,
     ("GET", ("invoice_payments",)): StripeState._list_invoice_payments,
     ("GET", ("events",)): StripeState._list_events,
+    ("DELETE", ("subscriptions", "*")): StripeState._cancel_subscription,
+    ("POST", ("refunds",)): StripeState._create_refund,
     ("GET", ("events", "*")): StripeState._retrieve_event,
 }
 

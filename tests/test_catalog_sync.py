@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import stripe
 
 from billing_core.catalog import CATALOG, PACKS, PLANS
 from billing_core.catalog_sync import check_prices_against_stripe, sync_catalog, write_env_prices
@@ -154,6 +155,8 @@ def test_sync_catalog_write_env_then_check_config(stripe_server, tmp_path, monke
     first = cli("sync-catalog", "--write-env")
     assert first.returncode == 0, first.stderr
     assert "7 price(s) created, 0 already in Stripe (test mode)" in first.stdout
+    [configuration] = stripe_server.state.objects["portal_configurations"]
+    assert f"customer portal configuration {configuration}: created" in first.stdout
     text = env_file.read_text()
     assert text.startswith(f"# keep me\nSTRIPE_SECRET_KEY={TEST_SECRET_KEY}\nSTRIPE_WEBHOOK_SECRET=whsec_abc123\n")
     written = load_settings({"BILLING_ENV_FILE": str(env_file)}).price_ids
@@ -163,6 +166,7 @@ def test_sync_catalog_write_env_then_check_config(stripe_server, tmp_path, monke
     second = cli("sync-catalog")
     assert second.returncode == 0, second.stderr
     assert "0 price(s) created, 7 already in Stripe" in second.stdout
+    assert f"customer portal configuration {configuration}: unchanged" in second.stdout
     assert f"STRIPE_PRICE_PACK_100={written['pack_100']}" in second.stdout
     assert env_file.read_text() == text
 
@@ -177,6 +181,12 @@ def test_sync_catalog_write_env_then_check_config(stripe_server, tmp_path, monke
             "the catalog says 3500") in check.stdout
     assert TEST_SECRET_KEY not in check.stdout + check.stderr
 
+    stripe_server.state.objects["portal_configurations"][configuration]["features"]["subscription_cancel"][
+        "mode"] = "immediately"
+    check = cli("check-config", "--stripe")
+    assert (f"ERROR: customer portal: configuration {configuration} cancels immediately, the catalog cancels at "
+            "the period's end") in check.stdout
+
 
 def test_sync_catalog_without_a_key_is_one_line():
     result = cli("sync-catalog")
@@ -184,3 +194,152 @@ def test_sync_catalog_without_a_key_is_one_line():
     assert result.stderr.strip().startswith("error: Stripe is not configured")
     assert len(result.stderr.strip().splitlines()) == 1
 
+
+
+# --- the customer portal configuration --------------------------------------------------------
+
+from billing_core.catalog_sync import (PORTAL_METADATA, check_portal_against_stripe,  # noqa: E402
+                                       find_portal_configuration, plan_prices_of, sync_portal_configuration)
+from billing_core.stripe_client import get_stripe_client  # noqa: E402
+
+
+def sync_everything():
+    results = sync_catalog()
+    return results, sync_portal_configuration(plan_prices_of(results))
+
+
+def expected_portal_params(results):
+    by_item = {r.item: r for r in results}
+    return {
+        "business_profile": {"headline": "DevOps Agent: change or cancel your plan"},
+        "default_return_url": "http://localhost:5000",
+        "features": {
+            "subscription_update": {
+                "enabled": "true", "default_allowed_updates": ["price"],
+                "products": [{"product": f"devops_agent_{plan.key}", "prices": [by_item[plan.key].price_id]}
+                             for plan in PLANS],
+                "proration_behavior": "always_invoice",
+                "schedule_at_period_end": {"conditions": [{"type": "decreasing_item_amount"}]},
+            },
+            "subscription_cancel": {"enabled": "true", "mode": "at_period_end"},
+            "payment_method_update": {"enabled": "true"},
+            "invoice_history": {"enabled": "true"},
+        },
+        "metadata": {"managed_by": "billing_core", "purpose": "plan_changes"},
+    }
+
+
+def test_sync_creates_the_portal_configuration_with_exactly_these_parameters(fake_stripe, stripe_state):
+    results, portal = sync_everything()
+    assert portal.action == "created"
+    [request] = stripe_state.requests_to("POST", "/v1/billing_portal/configurations")
+    assert request.params == expected_portal_params(results)
+    assert request.idempotency_key.startswith("portal-configuration-")
+    stored = stripe_state.objects["portal_configurations"][portal.configuration_id]
+    assert stored["metadata"] == PORTAL_METADATA and stored["active"]
+    assert check_portal_against_stripe(load_settings({"STRIPE_SECRET_KEY": TEST_SECRET_KEY, **{
+        PRICE_SETTINGS[r.item]: r.price_id for r in results}})) == []
+
+
+def test_a_second_sync_finds_the_configuration_by_its_metadata_and_changes_nothing(fake_stripe, stripe_state):
+    stripe_state.add_portal_configuration(is_default=True)  # the account's own default is left alone
+    stripe_state.add_portal_configuration(metadata={"managed_by": "someone_else"})
+    _, first = sync_everything()
+    before = len(posts(stripe_state))
+    _, second = sync_everything()
+    assert (second.configuration_id, second.action) == (first.configuration_id, "unchanged")
+    assert len(posts(stripe_state)) == before
+    assert len(stripe_state.objects["portal_configurations"]) == 3
+
+
+def test_a_retried_create_is_answered_from_stripes_idempotency_record(fake_stripe, stripe_state):
+    results = sync_catalog()
+    plan_prices = plan_prices_of(results)
+    client = get_stripe_client()
+    first = sync_portal_configuration(plan_prices, client=client)
+    key = stripe_state.requests_to("POST", "/v1/billing_portal/configurations")[0].idempotency_key
+    stripe_state.objects["portal_configurations"].clear()  # as if the list had not shown it yet
+    again = sync_portal_configuration(plan_prices, client=client)
+    assert again.configuration_id == first.configuration_id
+    assert [r.idempotency_key for r in stripe_state.requests_to("POST", "/v1/billing_portal/configurations")] == [key] * 2
+
+
+def test_a_drifted_configuration_is_updated_in_place(fake_stripe, stripe_state):
+    results, first = sync_everything()
+    stored = stripe_state.objects["portal_configurations"][first.configuration_id]
+    stored["features"]["subscription_update"]["proration_behavior"] = "create_prorations"
+    stored["features"]["subscription_update"]["schedule_at_period_end"]["conditions"] = []
+    stored["features"]["subscription_cancel"]["mode"] = "immediately"
+    stored["active"] = False
+    _, second = sync_everything()
+    assert (second.configuration_id, second.action) == (first.configuration_id, "updated")
+    assert second.drift == (
+        "is inactive",
+        "prorates plan changes with 'create_prorations', the catalog needs 'always_invoice' (upgrades invoiced at once)",
+        "applies downgrades at once, the catalog schedules them for the period's end",
+        "cancels immediately, the catalog cancels at the period's end")
+    update = stripe_state.requests_to("POST", f"/v1/billing_portal/configurations/{first.configuration_id}")[-1]
+    assert update.params == {**expected_portal_params(results), "active": "true"}
+    assert update.idempotency_key.startswith(f"portal-configuration-{first.configuration_id}-")
+    assert stored["features"]["subscription_update"]["proration_behavior"] == "always_invoice"
+    assert stored["features"]["subscription_cancel"]["mode"] == "at_period_end" and stored["active"]
+    assert sync_everything()[1].action == "unchanged"
+
+
+def test_a_replaced_plan_price_moves_into_the_configuration(fake_stripe, stripe_state):
+    _, first = sync_everything()
+    old = next(p for p in stripe_state.objects["prices"].values() if p["lookup_key"] == "business_monthly")
+    old["unit_amount"] = 12345
+    results, second = sync_everything()
+    new_price = next(r.price_id for r in results if r.item == "business")
+    assert second.action == "updated" and new_price != old["id"]
+    assert second.drift[0].startswith("offers ") and old["id"] in second.drift[0] and new_price in second.drift[0]
+    stored = stripe_state.objects["portal_configurations"][first.configuration_id]
+    offered = {p["product"]: p["prices"] for p in stored["features"]["subscription_update"]["products"]}
+    assert offered["devops_agent_business"] == [new_price]
+
+
+def test_the_double_refuses_what_stripe_refuses(fake_stripe, stripe_state):
+    results = sync_catalog()
+    client = get_stripe_client()
+    pack = next(r for r in results if r.item == "pack_100")
+    base = {"features": {"subscription_update": {"enabled": True, "default_allowed_updates": ["price"],
+                                                 "products": [{"product": pack.product_id,
+                                                               "prices": [pack.price_id]}]}}}
+    with pytest.raises(stripe.InvalidRequestError, match="active recurring price"):
+        client.v1.billing_portal.configurations.create(params=base)
+    with pytest.raises(stripe.InvalidRequestError, match="unknown parameter: features\\[subscription_update\\]\\[mode\\]"):
+        client.v1.billing_portal.configurations.create(
+            params={"features": {"subscription_update": {"enabled": True, "mode": "x"}}})
+    with pytest.raises(stripe.InvalidRequestError, match="not a valid proration behavior"):
+        client.v1.billing_portal.configurations.create(
+            params={"features": {"subscription_cancel": {"enabled": True, "proration_behavior": "always_invoice"}}})
+    client.v1.billing_portal.configurations.create(params={"features": {"invoice_history": {"enabled": True}}},
+                                                   options={"idempotency_key": "k1"})
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.billing_portal.configurations.create(params={"features": {"invoice_history": {"enabled": False}}},
+                                                       options={"idempotency_key": "k1"})
+
+
+def test_check_config_reports_portal_drift(fake_stripe, stripe_prices, stripe_state):
+    settings = get_settings()
+    [missing] = check_portal_against_stripe(settings)
+    assert missing.setting == "customer portal" and "run: python -m billing_core sync-catalog" in missing.message
+    products = {key: stripe_state.objects["prices"][price_id]["product"] for key, price_id in stripe_prices.items()}
+    configuration = stripe_state.add_portal_configuration(metadata=dict(PORTAL_METADATA), features={
+        "subscription_update": {"enabled": True, "default_allowed_updates": ["price"],
+                                "products": [{"product": products[key], "prices": [stripe_prices[key]]}
+                                             for key in ("starter", "business")],
+                                "proration_behavior": "always_invoice"},
+        "subscription_cancel": {"enabled": False}})
+    problems = [p.message for p in check_portal_against_stripe(settings)]
+    assert problems == [
+        f"configuration {configuration['id']} offers " + "; ".join(
+            f"{k} ({stripe_prices[k]})" for k in ("starter", "business"))
+        + ", the catalog's plans are " + "; ".join(
+            f"{k} ({stripe_prices[k]})" for k in ("starter", "professional", "business")),
+        f"configuration {configuration['id']} applies downgrades at once, the catalog schedules them for the "
+        "period's end",
+        f"configuration {configuration['id']} does not let customers cancel",
+    ]
+    assert find_portal_configuration(get_stripe_client())["id"] == configuration["id"]

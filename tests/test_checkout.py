@@ -274,16 +274,38 @@ def test_link_status_moves_forward_only(stripe_ready, database_url):
     assert [link.status for link in links(database_url)] == ["complete", "expired"]
 
 
+def catalog_portal_configuration(state):
+    from billing_core.catalog_sync import PORTAL_METADATA
+
+    return state.add_portal_configuration(metadata=dict(PORTAL_METADATA))
+
+
 def test_portal_link_needs_a_known_customer(stripe_ready, database_url):
     with pytest.raises(CheckoutRefused, match="no Stripe customer is known for agent-14"):
         create_portal_link(**wiring(), user_id="agent-14")
     customer = stripe_ready.add_customer(email="c@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-14", stripe_customer_id=customer["id"]))
+    stripe_ready.add_portal_configuration(is_default=True)
+    configuration = catalog_portal_configuration(stripe_ready)
     url = create_portal_link(**wiring(), user_id="agent-14")
     [request] = stripe_ready.requests_to("POST", "/v1/billing_portal/sessions")
-    assert request.params == {"customer": customer["id"], "return_url": "http://localhost:5000"}
+    assert request.params == {"customer": customer["id"], "return_url": "http://localhost:5000",
+                              "configuration": configuration["id"]}
     assert url.startswith("https://billing.stripe.com/p/session/")
+
+
+def test_portal_link_refuses_without_the_catalogs_configuration(stripe_ready, database_url):
+    customer = stripe_ready.add_customer(email="c@example.com")
+    with db.write_session() as session:
+        session.add(Account(user_id="agent-15", stripe_customer_id=customer["id"]))
+    stripe_ready.add_portal_configuration(is_default=True)  # Stripe's default would apply downgrades at once
+    with pytest.raises(CheckoutRefused, match="run: python -m billing_core sync-catalog"):
+        create_portal_link(**wiring(), user_id="agent-15")
+    catalog_portal_configuration(stripe_ready)["active"] = False
+    with pytest.raises(CheckoutRefused, match="no active customer portal configuration"):
+        create_portal_link(**wiring(), user_id="agent-15")
+    assert stripe_ready.requests_to("POST", "/v1/billing_portal/sessions") == []
 
 
 # --- the CLI as an operator runs it, against the Stripe-compatible server ------------------
@@ -349,6 +371,7 @@ def test_cli_portal_link_against_the_server(database_url, stripe_server):
     customer = stripe_server.state.add_customer(email="p@example.com")
     with db.write_session() as session:
         session.add(Account(user_id="agent-23", stripe_customer_id=customer["id"]))
+    catalog_portal_configuration(stripe_server.state)
     result = cli("portal-link", "agent-23")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("https://billing.stripe.com/p/session/")
@@ -364,3 +387,69 @@ def test_cli_refuses_an_old_schema(tmp_path, stripe_server, stripe_prices, monke
     error = one_line_error(cli("checkout-link", "agent-25", "pack_100"))
     assert "run `python -m billing_core init-db`" in error
     assert stripe_server.state.requests == []
+
+
+# --- one plan per user: a new plan link expires the user's other open plan links -------------
+
+def test_a_new_plan_link_expires_the_users_other_open_plan_links(stripe_ready, database_url):
+    starter = create_checkout_link(**wiring(), user_id="agent-30", item="starter", now=NOW)
+    pack = create_checkout_link(**wiring(), user_id="agent-30", item="pack_100", now=NOW)
+    other_user = create_checkout_link(**wiring(), user_id="agent-31", item="starter", now=NOW)
+    business = link_at(stripe_ready, NOW + timedelta(minutes=2), user_id="agent-30", item="business")
+    [expire] = [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+    assert (expire.method, expire.path, expire.params) == (
+        "POST", f"/v1/checkout/sessions/{starter.session_id}/expire", {})
+    assert expire.idempotency_key == f"expire-{starter.session_id}"
+    sessions = stripe_ready.objects["checkout_sessions"]
+    assert sessions[starter.session_id]["status"] == "expired"
+    assert [sessions[s.session_id]["status"] for s in (pack, other_user, business)] == ["open"] * 3
+    assert {link.session_id: link.status for link in links(database_url)} == {
+        starter.session_id: "expired", pack.session_id: "open", other_user.session_id: "open",
+        business.session_id: "open"}
+
+
+def test_a_pack_link_leaves_plan_links_open(stripe_ready, database_url):
+    plan = create_checkout_link(**wiring(), user_id="agent-32", item="professional", now=NOW)
+    create_checkout_link(**wiring(), user_id="agent-32", item="pack_500", now=NOW)
+    assert not [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+    assert stripe_ready.objects["checkout_sessions"][plan.session_id]["status"] == "open"
+
+
+def test_the_same_plan_link_again_in_the_window_expires_nothing(stripe_ready, database_url):
+    first = create_checkout_link(**wiring(), user_id="agent-33", item="starter", now=NOW)
+    again = link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-33", item="starter")
+    assert again.reused and again.session_id == first.session_id
+    assert not [r for r in stripe_ready.requests if r.path.endswith("/expire")]
+
+
+def test_an_expiry_stripe_already_made_is_recorded_and_a_retry_is_idempotent(stripe_ready, database_url):
+    starter = create_checkout_link(**wiring(), user_id="agent-34", item="starter", now=NOW)
+    stripe_ready.expire_checkout_session(starter.session_id)  # expired in the Dashboard; webhook not here yet
+    stripe_ready.fail_next(status=500, type="api_error", message="boom", times=3)
+    with pytest.raises(StripeActionError, match="expiring agent-34's earlier starter link"):
+        link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-34", item="business")
+    assert [link.status for link in links(database_url)] == ["open"]
+    link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-34", item="business")
+    assert [link.status for link in links(database_url)] == ["expired", "open"]
+
+
+def test_a_plan_link_paid_meanwhile_refuses_a_new_plan_link(stripe_ready, database_url):
+    starter = create_checkout_link(**wiring(), user_id="agent-35", item="starter", now=NOW)
+    stripe_ready.complete_checkout_session(starter.session_id)
+    with pytest.raises(CheckoutRefused, match="earlier starter link .* has been paid.*portal-link agent-35"):
+        link_at(stripe_ready, NOW + timedelta(minutes=1), user_id="agent-35", item="business")
+    assert [link.status for link in links(database_url)] == ["complete"]
+    assert len(session_posts(stripe_ready)) == 1
+
+
+def test_the_double_refuses_to_expire_a_session_that_is_not_open(stripe_ready, fake_stripe):
+    import stripe as stripe_module
+    from billing_core.stripe_client import make_stripe_client
+
+    session = stripe_ready.add_checkout_session(mode="payment")
+    client = make_stripe_client(wiring()["settings"])
+    client.v1.checkout.sessions.expire(session["id"])
+    with pytest.raises(stripe_module.InvalidRequestError, match="can be expired"):
+        client.v1.checkout.sessions.expire(session["id"])
+    with pytest.raises(stripe_module.InvalidRequestError, match="unknown parameter: foo"):
+        client.v1.checkout.sessions.expire(session["id"], params={"foo": "1"})

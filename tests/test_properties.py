@@ -120,9 +120,10 @@ def life_events(life: dict, *, tag: str, now: int) -> list[dict]:
     current_price = price
     if life["upgrade"]:
         new_price, at = DEFAULT_PRICES[life["upgrade"]], now - 5 * DAY
+        left = (period_end - at) / (30 * DAY)  # Stripe's proration amounts for the time left (25 of 30 days)
         upgrade = proration_invoice(invoice_id=f"in_{tag}_up", old_price=price, new_price=new_price, changed_at=at,
-                                    period_end=period_end, credit=PLAN_AMOUNTS[life["tier"]] // 2,
-                                    charge=PLAN_AMOUNTS[life["upgrade"]] // 2, created=at + 5, **ids)
+                                    period_end=period_end, credit=round(PLAN_AMOUNTS[life["tier"]] * left),
+                                    charge=round(PLAN_AMOUNTS[life["upgrade"]] * left), created=at + 5, **ids)
         evts += [
             subscription_event("customer.subscription.updated", created=at, price=new_price,
                                period_start=period_start, period_end=period_end, previous_price=price,
@@ -358,7 +359,8 @@ def test_refunding_the_first_invoice_after_an_upgrade_reported_first_takes_back_
         register_invoice_payment(fake_stripe, life, tag)
     deliver_all(sidecar, life_events(life, tag="upgA", now=now))
     expected = ledger_state("user_upgA")
-    assert expected["balance"] == 450  # 100 + 400 top-up, less half of the first invoice's 100
+    # 100 + round(400 x 25/30) = 333 top-up (issue 11: in proportion to the time left), less half of the 100
+    assert expected["balance"] == 383
     evts = life_events(life, tag="upgB", now=now)
     upgrade_first = [evts[0], evts[4], evts[2], evts[3], evts[1], *evts[5:]]
     deliver_all(sidecar, upgrade_first)
@@ -375,7 +377,7 @@ def test_a_refund_delivered_between_a_failed_renewal_and_its_paid_retry_applies_
         register_invoice_payment(fake_stripe, life, tag)
     deliver_all(sidecar, life_events(life, tag="rtyA", now=now))
     expected = ledger_state("user_rtyA")
-    assert expected["balance"] == 450
+    assert expected["balance"] == 383  # 100 + 333 top-up for 25 of 30 days, less half of the renewal's 100
     evts = life_events(life, tag="rtyB", now=now)
     deliver_all(sidecar, [evts[i] for i in (0, 1, 2, 3, 4, 5, 13, 7, 8, 9, 10, 11, 12, 6)])
     assert ledger_state("user_rtyB") == expected

@@ -165,22 +165,24 @@ def test_renewal_grants_the_new_period_and_expires_the_old(sidecar):
     assert data["current_period_end"] == P2_END
 
 
-def test_upgrade_proration_invoice_tops_up_once_and_downgrade_gets_nothing(sidecar):
+def test_upgrade_proration_invoice_tops_up_in_proportion_once_and_a_downgrade_takes_back(sidecar):
+    """Credits follow money (issue 11; before, an upgrade added the whole difference and a downgrade nothing):
+    25 of the period's 30 days are left at NOW."""
     send(sidecar, first_invoice())
     upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
                                 old_price=STARTER, new_price=PRO, changed_at=NOW, period_end=P1_END,
-                                credit=800, charge=2400)
+                                credit=833, charge=2499)
     send(sidecar, event("invoice.paid", upgrade))
     send(sidecar, event("invoice.payment_succeeded", upgrade))
-    assert summary("u1")["balance"] == 500  # the professional allowance for this period
+    assert summary("u1")["balance"] == 100 + 333  # round(400 x 25/30)
     # the customer.subscription.updated for the same upgrade adds nothing more
     send(sidecar, sub_event("customer.subscription.updated", created=NOW + 1, price=PRO, previous_price=STARTER))
-    assert summary("u1")["balance"] == 500
+    assert summary("u1")["balance"] == 433
     downgrade = proration_invoice(invoice_id="in_down", customer="cus_1", subscription_id="sub_1", user_id="u1",
                                   old_price=PRO, new_price=STARTER, changed_at=NOW + 60, period_end=P1_END,
-                                  credit=2400, charge=800)
+                                  credit=2499, charge=833)
     send(sidecar, event("invoice.paid", downgrade))
-    assert summary("u1")["balance"] == 500
+    assert summary("u1")["balance"] == 100  # round(400 x (25 days - 60 s) / 30 days) = 333 taken back
 
 
 def test_invoice_without_user_needs_attention_then_reprocess_with_assigned_user(sidecar):
@@ -246,18 +248,25 @@ def test_equal_timestamps_let_the_cancellation_win(sidecar):
     assert (row.status, row.tier) == ("canceled", "none")
 
 
-def test_upgrade_event_tops_up_to_the_new_allowance_once(sidecar):
+def test_an_upgrade_event_changes_the_tier_and_grants_only_when_its_invoice_is_paid(sidecar):
+    """Issue 11: the subscription event alone is no money, so it grants nothing (before, it topped up to the new
+    allowance); a later downgrade takes back at once, at most the period's unspent subscription credits."""
     send(sidecar, sub_event(created=P1_START))
     send(sidecar, first_invoice())
     upgraded = sub_event("customer.subscription.updated", created=NOW, price=BUSINESS, previous_price=STARTER)
     send(sidecar, upgraded)
     send(sidecar, sub_event("customer.subscription.updated", created=NOW, price=BUSINESS, previous_price=STARTER))
     data = summary("u1")
-    assert (data["balance"], data["tier"]) == (2000, "business")
-    # a later downgrade takes nothing back
+    assert (data["balance"], data["tier"]) == (100, "business")
     send(sidecar, sub_event("customer.subscription.updated", created=NOW + 5, price=STARTER,
                             previous_price=BUSINESS))
-    assert (summary("u1")["balance"], summary("u1")["tier"]) == (2000, "starter")
+    assert (summary("u1")["balance"], summary("u1")["tier"]) == (0, "starter")
+    # the upgrade's proration, paid late: its top-up, less what the downgrade could not take before
+    upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
+                                old_price=STARTER, new_price=BUSINESS, changed_at=NOW, period_end=P1_END,
+                                credit=833, charge=8333)
+    send(sidecar, event("invoice.paid", upgrade))
+    assert abs(summary("u1")["balance"] - 100) <= 1
 
 
 def test_unknown_subscription_price_needs_attention(sidecar):
@@ -391,7 +400,9 @@ def test_proration_invoice_first_leaves_the_subscription_state_to_the_subscripti
     send(sidecar, sub_event("customer.subscription.updated", created=NOW - 100, price=PRO, previous_price=STARTER))
     send(sidecar, first_invoice())
     data = summary("u1")
-    assert (data["tier"], data["subscription_status"], data["balance"]) == ("professional", "active", 500)
+    # the period's start was not known when the invoice came: the fraction is the amount charged over the
+    # price, 2400 / 2999, and the top-up round(400 x 0.8003) = 320 (issue 11; before, the whole 400)
+    assert (data["tier"], data["subscription_status"], data["balance"]) == ("professional", "active", 100 + 320)
 
 
 def test_dispute_before_its_invoice_waits_and_applies_when_the_invoice_is_recorded(fake_stripe, sidecar):
@@ -420,20 +431,20 @@ def test_unrelated_waiting_events_are_not_retried(fake_stripe, sidecar):
 @pytest.mark.parametrize("subscription_event_first", [True, False], ids=["update-first", "invoice-first"])
 def test_refunding_an_upgrade_takes_back_its_top_up_whichever_event_granted_it(fake_stripe, sidecar,
                                                                                subscription_event_first):
-    """Stripe usually sends customer.subscription.updated before the proration invoice; the top-up it grants
-    has no payment yet, so the invoice must claim it, or a refund of the upgrade would take nothing back."""
-    fake_stripe.state.add_invoice_payment(invoice="in_up", payment_intent="pi_up", amount_paid=1600)
+    """Stripe usually sends customer.subscription.updated before the proration invoice; the top-up is granted
+    by the paid invoice either way and tied to its payment, so a refund of the upgrade takes it back."""
+    fake_stripe.state.add_invoice_payment(invoice="in_up", payment_intent="pi_up", amount_paid=1666)
     send(sidecar, first_invoice())
     upgrade = proration_invoice(invoice_id="in_up", customer="cus_1", subscription_id="sub_1", user_id="u1",
                                 old_price=STARTER, new_price=PRO, changed_at=NOW, period_end=P1_END,
-                                credit=800, charge=2400)
+                                credit=833, charge=2499)
     updated = sub_event("customer.subscription.updated", created=NOW, price=PRO, previous_price=STARTER)
     for evt in ([updated, event("invoice.paid", upgrade)] if subscription_event_first
                 else [event("invoice.paid", upgrade), updated]):
         send(sidecar, evt)
-    assert summary("u1")["balance"] == 500
-    assert one(Payment, invoice_id="in_up").credits_granted == 400
-    send(sidecar, charge_refunded(charge_id="ch_up", payment_intent="pi_up", amount=1600, amount_refunded=1600))
+    assert summary("u1")["balance"] == 433  # round(400 x 25/30) on top of the starter's 100
+    assert one(Payment, invoice_id="in_up").credits_granted == 333
+    send(sidecar, charge_refunded(charge_id="ch_up", payment_intent="pi_up", amount=1666, amount_refunded=1666))
     assert summary("u1")["balance"] == 100  # the starter allowance the first invoice paid for stays
     assert one(Payment, invoice_id="in_up").status == "refunded"
 

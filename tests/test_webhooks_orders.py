@@ -120,7 +120,7 @@ def a_month(now: int) -> list[dict]:
     renewal = subscription_invoice(invoice_id="in_renewal", price=STARTER, period_start=p1_end, period_end=p2_end,
                                    amount=999, billing_reason="subscription_cycle", created=p1_end + 3600, **common)
     upgrade = proration_invoice(invoice_id="in_upgrade", old_price=STARTER, new_price=PRO, changed_at=upgrade_at,
-                                period_end=p2_end, credit=500, charge=1500, created=upgrade_at + 5, **common)
+                                period_end=p2_end, credit=833, charge=2499, created=upgrade_at + 5, **common)
     return [
         sub_snapshot("customer.subscription.created", t0, STARTER, t0, p1_end, status="incomplete"),
         event("invoice.paid", first, created=t0 + 2),
@@ -191,8 +191,9 @@ def test_a_month_of_a_customers_life_in_any_order_gives_the_exact_balance_and_ti
 
 @pytest.mark.parametrize("seed", [0, 7, 8, 9])
 def test_the_month_before_the_cancellation_has_the_professional_allowance(fake_stripe, sidecar, seed):
-    """Mid-month check of the same story: after the upgrade, the period holds exactly the professional
-    allowance, whichever of the three upgrade/renewal reports came first."""
+    """Mid-month check of the same story: after the upgrade (25 of 30 days left), the period holds the starter
+    allowance plus round(400 x 25/30) = 333, whichever of the three upgrade/renewal reports came first (issue 11;
+    before, the whole professional allowance)."""
     now = int(time.time())
     before_cancel = [evt for evt in a_month(now) if not evt["type"].startswith("charge.")
                      and evt["created"] < now - 3 * 3600]
@@ -201,5 +202,5 @@ def test_the_month_before_the_cancellation_has_the_professional_allowance(fake_s
         summary = ledger.account_summary(session, "ada").as_dict()
         sub = session.get(Subscription, "sub_ada")
     assert summary["tier"] == "professional" and summary["subscription_status"] == "active"
-    assert summary["balance"] == 500 + 250  # professional allowance for this period + the pack
+    assert summary["balance"] == 100 + 333 + 250  # starter + the upgrade's top-up + the pack
     assert sub.current_period_end == now - 40 * DAY + 60 * DAY and not sub.cancel_at_period_end

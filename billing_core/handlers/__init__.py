@@ -2,13 +2,14 @@
 
 Every handler runs inside the write transaction that also stores its event and marks it processed, so an
 event's effects and its status commit together or not at all. Every effect has a deterministic source key
-(`checkout:{session}`, `invoice:{invoice}:...`, `upgrade:{sub}:{period_end}:{tier}`), so redelivery,
+(`checkout:{session}`, `invoice:{invoice}:...`, `plan-change:{id}:...`), so redelivery,
 the same payment arriving as two event types, and the checkout success page all apply it once.
 
 Handlers read what the event says (through `stripe_payloads`, which knows both payload layouts) and never
 ask Stripe for it, except `refunds.prefetch` before the transaction opens. A handler raises NeedsAttention
-when the event's user or price can't be determined: the event is kept with the reason (its effects rolled
-back) and an operator can assign the user and reprocess it.
+when the event's user or price can't be determined, or the event is a user's second live subscription's (one
+plan per user): the event is kept with the reason (its effects rolled back) and an operator can assign the user
+and reprocess it, or cancel and refund the second subscription (Customers page).
 
 The families: `checkout` (Checkout Sessions), `subscription`, `invoice`, `refunds` (refunds and disputes).
 """
@@ -35,7 +36,7 @@ HANDLERS: dict[str, Handler] = {
     "checkout.session.async_payment_failed": checkout.on_checkout_async_failed,
     # An issued link ran out unused: operators see it as expired.
     "checkout.session.expired": checkout.on_checkout_expired,
-    # A subscription invoice was paid: the period's allowance (or an upgrade's top-up), once per invoice.
+    # A subscription invoice was paid: the period's allowance once; its prorations top up (paid upgrades) or take back.
     "invoice.paid": invoice.on_invoice_paid,
     # The same payment, reported under a second type; the shared source keys make it a no-op.
     "invoice.payment_succeeded": invoice.on_invoice_paid,
@@ -43,7 +44,7 @@ HANDLERS: dict[str, Handler] = {
     "invoice.payment_failed": invoice.on_invoice_payment_failed,
     # Subscription state: tier, status, period end, cancel_at_period_end; newer snapshots only.
     "customer.subscription.created": subscription.on_subscription_changed,
-    # Plan changes (upgrade top-up), renewals, past due, cancel at period end.
+    # Plan changes (tier at once; a mid-period downgrade takes back), renewals, past due, cancel at period end.
     "customer.subscription.updated": subscription.on_subscription_changed,
     # The subscription ended: tier none, its remaining credits expire, packs stay.
     "customer.subscription.deleted": subscription.on_subscription_changed,

@@ -1,21 +1,22 @@
-"""Subscription invoices: a paid one grants its period's allowance (or an upgrade's top-up) once; a failed
-renewal makes the subscription past due."""
+"""Subscription invoices: a paid one grants its period's allowance once and applies its prorations (plan_changes:
+a paid upgrade tops up in proportion to the time left, a downgrade takes back); a failed renewal makes the
+subscription past due."""
 from __future__ import annotations
 
 from sqlalchemy import bindparam, select
 from sqlmodel import Session
 
-from .. import ledger
+from .. import ledger, plan_changes
 from ..catalog import CatalogItem
 from ..models import Payment, Subscription, utcnow
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, as_text, id_of, invoice_checkout_item,
                                invoice_lines, invoice_payment_refs, invoice_subscription_id, invoice_user,
-                               lenient_id, line_is_proration, line_period_end, line_price, line_price_object,
-                               moment_of, required_id)
+                               lenient_id, line_is_proration, line_period_end, line_period_start, line_price,
+                               line_price_object, moment_of, required_id)
 from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
                      plan_for_price_object, plan_named, reread_after_lock, resolve_user)
-from .subscription import UPGRADABLE_STATUSES, upgrade_key
+from .subscription import UPGRADABLE_STATUSES, refuse_second_subscription
 
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
 PlanLine = tuple[dict, CatalogItem, int]  # (line, its plan, its period end)
@@ -35,13 +36,6 @@ def paid_and_granted_params(event: dict) -> dict | None:
     invoice = event["data"]["object"]
     invoice_id = lenient_id(invoice)
     return {"invoice_id": invoice_id, "amount_paid": as_int(invoice.get("amount_paid"))} if invoice_id else None
-
-
-def _replaced_tier(plan_lines: list[PlanLine], period_end: int) -> str:
-    """The plan a proration invoice credits back (its negative line for the same period), or 'none'."""
-    credited = [plan for line, plan, end in plan_lines
-                if end == period_end and line_is_proration(line) and as_int(line.get("amount")) < 0]
-    return max(credited, key=lambda plan: plan.credits).key if credited else "none"
 
 
 def _plan_lines(session: Session, invoice: dict, settings: Settings, subscription_id: str | None) -> list[PlanLine]:
@@ -114,6 +108,7 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     user_id = _invoice_user(session, ctx, invoice, subscription_id)
     ensure_account(session, user_id=user_id, stripe_customer_id=id_of(invoice.get("customer")),
                         email=as_text(invoice.get("customer_email"), what="customer email", max_len=320))
+    refuse_second_subscription(session, user_id=user_id, subscription_id=subscription_id)
     plan_lines = _plan_lines(session, invoice, ctx.settings, subscription_id)
     reason = invoice.get("billing_reason")
     base = None
@@ -130,19 +125,21 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     row = _subscription_after_payment(session, ctx, subscription_id=subscription_id, user_id=user_id, base=base)
     if row is not None and row.status == "canceled":
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
-    written = []
-    for line, plan, period_end in upgrades:  # proration for a move to a higher tier mid-period
-        written.append(ledger.grant_upgrade_topup(
-            session, user_id=user_id, subscription_id=subscription_id, period_end=period_end,
-            from_tier=_replaced_tier(plan_lines, period_end), to_tier=plan.key, payment_id=payment.id,
-            source_key=f"invoice:{invoice_id}:upgrade:{period_end}",
-            claims_lot=upgrade_key(subscription_id, period_end, plan.key),
-            rollover=ctx.settings.subscription_credits_rollover))
+    written: list = []
+    rollover = ctx.settings.subscription_credits_rollover
     if base is not None:
         written.append(ledger.grant_subscription_period(
             session, user_id=user_id, subscription_id=subscription_id, period_end=base[2], tier=base[1].key,
-            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}",
-            rollover=ctx.settings.subscription_credits_rollover))
+            payment_id=payment.id, source_key=f"invoice:{invoice_id}:period:{base[2]}", rollover=rollover))
+        if written[-1] is not None:  # downgrades reported before these credits arrived take what they could not
+            plan_changes.settle_takebacks(session, user_id=user_id, subscription_id=subscription_id,
+                                          period_end=base[2])
+    written += plan_changes.note_invoice(  # prorations: paid upgrades top up, downgrades take back
+        session, user_id=user_id, subscription_id=subscription_id, invoice=invoice, payment_id=payment.id,
+        plan_of_line=lambda line: _line_plan(session, invoice, line, ctx.settings, subscription_id),
+        known_period=((row.current_period_start, row.current_period_end)
+                      if row is not None and row.current_period_start and row.current_period_end else None),
+        paid_through=max((end for _line, _plan, end in plan_lines), default=None), rollover=rollover)
     if any(written) or not payment.credits_granted:  # not again for the invoice's second event type
         payment.credits_granted = ledger.credits_paid_by(session, payment)
         session.add(payment)
@@ -167,6 +164,8 @@ def _subscription_after_payment(session: Session, ctx: EventContext, *, subscrip
         return row
     line, plan, period_end = base
     row.tier, row.price_id = plan.key, line_price(line)
+    if period_end >= (row.current_period_end or 0):
+        row.current_period_start = line_period_start(line)
     row.current_period_end = max(row.current_period_end or 0, period_end)
     if row.status in REACTIVATED_BY_PAYMENT:
         row.status = "active"

@@ -6,7 +6,7 @@ replaying the subscription grants (in the order their invoices were created) and
 subscription's current status through the very triggers that keep them afterwards.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-29
 """
 import sqlalchemy as sa
@@ -14,7 +14,7 @@ import sqlmodel
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
