@@ -1,12 +1,13 @@
-"""Dashboard speed at scale: each page's rerun time on `demo-data --scale large` (100,000 accounts,
+"""Dashboard speed at scale: each page's first load (cold caches) and rerun times on `demo-data --scale large` (100,000 accounts,
 200,000 payments, 1,000,000 ledger entries), the report queries each page runs, and the
 balance-with-breakdown query (ledger.account_summary) for one account among 100,000.
 
     .venv/bin/python bench/dashboard.py [--database-url sqlite:///data/bench_large.db] [--reruns 5]
 
 The database is filled on first use (about two minutes) and reused afterwards. Pages run in Streamlit's
-AppTest after signing in, as an operator's browser session would: the first run of a page (cold
-caches) and then `--reruns` reruns, each timed around `at.run()`. One JSON line per figure.
+AppTest after signing in, as an operator's browser session would: the first load of a page with
+Streamlit's data caches cleared, and then `--reruns` reruns, each timed around `at.run()`. A page is
+`under_1s` only when its first load and every rerun are under a second. One JSON line per figure.
 """
 from __future__ import annotations
 
@@ -119,20 +120,27 @@ def bench_queries(url: str, user_id: str, *, repeat: int) -> None:
     queries = {
         "ledger.account_summary (one account of 100,000)": lambda s: ledger.account_summary(s, user_id),
         "reports.overview (Home)": lambda s: reports.overview(s, settings=settings),
-        "reports.credits_outstanding (Home, cached 60 s)": lambda s: reports.credits_outstanding(s),
+        "reports.credits_outstanding (Home, Revenue)": lambda s: reports.credits_outstanding(s),
         "reports.search_accounts (Customers, Checkout links)": lambda s: reports.search_accounts(s, user_id),
         "reports.account_overview (Customers)": lambda s: reports.account_overview(s, user_id=user_id),
         "reports.customer_timeline (Customers)": lambda s: reports.customer_timeline(s, user_id=user_id),
+        "reports.ledger_csv (Customers, on click)": lambda s: reports.ledger_csv(s, user_id=user_id, tz_name="UTC"),
         "reports.payments_page (Payments)": lambda s: reports.payments_page(s, filters=reports.PaymentFilter()),
         "reports.payments_totals (Payments)": lambda s: reports.payments_totals(s, filters=reports.PaymentFilter()),
+        "reports.payments_totals status=paid (Payments)": lambda s: reports.payments_totals(
+            s, filters=reports.PaymentFilter(status="paid")),
         "reports.revenue_series 90 days (Revenue)": lambda s: reports.revenue_series(
             s, since=now - timedelta(days=90), until=now, tz_name="UTC"),
         "reports.revenue_series 12 months (Revenue)": lambda s: reports.revenue_series(
             s, since=now - timedelta(days=365), until=now, tz_name="UTC", granularity="month"),
-        "reports.credit_flows 12 months (Revenue, cached 60 s)": lambda s: reports.credit_flows(
+        "reports.mrr_series 12 months (Revenue)": lambda s: reports.mrr_series(
+            s, since=now - timedelta(days=365), until=now, tz_name="UTC"),
+        "reports.credit_flows 12 months (Revenue)": lambda s: reports.credit_flows(
             s, since=now - timedelta(days=365), now=now, tz_name="UTC"),
-        "reports.balance_distribution (Revenue, cached 60 s)": lambda s: reports.balance_distribution(s),
+        "reports.balance_distribution (Revenue)": lambda s: reports.balance_distribution(s),
         "reports.events_page (Webhook events)": lambda s: reports.events_page(s, filters=reports.EventFilter()),
+        "reports.events_count (Webhook events)": lambda s: reports.events_count(s, filters=reports.EventFilter()),
+        "reports.event_types (Webhook events)": lambda s: reports.event_types(s),
         "reports.recent_links (Checkout links)": lambda s: reports.recent_links(s),
     }
     for name, query in queries.items():
@@ -148,21 +156,35 @@ def bench_queries(url: str, user_id: str, *, repeat: int) -> None:
               "max_ms": ms(max(times))})
 
 
+def warm_up_imports() -> None:
+    """Module imports and plotly's first figure are paid once per server process, not per page load:
+    measured apart, so a page's first load is the cold-cache cost every operator meets."""
+    started = time.perf_counter()
+    import pandas  # noqa: F401
+    import plotly.graph_objects as go
+
+    go.Figure(go.Bar(x=[1], y=[1])).to_json()
+    emit({"benchmark": "dashboard", "figure": "process_warm_up", "imports_and_first_figure_ms":
+          ms(time.perf_counter() - started)})
+
+
 def bench_pages(user_id: str, *, reruns: int) -> None:
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
+    warm_up_imports()
     for name, path in PAGES.items():
         at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120)
         at.run()
         at.text_input(key="sign_in_name").input(OPERATOR[0])
         at.text_input(key="sign_in_password").input(OPERATOR[1])
         next(b for b in at.button if b.label == "Sign in").click()
+        at.run()  # signs in (a deliberately slow password hash) and shows Home: not part of any page's load
+        st.cache_data.clear()  # every page's first load starts from cold caches, as after a restart
         started = time.perf_counter()
-        at.run()  # signed in: Home (for the first page, with cold caches)
         if path:
-            started = time.perf_counter()
             at.switch_page(path)
-            at.run()
+        at.run()
         if name == "customers":
             at.text_input(key="customer_query").input(user_id)
             at.run()
@@ -170,9 +192,10 @@ def bench_pages(user_id: str, *, reruns: int) -> None:
         errors = [str(e.value)[:200] for e in at.exception]
         times = timed(at.run, reruns)
         errors += [str(e.value)[:200] for e in at.exception]
-        emit({"benchmark": "dashboard", "page": name, "first_run_ms": ms(first), "reruns": reruns,
+        emit({"benchmark": "dashboard", "page": name, "first_load_ms": ms(first), "reruns": reruns,
               "rerun_p50_ms": ms(statistics.median(times)), "rerun_max_ms": ms(max(times)),
-              "under_1s": max(times) < 1.0, "exceptions": errors})
+              "first_load_under_1s": first < 1.0, "reruns_under_1s": max(times) < 1.0,
+              "under_1s": first < 1.0 and max(times) < 1.0, "exceptions": errors})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,22 +3,33 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
+from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£"}
-ZERO_DECIMAL = {"jpy", "krw", "vnd", "clp", "isk", "ugx", "xaf", "xof"}
+from babel.numbers import format_currency, get_currency_precision
+
+MONEY_LOCALE = "en_US"
+
+
+def minor_unit_digits(currency: str) -> int:
+    """How many digits a currency's minor unit has (USD 2, JPY 0, KWD 3), from CLDR through babel."""
+    return get_currency_precision((currency or "usd").upper())
 
 
 def money(cents: int | None, currency: str = "usd") -> str:
-    """`$1,234.50` from 123450 cents; negative amounts as `-$12.00`."""
+    """An amount in minor units in its currency's own format: `$1,234.50` from 123450 USD cents, `¥500`
+    from 500 JPY, `-$12.00` for negative amounts."""
     if cents is None:
         return "—"
-    currency = (currency or "usd").lower()
-    sign = "-" if cents < 0 else ""
-    cents = abs(int(cents))
-    symbol = CURRENCY_SYMBOLS.get(currency)
-    amount = f"{cents:,}" if currency in ZERO_DECIMAL else f"{cents // 100:,}.{cents % 100:02d}"
-    return f"{sign}{symbol}{amount}" if symbol else f"{sign}{amount} {currency.upper()}"
+    code = (currency or "usd").upper()
+    amount = Decimal(int(cents)).scaleb(-minor_unit_digits(code))
+    return format_currency(amount, code, locale=MONEY_LOCALE)
+
+
+def money_by_currency(amounts: dict[str, int] | None, *, empty: str = "—") -> str:
+    """Amounts in several currencies side by side, never added: `$12.00 · €3.50` (largest first)."""
+    shown = sorted(((c, v) for c, v in (amounts or {}).items() if v), key=lambda item: (-abs(item[1]), item[0]))
+    return " · ".join(money(value, currency) for currency, value in shown) or empty
 
 
 def zone(name: str | None) -> ZoneInfo:

@@ -22,6 +22,8 @@ def from_epoch(seconds: int | None) -> datetime | None:
 
 class Account(SQLModel, table=True):
     """A DevOps Agent user, keyed by the agent's user id."""
+    # the dashboard (migration 0007): credits outstanding and accounts by balance read this index only
+    __table_args__ = (Index("ix_account_balance", "balance"),)
     user_id: str = Field(primary_key=True, max_length=200)
     email: str | None = Field(default=None, index=True, max_length=320)
     stripe_customer_id: str | None = Field(default=None, unique=True, max_length=100)
@@ -40,6 +42,8 @@ class Account(SQLModel, table=True):
 
 class Subscription(SQLModel, table=True):
     """Stripe subscription state as last reported by the newest event we applied."""
+    # the dashboard (migration 0007): subscribers by status and tier read this index only
+    __table_args__ = (Index("ix_subscription_status_tier", "status", "tier"),)
     id: str = Field(primary_key=True, max_length=100)  # sub_...
     user_id: str = Field(foreign_key="account.user_id", index=True, max_length=200)
     tier: str = Field(default="none", max_length=40)
@@ -136,6 +140,10 @@ class CreditLot(SQLModel, table=True):
         # matches its predicate, so it can't take the place of ix_credit_lot_open)
         Index("ix_credit_lot_expiring", "expires_at", sqlite_where=text("closed = 0 AND source = 'subscription'"),
               postgresql_where=text("closed = false AND source = 'subscription'")),
+        # the dashboard (migration 0007): credits lapsed by expiry time per month, and open lots past it
+        Index("ix_credit_lot_expiry", "expires_at", "remaining"),
+        Index("ix_credit_lot_open_expiry", "expires_at", "remaining", sqlite_where=text("closed = 0"),
+              postgresql_where=text("closed = false")),
     )
     id: int | None = Field(default=None, primary_key=True)
     lot_key: str = Field(unique=True, max_length=255)  # the grant entry's source_key
@@ -311,3 +319,6 @@ class RefundRequest(SQLModel, table=True):
     operator: str = Field(max_length=200)
     reason: str = Field(max_length=500)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+from .rollups import LedgerHourly, MrrHourly, PaymentHourly, SubscriptionPeriod  # noqa: E402,F401  (registers them)

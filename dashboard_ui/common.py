@@ -73,6 +73,19 @@ def money(cents: int | None, currency: str = "usd") -> str:
     return formatting.money(cents, currency)
 
 
+def money_metric(column, label: str, amounts: dict[str, int], *, help: str | None = None) -> None:
+    """A money figure that is never added across currencies: the largest currency's amount as the metric
+    (its code in the label when there are several) and the others in a caption under it."""
+    shown = sorted(((c, v) for c, v in amounts.items() if v), key=lambda item: (-abs(item[1]), item[0]))
+    if not shown:
+        column.metric(label, money(0), help=help)
+        return
+    (currency, value), others = shown[0], shown[1:]
+    column.metric(f"{label} ({currency.upper()})" if others else label, money(value, currency), help=help)
+    if others:
+        column.caption("and " + formatting.money_by_currency(dict(others)))
+
+
 def when(value, settings: Settings, *, seconds: bool = False) -> str:
     return formatting.when(value, settings.operator_timezone, seconds=seconds)
 

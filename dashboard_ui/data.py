@@ -1,6 +1,6 @@
-"""Reads for the pages. The whole-ledger aggregates are cached for five minutes per database (and
-cleared after the dashboard's own writes), revenue series for a minute, so a rerun (every widget
-change) doesn't rescan a million ledger entries."""
+"""Reads for the pages. Every aggregate comes from rollups and account totals the database keeps with
+each write, so even a first load on a cold cache is quick; the caches (five minutes for credit totals,
+cleared after the dashboard's own writes; a minute for revenue series) keep reruns from repeating it."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -39,14 +39,22 @@ def credit_flows(url: str, since: datetime, tz_name: str) -> list[dict]:
 
 @st.cache_data(ttl=SERIES_TTL, show_spinner=False)
 def revenue(url: str, days: int, tz_name: str, until: datetime) -> dict:
-    """Daily revenue for `days`, monthly for a year and subscribers by tier, as of `until` (whole minutes,
-    so reruns within a minute hit the cache)."""
+    """Cash collected by day for `days` and by month for a year, MRR by month for a year and subscribers
+    by tier, as of `until` (whole minutes, so reruns within a minute hit the cache)."""
+    year_ago = until - timedelta(days=365)
     with read(url) as session:
         return {"daily": reports.revenue_series(session, since=until - timedelta(days=days), until=until,
                                                 tz_name=tz_name),
-                "monthly": reports.revenue_series(session, since=until - timedelta(days=365), until=until,
-                                                  tz_name=tz_name, granularity="month"),
-                "subscriptions": reports.subscription_stats(session)}
+                "monthly": reports.revenue_series(session, since=year_ago, until=until, tz_name=tz_name,
+                                                  granularity="month"),
+                "mrr": reports.mrr_series(session, since=year_ago, until=until, tz_name=tz_name),
+                "subscriptions": reports.subscription_stats(session, now=until)}
+
+
+def customer_ledger_csv(url: str, user_id: str, tz_name: str) -> str:
+    """Built when the operator clicks download (a callable for st.download_button), not on each page run."""
+    with read(url) as session:
+        return reports.ledger_csv(session, user_id=user_id, tz_name=tz_name)
 
 
 def this_minute() -> datetime:

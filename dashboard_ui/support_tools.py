@@ -9,7 +9,7 @@ from decimal import Decimal, InvalidOperation
 import streamlit as st
 
 from billing_core import db, refunds
-from billing_core.formatting import ZERO_DECIMAL, escape_markdown as md
+from billing_core.formatting import escape_markdown as md, minor_unit_digits
 from billing_core.operators import Identity
 from billing_core.previews import Preview, describe
 from billing_core.settings import Settings
@@ -59,11 +59,11 @@ def parse_money(text: str, currency: str) -> int:
         value = Decimal(str(text).strip().replace(",", ""))
     except InvalidOperation:
         raise refunds.RefundRefused(f"the amount must be a number like 12.50, not {text!r}") from None
-    scale = 1 if currency.lower() in ZERO_DECIMAL else 100
-    minor = value * scale
+    digits = minor_unit_digits(currency)
+    minor = value * 10 ** digits
     if minor != minor.to_integral_value() or minor <= 0:
         raise refunds.RefundRefused(f"the amount must be a positive amount in {currency.upper()} with at most "
-                                    f"{len(str(scale)) - 1} decimals, not {text!r}")
+                                    f"{digits} decimals, not {text!r}")
     return int(minor)
 
 

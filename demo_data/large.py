@@ -13,19 +13,28 @@ Every account has exactly two payments and ten ledger entries:
   subscription's last entry is the cancellation expiry instead);
 - pack buyers (40%): two pack grants and eight entries drawing on them: spends, and for some accounts
   a full refund's clawback, a goodwill adjustment, or an open dispute's hold (flagged).
+
+A subscription that is past due or canceled is written active and then changed at the moment it went
+past due or was canceled, as the webhook handlers change it, so the dashboard's MRR rollups (migration
+0007) see the change. The Webhook events and Checkout links pages are measured at scale too: three
+stored Stripe events per account (300,000; a few needing attention or failed, some on an older API
+version) and a checkout link for every other account (50,000).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+import stripe
+from sqlalchemy import bindparam, func, select
 
 from billing_core import db
 from billing_core.catalog import PACKS, PLANS
-from billing_core.models import Account, Consumption, CreditLot, Dispute, LedgerEntry, Payment, Subscription, utcnow
+from billing_core.models import (Account, CheckoutLink, Consumption, CreditLot, Dispute, LedgerEntry, Payment,
+                                 StripeEvent, Subscription, utcnow)
 from billing_core.settings import mask_url_password
 
 ACCOUNTS = 100_000
@@ -53,6 +62,9 @@ class Rows:
     lots: list = field(default_factory=list)
     consumptions: list = field(default_factory=list)
     disputes: list = field(default_factory=list)
+    status_changes: list = field(default_factory=list)  # {sub_id, new_status, changed_at}
+    events: list = field(default_factory=list)
+    links: list = field(default_factory=list)
 
 
 class AccountBuilder:
@@ -158,10 +170,14 @@ def _subscriber(b: AccountBuilder, n: int, now: datetime) -> dict:
             if k == 2 and s == spends - 1 and status == "canceled":
                 b.entry(credits=-b.remaining[key], kind="expire", source_key=f"expire:{key}", lot_key=key,
                         at=at, subscription_id=sub_id, reason="subscription canceled")
+                b.rows.status_changes.append({"sub_id": sub_id, "new_status": "canceled", "changed_at": at})
             else:
                 b.spend(key, at, share=5)
+    if status == "past_due":  # the renewal failed in the last few days, after period 2 began
+        went = max(period1_end + HOUR, now - timedelta(days=rng.uniform(0, 5)))
+        b.rows.status_changes.append({"sub_id": sub_id, "new_status": "past_due", "changed_at": min(went, now)})
     b.rows.subscriptions.append({"id": sub_id, "user_id": b.user_id, "tier": plan.key, "price_id": None,
-                                 "status": status, "current_period_end": int(period2_end.timestamp()),
+                                 "status": "active", "current_period_end": int(period2_end.timestamp()),
                                  "cancel_at_period_end": False, "state_at": int((period1_end - HOUR).timestamp()),
                                  "created_at": starts[0], "updated_at": period1_end})
     return {}
@@ -218,6 +234,7 @@ def _chunk(start: int, stop: int, rng: random.Random, now: datetime, next_paymen
         builder = AccountBuilder(rows, rng, user_id, next_payment_id)
         extra = _subscriber(builder, n, now) if rng.random() < 0.6 else _pack_buyer(builder, n, now)
         created = min(e["created_at"] for e in rows.entries[-10:]) - timedelta(minutes=1)
+        _events_and_link(rows, rng, n, user_id, now)
         rows.accounts.append({"user_id": user_id, "email": f"big{n:06d}@example.com",
                               "stripe_customer_id": f"cus_big{n:06d}", "flagged": False, "flag_reason": None,
                               "open_disputes": 0, "created_at": created, "updated_at": created,
@@ -225,11 +242,54 @@ def _chunk(start: int, stop: int, rng: random.Random, now: datetime, next_paymen
     return rows
 
 
+EVENT_TYPES = {"plan": ("invoice.paid", "invoice.payment_succeeded", "customer.subscription.updated"),
+               "pack": ("checkout.session.completed", "payment_intent.succeeded", "charge.succeeded")}
+OLDER_API_VERSION = "2024-06-20"
+
+
+def _events_and_link(rows: Rows, rng: random.Random, n: int, user_id: str, now: datetime) -> None:
+    """Three stored Stripe events for the account's payments, and a checkout link for every other account."""
+    payments = [p for p in rows.payments[-2:] if p["user_id"] == user_id]
+    kind = payments[0]["kind"] if payments else "pack"
+    for k, event_type in enumerate(EVENT_TYPES[kind]):
+        payment = payments[min(k, len(payments) - 1)]
+        at = payment["created_at"] + timedelta(seconds=3 + k)
+        status = rng.choices(["processed", "ignored", "needs_attention", "failed"], weights=[9900, 94, 4, 2])[0]
+        event_id = f"evt_big{n:06d}_{k}"
+        obj = {"id": payment["invoice_id"] or payment["checkout_session_id"] or f"pi_big{n:06d}_{k}",
+               "object": event_type.split(".")[0], "customer": f"cus_big{n:06d}", "amount": payment["amount_cents"],
+               "currency": payment["currency"], "metadata": {"user_id": user_id}}
+        version = OLDER_API_VERSION if n % 50 == 0 else stripe.api_version
+        rows.events.append({
+            "id": event_id, "type": event_type, "api_version": version, "livemode": False,
+            "created": int(at.timestamp()), "received_at": at, "status": status, "attempts": 1,
+            "payload": json.dumps({"id": event_id, "object": "event", "api_version": version, "type": event_type,
+                                   "created": int(at.timestamp()), "data": {"object": obj}}),
+            "error": "no account matches this customer" if status in ("needs_attention", "failed") else None,
+            "processed_at": at if status in ("processed", "ignored") else None, "source": "webhook",
+            "assigned_user_id": None, "reprocessed_by": None, "user_id": user_id})
+    if n % 2 == 0:
+        created = now - timedelta(days=rng.uniform(0, 365))
+        status = "open" if created > now - timedelta(hours=24) else rng.choice(["complete", "expired"])
+        item = rng.choice(PLANS + PACKS)
+        session_id = f"cs_link{n:06d}"
+        rows.links.append({"session_id": session_id, "idempotency_key": f"link:big{n:06d}", "user_id": user_id,
+                           "item": item.key, "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+                           "operator": "demo", "status": status, "created_at": created,
+                           "expires_at": created + timedelta(hours=24),
+                           "completed_at": created + timedelta(minutes=7) if status == "complete" else None})
+
+
 def _insert(conn, rows: Rows) -> None:
     for model, values in ((Account, rows.accounts), (Subscription, rows.subscriptions), (Payment, rows.payments),
-                          (LedgerEntry, rows.entries), (CreditLot, rows.lots), (Consumption, rows.consumptions), (Dispute, rows.disputes)):
+                          (LedgerEntry, rows.entries), (CreditLot, rows.lots), (Consumption, rows.consumptions),
+                          (Dispute, rows.disputes), (StripeEvent, rows.events), (CheckoutLink, rows.links)):
         if values:
             conn.execute(model.__table__.insert(), values)
+    if rows.status_changes:  # as the handlers change a subscription, so the MRR triggers see it
+        table = Subscription.__table__
+        conn.execute(table.update().where(table.c.id == bindparam("sub_id"))
+                     .values(status=bindparam("new_status"), updated_at=bindparam("changed_at")), rows.status_changes)
 
 
 def fill_large(url: str, *, seed: int = 7, accounts: int = ACCOUNTS) -> str:

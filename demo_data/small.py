@@ -78,7 +78,8 @@ def _demo_customer(session, rng: random.Random, user_id: str, n: int, now) -> No
             happenings.append((period_end - timedelta(days=30), "renewal", (sub_id, plan, period_end, month)))
         if status == "canceled":
             happenings.append((now - timedelta(hours=rng.randint(1, 72)), "cancel", sub_id))
-        session.add(Subscription(id=sub_id, user_id=user_id, tier=plan.key, status=status,
+        # active first; going past due or canceled is a change at its moment, as the handlers make it
+        session.add(Subscription(id=sub_id, user_id=user_id, tier=plan.key, status="active",
                                  current_period_end=int(current_end.timestamp()), state_at=int(now.timestamp())))
         session.flush()
     for k in range(rng.randint(0, 2)):
@@ -88,6 +89,8 @@ def _demo_customer(session, rng: random.Random, user_id: str, n: int, now) -> No
         happenings.append((now - timedelta(days=rng.randint(0, 60), minutes=rng.randint(0, 1440)), "spend", k))
     if n % 17 == 5:
         happenings.append((now - timedelta(days=rng.randint(0, 20)), "goodwill", None))
+    if status == "past_due":
+        happenings.append((now - timedelta(hours=rng.randint(1, 48)), "past_due", sub_id))
     for when, what, details in sorted(happenings, key=lambda h: h[0]):
         with ledger.recorded_at(when):
             _play(session, rng, user_id, n, when, what, details)
@@ -102,8 +105,11 @@ def _play(session, rng: random.Random, user_id: str, n: int, when, what: str, de
                                          period_end=int(period_end.timestamp()), tier=plan.key,
                                          source_key=f"invoice:{payment.invoice_id}", payment_id=payment.id, now=when)
     elif what == "cancel":
+        _change_status(session, details, "canceled", when)
         ledger.expire_subscription_credits(session, user_id=user_id, subscription_id=details,
                                            reason="subscription canceled", now=when)
+    elif what == "past_due":
+        _change_status(session, details, "past_due", when)
     elif what == "pack":
         pack, k = details
         payment = _demo_payment(session, user_id=user_id, when=when, item=pack, source="checkout",
@@ -118,6 +124,13 @@ def _play(session, rng: random.Random, user_id: str, n: int, when, what: str, de
     elif what == "goodwill":
         ledger.adjust(session, user_id=user_id, credits=25, reason="goodwill after an agent outage",
                       operator="demo", now=when)
+
+
+def _change_status(session, sub_id: str, status: str, when) -> None:
+    row = session.get(Subscription, sub_id)
+    row.status, row.updated_at = status, when
+    session.add(row)
+    session.flush()
 
 
 def _demo_payment(session, *, user_id: str, when, item, source: str, **ids) -> Payment:

@@ -1,11 +1,14 @@
 """Customers: find an account, see why its balance is what it is, adjust it; admins approve or reject support
 adjustments that went past the daily cap (maker-checker)."""
+import re
 import uuid
 
 import streamlit as st
 
 from billing_core import approvals, db, ledger, refunds, reports, second_subscription
+from billing_core.catalog import PLANS
 from billing_core.formatting import escape_markdown as md
+from billing_core.formatting import money_by_currency
 from billing_core.operators import OperatorError, adjustment_limit
 from billing_core.stripe_client import StripeProblem
 from dashboard_ui import data
@@ -13,6 +16,7 @@ from dashboard_ui.common import money, pager, start_page, table, when
 from dashboard_ui.support_tools import refund_panel, refund_requests_table
 
 TIMELINE_PAGE = 50
+PLAN_NAMES = {plan.key: plan.name for plan in PLANS}
 identity, settings = start_page("Customers")
 url = settings.database_url
 
@@ -81,15 +85,20 @@ st.subheader(md(user_id))  # untrusted: `![](https://…)` as a user id must sta
 if overview["flagged"]:
     st.error(f"Flagged: {md(overview['flag_reason'])}. Spending is paused until this is resolved.",
              icon=":material/flag:")
-cols = st.columns(5)
-cols[0].metric("Balance", f"{overview['balance']:,} credits")
-cols[1].metric("Spendable now", f"{overview['spendable_balance']:,} credits")
-cols[2].metric("Tier", overview["tier"])
-cols[3].metric("Subscription", overview["subscription_status"] or "none")
-cols[4].metric("Period ends", when(overview["current_period_end"], settings) if overview["current_period_end"] else "—")
+# Three short figures: at 1,280 px five columns cut values like "1,542 credits" and "Professional" short.
+cols = st.columns(3)
+cols[0].metric("Balance (credits)", f"{overview['balance']:,}")
+cols[1].metric("Spendable now", f"{overview['spendable_balance']:,}", help="Credits the agent can spend now")
+cols[2].metric("Tier", PLAN_NAMES.get(overview["tier"], overview["tier"] or "none"))
+period_end = when(overview["current_period_end"], settings) if overview["current_period_end"] else "—"
 cancel = " · cancels at period end" if overview["cancel_at_period_end"] else ""
+st.caption(f"Subscription {md(overview['subscription_status'] or 'none')} · period ends {period_end}{cancel}")
 st.caption(f"Email {md(overview['email'] or '—')} · Stripe customer {md(overview['stripe_customer_id'] or '—')} · "
-           f"{overview['payments']} payments, {money(overview['net_paid_cents'])} net{cancel}")
+           f"{overview['payments']} payments, {money_by_currency(overview['net_paid'], empty=money(0))} net")
+st.download_button("Download full ledger (CSV)", key="ledger_csv", mime="text/csv", on_click="ignore",
+                   data=lambda: data.customer_ledger_csv(url, user_id, settings.operator_timezone),
+                   file_name=f"ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', user_id)}.csv",
+                   help="Every ledger entry of this account, oldest first, times in your timezone")
 
 with data.read(url) as session:
     second_candidate = second_subscription.has_second_candidate(session, user_id=user_id)
@@ -145,7 +154,7 @@ def describe(row: dict) -> str:
 
 table([{"When": when(r["at"], settings), "What": describe(r),
         "Credits": f"{r['credits']:+,}" if r["credits"] is not None else "",
-        "Amount": money(r["amount_cents"]) if r["amount_cents"] is not None else "",
+        "Amount": money(r["amount_cents"], r["currency"] or "usd") if r["amount_cents"] is not None else "",
         "Detail": (r["detail"] if r["category"] == "ledger" else r["ref"]) or "",
         "Expires": when(r["expires_at"], settings) if r["expires_at"] else "",
         "Operator": r["operator"] or ""} for r in rows], key="timeline")

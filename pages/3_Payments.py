@@ -7,7 +7,7 @@ from billing_core import refunds, reports
 from billing_core.catalog import CATALOG
 from billing_core.formatting import zone
 from dashboard_ui import data
-from dashboard_ui.common import money, pager, start_page, table, when
+from dashboard_ui.common import money, money_metric, pager, start_page, table, when
 from dashboard_ui.support_tools import refund_panel, refund_requests_table
 
 PAGE_SIZE = 50
@@ -42,14 +42,16 @@ filters = reports.PaymentFilter(start=start, end=end, item=item or None, status=
 with data.read(url) as session:
     totals = reports.payments_totals(session, filters=filters)
 
-row = st.columns(5)
-row[0].metric("Payments", f"{totals.count:,}")
-row[1].metric("Collected", money(totals.amount_cents))
-row[2].metric("Refunded", money(totals.refunded_cents))
-row[3].metric("Lost in disputes", money(totals.disputed_lost_cents))
-row[4].metric("Net", money(totals.net_cents))
+count = sum(t.count for t in totals)
+# Three figures a row: at 1,280 px five columns cut amounts like $12,345,678.90 short.
+top, bottom = st.columns(3), st.columns(3)
+top[0].metric("Payments", f"{count:,}")
+for column, label, field in ((top[1], "Collected", "amount_cents"), (top[2], "Net", "net_cents"),
+                             (bottom[1], "Refunded", "refunded_cents"),
+                             (bottom[2], "Lost in disputes", "disputed_lost_cents")):
+    money_metric(column, label, {t.currency: getattr(t, field) for t in totals})
 
-offset = pager("pay_page", total=totals.count, page_size=PAGE_SIZE)
+offset = pager("pay_page", total=count, page_size=PAGE_SIZE)
 with data.read(url) as session:
     rows = reports.payments_page(session, filters=filters, limit=PAGE_SIZE, offset=offset)
     refundable = refunds.refundable_payments(session, payment_ids=[r["id"] for r in rows])  # the refund panel's
@@ -70,10 +72,10 @@ def csv_for_download() -> str:
         return reports.payments_csv(session, filters=filters, tz_name=settings.operator_timezone)
 
 
-st.download_button(f"Download CSV ({min(totals.count, reports.MAX_CSV_ROWS):,} rows)", data=csv_for_download,
+st.download_button(f"Download CSV ({min(count, reports.MAX_CSV_ROWS):,} rows)", data=csv_for_download,
                    file_name=f"payments-{today.isoformat()}.csv", mime="text/csv", key="pay_csv",
-                   disabled=totals.count == 0)
-if totals.count > reports.MAX_CSV_ROWS:
+                   disabled=count == 0)
+if count > reports.MAX_CSV_ROWS:
     st.caption(f"The CSV holds the newest {reports.MAX_CSV_ROWS:,} payments of this filter; narrow the dates for more.")
 st.caption(f"Dates and times in {settings.operator_timezone}. Collected counts payments that were paid; "
            "net is collected minus refunds and disputes lost.")

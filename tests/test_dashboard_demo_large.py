@@ -5,7 +5,9 @@ from sqlalchemy import func, select, text
 from billing_core import db, ledger, reports
 from billing_core.ledger_check import check_ledger
 from demo_data import large as demo_large
-from billing_core.models import Account, Consumption, LedgerEntry, Payment
+from billing_core.catalog import CATALOG
+from billing_core.models import (Account, CheckoutLink, Consumption, LedgerEntry, Payment, StripeEvent, Subscription,
+                                 from_epoch, utcnow)
 
 
 def test_large_demo_slice_is_consistent(database_url):
@@ -45,6 +47,18 @@ def test_large_demo_slice_is_consistent(database_url):
             LedgerEntry.kind.in_(("pack_grant", "subscription_grant")))).scalar_one()
         assert granted == grants
         assert check_ledger(session).mismatches == []  # lots and account totals filled as the ledger keeps them
+        # the Webhook events and Checkout links pages have rows at scale too
+        assert session.execute(select(func.count()).select_from(StripeEvent)).scalar_one() == 450
+        assert session.execute(select(func.count()).select_from(CheckoutLink)).scalar_one() == 75
+        # MRR as the triggers keep it agrees with the subscriptions' state: active ones in MRR, past due apart
+        now = utcnow()
+        stats = reports.subscription_stats(session, now=now)
+        billed = {status: sum(CATALOG[sub.tier].amount_cents for sub in session.execute(
+            select(Subscription).where(Subscription.status == status)).scalars()
+            if status == "past_due" or reports.hour_key(from_epoch(sub.current_period_end)) > reports.hour_key(now))
+            for status in ("active", "past_due")}
+        assert stats.mrr.get("usd", 0) == billed["active"] > 0
+        assert stats.past_due_mrr.get("usd", 0) == billed["past_due"]
 
 
 def test_large_demo_refuses_a_second_fill(sqlite_url):

@@ -53,7 +53,7 @@ def test_adjustment_writes_a_ledger_entry_with_the_operator(database_url, custom
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("balance is now 1,750" in s.value for s in at.success)
     assert adjustments(database_url, customer) == [(750, "alice", "goodwill after the outage")]
-    assert {m.label: m.value for m in at.metric}["Balance"] == "1,750 credits"
+    assert {m.label: m.value for m in at.metric}["Balance (credits)"] == "1,750"
     assert "goodwill after the outage" in at.dataframe[-1].value["Detail"].tolist()
 
 

@@ -153,9 +153,9 @@ def test_every_page_renders_after_sign_in(demo_db, credentials, page):
 def test_home_shows_the_metrics(demo_db):
     at = signed_in()
     labels = {m.label: m.value for m in at.metric}
-    for label in ("MRR", "Revenue, last 30 days", "Credits outstanding", "Outstanding credits worth",
-                  "Flagged accounts", "Events needing attention", "Failed events", "Starter", "Professional",
-                  "Business"):
+    for label in ("MRR", "Past-due MRR", "Cash, 30 days", "Credits outstanding", "Credits worth",
+                  "Flagged accounts", "Events to look at", "Failed events", "Starter", "Professional",
+                  "Business", "Past due"):
         assert label in labels
     assert labels["MRR"].startswith("$") and labels["Accounts"] == "40"
 
@@ -166,7 +166,7 @@ def test_customers_page_shows_summary_breakdown_and_timeline(demo_db):
     at.text_input(key="customer_query").input(user.email).run()
     assert not at.exception
     labels = {m.label: m.value for m in at.metric}
-    assert {"Balance", "Spendable now", "Tier", "Subscription", "Period ends"} <= set(labels)
+    assert {"Balance (credits)", "Spendable now", "Tier"} <= set(labels)
     assert at.subheader[0].value == escape_markdown(user.user_id)
     timeline = at.dataframe[-1].value
     assert len(timeline) > 0 and {"When", "What", "Credits", "Amount"} <= set(timeline.columns)
@@ -195,8 +195,8 @@ def test_revenue_page_draws_charts(demo_db):
     assert not at.exception
     titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
     assert [t.split(" (")[0].split(",")[0] for t in titles] == [
-        "Net revenue by day", "Net revenue by month", "MRR over time", "Subscribers by tier",
-        "Credits granted", "Accounts by balance", "Outstanding credit liability at month end"]
+        "MRR at month end", "New and churned MRR by month", "Cash collected by day", "Cash collected by month",
+        "Subscribers by tier", "Credits granted", "Accounts by balance", "Outstanding credit liability at month end"]
 
 
 def plotted(values):

@@ -7,7 +7,8 @@ import pytest
 
 from billing_core import db, ledger, reports
 from billing_core.formatting import age, money, when
-from billing_core.models import Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
+from billing_core.models import (Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, SubscriptionPeriod,
+                                 utcnow)
 from billing_core.settings import load_settings
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=timezone.utc)
@@ -43,6 +44,13 @@ def data(database_url):
                                          period_end=int((NOW - timedelta(days=5)).timestamp()),
                                          source_key="g:bob", now=NOW - timedelta(days=35))
         ledger.consume(session, user_id="ann", credits=50, reference="r1", now=NOW)
+        # billed spans (kept by triggers from paid grants; written directly here): ann active, bob past due
+        session.add(SubscriptionPeriod(subscription_id="sub_ann", user_id="ann", state="active", source="test",
+                                       starts_at=NOW - timedelta(days=1), ends_at=NOW + timedelta(days=29),
+                                       amount_cents=999, currency="usd", is_new=True))
+        session.add(SubscriptionPeriod(subscription_id="sub_bob", user_id="bob", state="past_due", source="test",
+                                       starts_at=NOW - timedelta(days=10), ends_at=NOW + timedelta(days=3650),
+                                       amount_cents=9999, currency="usd"))
         ledger.adjust(session, user_id="dan", credits=7, reason="test", operator="alice", now=NOW)
         session.add(Dispute(id="dp_1", user_id="cat", payment_id=pack.id, amount_cents=1750, status="open",
                             created_at=NOW))
@@ -65,12 +73,13 @@ def test_home_numbers(data):
     with db.read_session() as session:
         overview = reports.overview(session, settings=settings, now=NOW)
         outstanding = reports.credits_outstanding(session, now=NOW)
-    assert overview.subscriptions.mrr_cents == 999 + 9999  # active + past due; trialing and canceled don't bill
+    assert overview.subscriptions.mrr == {"usd": 999}  # trialing and canceled don't bill
+    assert overview.subscriptions.past_due_mrr == {"usd": 9999}  # counted apart
     assert overview.subscriptions.active_by_tier == {"starter": 1, "professional": 1, "business": 0}
     assert overview.subscriptions.past_due == 1
     # 30 days: starter 9.99 + pack 35.00 - 17.50 refunded; the failed payment and the 40-day-old one don't count
-    assert overview.revenue_30d.net_cents == 999 + 3500 - 1750
-    assert overview.revenue_30d.payments == 2
+    [revenue] = overview.revenue_30d
+    assert (revenue.currency, revenue.net_cents, revenue.payments) == ("usd", 999 + 3500 - 1750, 2)
     # bob's subscription lot expired five days ago; ann 250, cat 500, dan 7
     assert outstanding == 250 + 500 + 7
     assert reports.credits_worth_cents(outstanding) == 757 * 6
@@ -117,9 +126,10 @@ def test_customer_timeline_explains_the_balance(data):
 def test_payments_filters_totals_and_csv(data):
     with db.read_session() as session:
         everything = reports.PaymentFilter()
-        assert reports.payments_totals(session, filters=everything).count == 4
+        assert [t.count for t in reports.payments_totals(session, filters=everything)] == [4]
         packs = reports.PaymentFilter(item="pack")
-        totals = reports.payments_totals(session, filters=packs)
+        [totals] = reports.payments_totals(session, filters=packs)
+        assert totals.currency == "usd"
         assert (totals.count, totals.amount_cents, totals.refunded_cents, totals.net_cents) == (2, 3500, 1750, 1750)
         recent = reports.PaymentFilter(start=NOW - timedelta(days=30), end=NOW, status="paid")
         assert [p["item"] for p in reports.payments_page(session, filters=recent)] == ["starter"]
@@ -171,11 +181,15 @@ def test_series_and_distribution(data):
         # ledger entries are dated when written (now), lots expire at their period's end
         flows = reports.credit_flows(session, since=NOW - timedelta(days=365), now=utcnow(), tz_name="UTC")
         distribution = reports.balance_distribution(session, now=NOW)
-    assert {"period": "2026-06-14", "kind": "plan", "net_cents": 999} in daily
-    assert {"period": "2026-06-13", "kind": "pack", "net_cents": 1750} in daily
-    assert {"period": "2026-05-06", "kind": "plan", "net_cents": 9999} in daily
-    assert {"period": "2026-06", "kind": "plan", "net_cents": 999} in monthly
-    assert mrr == [{"period": "2026-05", "net_cents": 9999}, {"period": "2026-06", "net_cents": 999}]
+    assert {"period": "2026-06-14", "kind": "plan", "currency": "usd", "net_cents": 999} in daily
+    assert {"period": "2026-06-13", "kind": "pack", "currency": "usd", "net_cents": 1750} in daily
+    assert {"period": "2026-05-06", "kind": "plan", "currency": "usd", "net_cents": 9999} in daily
+    assert {"period": "2026-06", "kind": "plan", "currency": "usd", "net_cents": 999} in monthly
+    assert mrr == [
+        {"period": "2026-06", "currency": "usd", "state": "active", "mrr_cents": 999, "new_cents": 999,
+         "churned_cents": 0},
+        {"period": "2026-06", "currency": "usd", "state": "past_due", "mrr_cents": 9999, "new_cents": 0,
+         "churned_cents": 0}]
     flow = {(f["period"], f["flow"]): f["credits"] for f in flows}
     this_month = utcnow().strftime("%Y-%m")
     assert flow[(this_month, "spent")] == 50
@@ -189,12 +203,12 @@ def test_days_follow_the_operator_timezone(data):
     with db.read_session() as session:
         tokyo = reports.revenue_series(session, since=NOW - timedelta(days=60), until=NOW, tz_name="Asia/Tokyo")
     # 12:00 UTC is 21:00 in Tokyo: same day; a payment at 20:00 UTC would be the next day
-    assert {"period": "2026-06-14", "kind": "plan", "net_cents": 999} in tokyo
+    assert {"period": "2026-06-14", "kind": "plan", "currency": "usd", "net_cents": 999} in tokyo
 
 
 def test_formatting():
     assert money(123450) == "$1,234.50" and money(-5) == "-$0.05" and money(100, "eur") == "€1.00"
-    assert money(500, "jpy") == "500 JPY" and money(None) == "—"
+    assert money(500, "jpy") == "¥500" and money(1234, "kwd") == "KWD1.234" and money(None) == "—"
     assert when(datetime(2026, 1, 1, 23, 30, tzinfo=timezone.utc), "Europe/Berlin") == "2026-01-02 00:30 CET"
     assert when(0, "UTC") == "1970-01-01 00:00 UTC" and when(None, "UTC") == "—"
     assert age(NOW - timedelta(hours=3), now=NOW) == "3 h ago" and age(None, now=NOW) == "never"
