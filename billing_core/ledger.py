@@ -578,6 +578,15 @@ def refresh_flag(session: Session, account: Account, *, now: datetime | None = N
 def _grant(book: _Book, *, credits: int, kind: str, source_key: str, lot_source: str,
            expires_at: datetime | None = None, **extra) -> LedgerEntry | None:
     """Open a lot: its grant entry (once per source key), the lot row, and settle any earlier debt from it."""
+    granted = _grant_values(book, credits=credits, kind=kind, source_key=source_key, lot_source=lot_source,
+                            expires_at=expires_at, **extra)
+    return None if granted is None else LedgerEntry(id=granted[0], **granted[1])
+
+
+def _grant_values(book: _Book, *, credits: int, kind: str, source_key: str, lot_source: str,
+                  expires_at: datetime | None = None, **extra) -> tuple[int, dict] | None:
+    """_grant's work: (the entry's id, its values), or None when nothing was granted. Building the ORM object
+    costs more than the statements; the webhook's pack path doesn't need it."""
     if credits <= 0:
         return None
     values = {**_ENTRY_DEFAULTS, "user_id": book.user_id, "credits": credits, "kind": kind, "source_key": source_key,
@@ -605,7 +614,7 @@ def _grant(book: _Book, *, credits: int, kind: str, source_key: str, lot_source:
         book.debt += settled
     book.balance += settled + (0 if lot.closed else lot.remaining)
     book.finish(refresh_flag=True)
-    return LedgerEntry(id=entry_id, **values)
+    return entry_id, values
 
 
 def _draw(book: _Book, *, credits: int, kind: str, key_prefix: str, lots: list[Lot], allow_debt: bool,
@@ -637,6 +646,17 @@ def grant_pack(session: Session, *, user_id: str, credits: int, source_key: str,
                    payment_id=payment_id)
     book.save_totals()
     return entry
+
+
+def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key: str, payment_id: int | None = None,
+                    now: datetime | None = None) -> bool:
+    """grant_pack without building the entry object (the webhook's path): True when granted, False when this
+    source key was already applied."""
+    book = _open_book(session, user_id, now=now)
+    granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
+                            payment_id=payment_id)
+    book.save_totals()
+    return granted is not None
 
 
 def grant_subscription_period(session: Session, *, user_id: str, subscription_id: str, period_end: int, tier: str,

@@ -85,7 +85,8 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
         if result.status == "failed":
             payload["error"] = "processing failed; retry later"
         later = None
-        if result.status == "processed" and not (result.duplicate or result.nothing_new):
+        nobody_waits = result.others_waiting is False  # seen in the event's own transaction
+        if result.status == "processed" and not (result.duplicate or result.nothing_new or nobody_waits):
             later = BackgroundTask(retry_waiting_after_answer, result, event)
         return JSONResponse(payload, status_code=result.http_status, background=later)
 

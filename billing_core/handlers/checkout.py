@@ -148,9 +148,9 @@ def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str
     }).scalar()
     if payment_id is None:
         return False
-    entry = ledger.grant_pack(session, user_id=user_id, credits=item.credits,
-                              source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id)
-    if entry is None:  # the grant was there before its payment (an operator's repair): this payment granted nothing
+    granted = ledger.grant_pack_once(session, user_id=user_id, credits=item.credits,
+                                     source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id)
+    if not granted:  # the grant was there before its payment (an operator's repair): this payment granted nothing
         connection.execute(_UNGRANTED, {"payment_id": payment_id})
     return True
 
