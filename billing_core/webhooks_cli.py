@@ -20,16 +20,8 @@ def check_workers(workers: int, *, database_url: str) -> None:
                          "one writer at a time, so the sidecar runs one worker on it")
 
 
-# SQLite releases the GIL for every statement; at Python's default 5 ms switch interval the thread holding
-# the database's write lock then waits up to 5 ms to get it back from the busy event loop, per statement
-# (measured: about 20% more events/s at 0.5 ms; docs/BENCHMARKS.md).
-SERVER_SWITCH_INTERVAL_S = 0.0005
-
-
 def cmd_serve_webhooks(args) -> int:
     import uvicorn
-
-    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
 
     from .webapp import create_api_app, create_app
 
