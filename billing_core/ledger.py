@@ -648,11 +648,18 @@ def grant_pack(session: Session, *, user_id: str, credits: int, source_key: str,
     return entry
 
 
+ACCOUNT_STATE_COLUMNS = _ACCOUNT_STATE.selected_columns  # what a book needs of the account row
+
+
 def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key: str, payment_id: int | None = None,
-                    now: datetime | None = None) -> bool:
+                    account_state=None, now: datetime | None = None) -> bool:
     """grant_pack without building the entry object (the webhook's path): True when granted, False when this
-    source key was already applied."""
-    book = _open_book(session, user_id, now=now)
+    source key was already applied. `account_state`: the account's ACCOUNT_STATE_COLUMNS as the caller's
+    statement that locked (or created) the row in this transaction returned them, so they aren't read again."""
+    if account_state is not None and account_state.user_id == user_id:
+        book = _Book(session, account_state, now or utcnow())
+    else:
+        book = _open_book(session, user_id, now=now)
     granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
                             payment_id=payment_id)
     book.save_totals()
