@@ -446,7 +446,7 @@ class _Book:
     """One account's ledger for one write: its totals and open lots, locked, changed in memory and in the
     tables together. Lots whose expiry time has passed are closed when the book is opened."""
 
-    def __init__(self, session: Session, row, now: datetime):
+    def __init__(self, session: Session, row, now: datetime, *, new_account: bool = False):
         self.session, self.conn, self.now = session, session.connection(), now
         self.user_id: str = row.user_id
         self.flagged, self.flag_reason = bool(row.flagged), row.flag_reason
@@ -454,7 +454,8 @@ class _Book:
         self.balance, self.debt = int(row.balance), int(row.debt)
         self._written = (self.balance, self.debt, self.flagged, self.flag_reason)
         self.lots: dict[int, Lot] = {}
-        self._load_open_lots()
+        if not new_account:  # an account created in this transaction has no lots to read
+            self._load_open_lots()
 
     # reading
     def _load_open_lots(self) -> None:
@@ -655,9 +656,10 @@ def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key:
                     account_state=None, now: datetime | None = None) -> bool:
     """grant_pack without building the entry object (the webhook's path): True when granted, False when this
     source key was already applied. `account_state`: the account's ACCOUNT_STATE_COLUMNS as the caller's
-    statement that locked (or created) the row in this transaction returned them, so they aren't read again."""
+    statement that locked (or created) the row in this transaction returned them, so they aren't read again;
+    with a true `created` among them, the account was created by that statement and has no lots to read."""
     if account_state is not None and account_state.user_id == user_id:
-        book = _Book(session, account_state, now or utcnow())
+        book = _Book(session, account_state, now or utcnow(), new_account=bool(getattr(account_state, "created", False)))
     else:
         book = _open_book(session, user_id, now=now)
     granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",

@@ -139,8 +139,10 @@ def _ensure_account_statement(dialect: str):
 
 # RETURNING the row's state: the upsert has locked the row (SQLite: BEGIN IMMEDIATE; PostgreSQL: ON CONFLICT DO
 # UPDATE), so a ledger write that follows in this transaction needn't read the account again.
-_ENSURE_ACCOUNT = {name: _ensure_account_statement(name).returning(*ledger.ACCOUNT_STATE_COLUMNS)
-                   for name in ("sqlite", "postgresql")}
+# `created`: the row is the one this statement inserted (only an insert sets created_at to this statement's time).
+_ENSURE_ACCOUNT = {name: _ensure_account_statement(name).returning(
+    *ledger.ACCOUNT_STATE_COLUMNS, (_ACCOUNT.c.created_at == bindparam("now")).label("created"))
+    for name in ("sqlite", "postgresql")}
 _LINK_CUSTOMER = (update(_ACCOUNT).where(_ACCOUNT.c.user_id == bindparam("account_user_id"),
                                          _ACCOUNT.c.stripe_customer_id.is_(None),
                                          ~exists().where(_ACCOUNT.c.stripe_customer_id == _CUSTOMER))
