@@ -659,7 +659,8 @@ def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key:
     statement that locked (or created) the row in this transaction returned them, so they aren't read again;
     with a true `created` among them, the account was created by that statement and has no lots to read."""
     if account_state is not None and account_state.user_id == user_id:
-        book = _Book(session, account_state, now or utcnow(), new_account=bool(getattr(account_state, "created", False)))
+        new_account = bool(getattr(account_state, "created", False))
+        book = _Book(session, account_state, now or utcnow(), new_account=new_account)
     else:
         book = _open_book(session, user_id, now=now)
     granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
