@@ -9,33 +9,17 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import pytest
 import stripe
-from starlette.testclient import TestClient
 
 from billing_core import db, expiring, ledger, previews
 from billing_core.api_versions import check_webhook_endpoints, recent_event_versions
 from billing_core.handlers import EVENT_TYPES
 from billing_core.models import StripeEvent, utcnow
 from billing_core.settings import PROJECT_ROOT, get_settings
-from billing_core.webapp import create_app
 from db_dump import database_dump
 from wiring import wiring
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
-                           event, invoice_paid, subscription_invoice)
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
+from stripe_events import (send, DEFAULT_PRICES, charge_refunded, checkout_completed, event, invoice_paid,
+                           subscription_invoice)
 
 
 def preview_event(event_id, **kw):
