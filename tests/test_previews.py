@@ -147,6 +147,17 @@ def test_expiring_credits_by_account_and_by_day(database_url):
     assert csv_text.splitlines()[1].startswith(f"b,{b},")
 
 
+def test_expiring_credits_limit_and_half_hour_zone(database_url):
+    a = grant_period("a", ends_in_days=2.5)
+    b = grant_period("b", ends_in_days=5.5, tier="professional")
+    with db.read_session() as session:
+        top = expiring.expiring_credits(session, days=7, limit=1)
+        kolkata = expiring.expiring_credits(session, days=7, tz_name="Asia/Kolkata")
+    assert (top.total, top.account_count, [r["user_id"] for r in top.accounts]) == (a + b, 2, ["b"])
+    assert kolkata.total == a + b and sum(d["credits"] for d in kolkata.by_day) == a + b
+    assert [r["user_id"] for r in kolkata.accounts] == ["b", "a"]
+
+
 def test_expiring_cli_json(database_url):
     grant_period("a", ends_in_days=3)
     result = cli("expiring", "--days", "7", "--json")
