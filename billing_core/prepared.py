@@ -7,7 +7,8 @@ result processors SQLAlchemy would apply (datetimes as SQLite stores them, boole
 SQL on the DBAPI connection of the caller's transaction. Driver errors are raised as SQLAlchemy's own
 exception types, so callers handle them as before. On PostgreSQL it simply executes the statement.
 
-Statements run this way are not seen by `before_cursor_execute` listeners or engine echo.
+When the engine has `before_cursor_execute` listeners (statement counters in tests) or echoes its SQL, the
+statement takes SQLAlchemy's usual path, so nothing run here is hidden from them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from collections import namedtuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
+
+
+def _lean(conn: Connection) -> bool:
+    return conn.dialect.name == "sqlite" and not conn._echo and not conn.dispatch.before_cursor_execute
 
 
 class _SqliteForm:
@@ -82,7 +87,7 @@ class Prepared:
 
     def rows(self, conn: Connection, params: dict) -> list:
         """Every row of a SELECT (attribute and index access)."""
-        if conn.dialect.name != "sqlite":
+        if not _lean(conn):
             return conn.execute(self.statement, params).all()
         form, cursor = self._run(conn, params)
         return form.rows(cursor)
@@ -93,7 +98,7 @@ class Prepared:
 
     def run(self, conn: Connection, params: dict) -> None:
         """An INSERT, UPDATE or DELETE."""
-        if conn.dialect.name != "sqlite":
+        if not _lean(conn):
             conn.execute(self.statement, params)
             return
         self._run(conn, params)
