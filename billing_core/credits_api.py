@@ -167,9 +167,9 @@ def read_account(user_id: str, *, settings: Settings) -> dict | None:
 def spend(user_id: str, *, credits: int, reference: str, settings: Settings,
           token_name: str | None = None) -> ledger.ConsumeResult:
     try:
-        with db.write_session(_engine(settings)) as session:
-            return ledger.consume(session, user_id=user_id, credits=credits, reference=reference,
-                                  token_name=token_name)
+        with db.write_connection(_engine(settings)) as connection:
+            return ledger.consume_on_connection(connection, user_id=user_id, credits=credits, reference=reference,
+                                                token_name=token_name)
     except ledger.UnknownAccount:
         raise ApiError(404, f"no account for user {user_id!r}") from None
     except (ledger.AccountFlagged, ledger.InsufficientCredits) as exc:

@@ -138,9 +138,7 @@ def _sqlite_write_lock(engine: Engine) -> threading.RLock:
 
 
 @contextmanager
-def write_session(engine: Engine | None = None) -> Iterator[Session]:
-    """One unit of work that writes: commits on success, rolls back on any error."""
-    engine = engine or get_engine()
+def _writer_turn(engine: Engine) -> Iterator[None]:
     # SQLite admits one writer at a time. Threads of this process queue here and get the lock the moment
     # it is free, instead of polling SQLite's busy handler, which sleeps up to 100 ms between tries (p99 of
     # seconds under 16 concurrent writers; see docs/BENCHMARKS.md). Other processes still meet busy_timeout;
@@ -148,12 +146,29 @@ def write_session(engine: Engine | None = None) -> Iterator[Session]:
     lock = _sqlite_write_lock(engine) if is_sqlite(engine) else None
     acquired = lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000) if lock is not None else False
     try:
-        with Session(engine, expire_on_commit=False) as session:
-            with session.begin():
-                yield session
+        yield
     finally:
         if acquired:
             lock.release()
+
+
+@contextmanager
+def write_session(engine: Engine | None = None) -> Iterator[Session]:
+    """One unit of work that writes: commits on success, rolls back on any error."""
+    engine = engine or get_engine()
+    with _writer_turn(engine):
+        with Session(engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """A write transaction on a Core connection, without an ORM session (the credits API's spends): commits on
+    success, rolls back on any error; on SQLite it queues for the write lock as write_session does."""
+    with _writer_turn(engine):
+        with engine.begin() as connection:
+            yield connection
 
 
 _deferred_engines: dict[int, tuple[Engine, Engine]] = {}

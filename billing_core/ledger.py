@@ -914,6 +914,33 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
     return [_entry_object(values) for values in written]
 
 
+class _ConnectionScope:
+    """A Core connection where the ledger takes a Session: no ORM objects to flush or keep in step."""
+
+    identity_map: dict = {}
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def connection(self):
+        return self._connection
+
+    def get_bind(self):
+        return self._connection.engine
+
+    def flush(self) -> None:
+        pass
+
+    def identity_key(self, *args) -> None:
+        return None
+
+
+def consume_on_connection(connection, **kwargs) -> ConsumeResult:
+    """consume() inside a Core connection's write transaction (db.write_connection): the same statements,
+    without an ORM session's cost."""
+    return consume(_ConnectionScope(connection), **kwargs)
+
+
 def consume(session: Session, *, user_id: str, credits: int, reference: str,
             now: datetime | None = None, token_name: str | None = None) -> ConsumeResult:
     """The DevOps Agent spends credits: atomic, and once per (user, reference)."""
