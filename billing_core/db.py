@@ -7,6 +7,7 @@ PostgreSQL: psycopg 3; writers lock the account row (SELECT ... FOR UPDATE).
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from .settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SQLITE_BEGIN = {mode: f"BEGIN {mode}" for mode in ("IMMEDIATE", "DEFERRED", "EXCLUSIVE")}
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -100,7 +102,13 @@ def _sqlite_engine(url: str, settings: Settings) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if conn._echo or conn.dispatch.before_cursor_execute:  # seen by statement counters and echo
+            conn.exec_driver_sql(f"BEGIN {mode}")
+            return
+        try:  # straight to the driver: SQLAlchemy's execution path cost more than the BEGIN itself
+            conn.connection.dbapi_connection.execute(_SQLITE_BEGIN[mode])
+        except sqlite3.Error as error:
+            raise sa_exc.DBAPIError.instance(_SQLITE_BEGIN[mode], (), error, sqlite3.Error) from error
 
     return engine
 
