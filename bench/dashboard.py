@@ -34,6 +34,8 @@ PAGES = {
     "revenue_and_credits": "pages/4_Revenue_and_credits.py",
     "webhook_events": "pages/5_Webhook_events.py",
     "settings": "pages/6_Settings.py",
+    "expiring_credits": "pages/7_Expiring_credits.py",
+    "operators": "pages/8_Operators.py",
 }
 
 

@@ -14,12 +14,15 @@ the thread pool so a waiting writer never blocks the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -164,9 +167,9 @@ def read_account(user_id: str, *, settings: Settings) -> dict | None:
 def spend(user_id: str, *, credits: int, reference: str, settings: Settings,
           token_name: str | None = None) -> ledger.ConsumeResult:
     try:
-        with db.write_session(_engine(settings)) as session:
-            return ledger.consume(session, user_id=user_id, credits=credits, reference=reference,
-                                  token_name=token_name)
+        with db.write_connection(_engine(settings)) as connection:
+            return ledger.consume_on_connection(connection, user_id=user_id, credits=credits, reference=reference,
+                                                token_name=token_name)
     except ledger.UnknownAccount:
         raise ApiError(404, f"no account for user {user_id!r}") from None
     except (ledger.AccountFlagged, ledger.InsufficientCredits) as exc:
@@ -179,12 +182,34 @@ def spend(user_id: str, *, credits: int, reference: str, settings: Settings,
 
 # --- endpoints ----------------------------------------------------------------------------
 
-def _endpoint(handler, *, settings: Settings | None, tokens: TokenSource | None):
+class SpendRunner:
+    """Where spends run. SQLite takes one writer at a time, so sixteen pool threads queueing for its lock only
+    add thread switches: on SQLite spends run in one thread of their own, in arrival order. PostgreSQL locks
+    one account row, so spends on different accounts run in parallel in Starlette's thread pool."""
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _sqlite_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="credits-spend")
+            return self._executor
+
+    async def run(self, func, *args, settings: Settings, **kwargs):
+        if db.is_sqlite(_engine(settings)):
+            call = partial(func, *args, settings=settings, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self._sqlite_executor(), call)
+        return await run_in_threadpool(func, *args, settings=settings, **kwargs)
+
+
+def _endpoint(handler, *, settings: Settings | None, tokens: TokenSource | None, runner: SpendRunner):
     async def endpoint(request: Request):
         current = settings or get_settings()
         try:
             token_name = check_authorization(request, tokens=tokens.current() if tokens else current.api_tokens)
-            return await handler(request, current, token_name)
+            return await handler(request, current, token_name, runner)
         except ApiError as exc:
             return error_response(exc.status, exc.message, exc.headers)
         except db.PoolExhausted:  # every connection of this process busy: say so at once, not after 30 s
@@ -199,7 +224,7 @@ def _endpoint(handler, *, settings: Settings | None, tokens: TokenSource | None)
     return endpoint
 
 
-async def get_account(request: Request, settings: Settings, token_name: str) -> JSONResponse:
+async def get_account(request: Request, settings: Settings, token_name: str, runner: SpendRunner) -> JSONResponse:
     user_id = check_path_user_id(request.path_params["user_id"])
     account = await run_in_threadpool(read_account, user_id, settings=settings)
     if account is None:
@@ -207,11 +232,11 @@ async def get_account(request: Request, settings: Settings, token_name: str) -> 
     return JSONResponse(account)
 
 
-async def consume(request: Request, settings: Settings, token_name: str) -> JSONResponse:
+async def consume(request: Request, settings: Settings, token_name: str, runner: SpendRunner) -> JSONResponse:
     user_id = check_path_user_id(request.path_params["user_id"])
     credits, reference = parse_consume_body(await _read_limited(request))
-    result = await run_in_threadpool(spend, user_id, credits=credits, reference=reference, settings=settings,
-                                     token_name=token_name)
+    result = await runner.run(spend, user_id, credits=credits, reference=reference, settings=settings,
+                              token_name=token_name)
     if not result.replayed:
         log.info("credits API: %s spent %d credits (reference %r, token %s)", result.user_id, result.credits,
                  reference, token_name)
@@ -238,9 +263,10 @@ def routes(settings: Settings | None = None) -> list[Route]:
     comes first so `.../consume` is never read as part of a user id on POST.
     """
     tokens = TokenSource(settings) if settings is not None else None
+    runner = SpendRunner()
     return [
-        Route("/api/accounts/{user_id:path}/consume", _endpoint(consume, settings=settings, tokens=tokens),
-              methods=["POST"]),
-        Route("/api/accounts/{user_id:path}", _endpoint(get_account, settings=settings, tokens=tokens),
+        Route("/api/accounts/{user_id:path}/consume",
+              _endpoint(consume, settings=settings, tokens=tokens, runner=runner), methods=["POST"]),
+        Route("/api/accounts/{user_id:path}", _endpoint(get_account, settings=settings, tokens=tokens, runner=runner),
               methods=["GET"]),
     ]

@@ -7,6 +7,7 @@ PostgreSQL: psycopg 3; writers lock the account row (SELECT ... FOR UPDATE).
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from .settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SQLITE_BEGIN = {mode: f"BEGIN {mode}" for mode in ("IMMEDIATE", "DEFERRED", "EXCLUSIVE")}
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -100,7 +102,13 @@ def _sqlite_engine(url: str, settings: Settings) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if conn._echo or conn.dispatch.before_cursor_execute:  # seen by statement counters and echo
+            conn.exec_driver_sql(f"BEGIN {mode}")
+            return
+        try:  # straight to the driver: SQLAlchemy's execution path cost more than the BEGIN itself
+            conn.connection.dbapi_connection.execute(_SQLITE_BEGIN[mode])
+        except sqlite3.Error as error:
+            raise sa_exc.DBAPIError.instance(_SQLITE_BEGIN[mode], (), error, sqlite3.Error) from error
 
     return engine
 
@@ -138,9 +146,7 @@ def _sqlite_write_lock(engine: Engine) -> threading.RLock:
 
 
 @contextmanager
-def write_session(engine: Engine | None = None) -> Iterator[Session]:
-    """One unit of work that writes: commits on success, rolls back on any error."""
-    engine = engine or get_engine()
+def _writer_turn(engine: Engine) -> Iterator[None]:
     # SQLite admits one writer at a time. Threads of this process queue here and get the lock the moment
     # it is free, instead of polling SQLite's busy handler, which sleeps up to 100 ms between tries (p99 of
     # seconds under 16 concurrent writers; see docs/BENCHMARKS.md). Other processes still meet busy_timeout;
@@ -148,12 +154,29 @@ def write_session(engine: Engine | None = None) -> Iterator[Session]:
     lock = _sqlite_write_lock(engine) if is_sqlite(engine) else None
     acquired = lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000) if lock is not None else False
     try:
-        with Session(engine, expire_on_commit=False) as session:
-            with session.begin():
-                yield session
+        yield
     finally:
         if acquired:
             lock.release()
+
+
+@contextmanager
+def write_session(engine: Engine | None = None) -> Iterator[Session]:
+    """One unit of work that writes: commits on success, rolls back on any error."""
+    engine = engine or get_engine()
+    with _writer_turn(engine):
+        with Session(engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """A write transaction on a Core connection, without an ORM session (the credits API's spends): commits on
+    success, rolls back on any error; on SQLite it queues for the write lock as write_session does."""
+    with _writer_turn(engine):
+        with engine.begin() as connection:
+            yield connection
 
 
 _deferred_engines: dict[int, tuple[Engine, Engine]] = {}

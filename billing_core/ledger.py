@@ -38,6 +38,7 @@ from sqlmodel import Session
 
 from .catalog import allowance
 from .db import for_update
+from .prepared import Prepared
 from .models import (DISPUTE_KINDS_SQL, Account, Consumption, CreditLot, LedgerEntry, Payment, Subscription,
                      from_epoch, utcnow)
 
@@ -290,6 +291,12 @@ _INSERT_ENTRY = ENTRY.insert()
 _INSERT_LOT = LOT.insert()
 _INSERT_CONSUMPTION = CONSUMPTION.insert()
 _ENTRY_DEFAULTS = {column.name: None for column in ENTRY.columns if column.name != "id"}
+# the statements of every ledger write, run lean on SQLite (billing_core/prepared.py)
+_P_OPEN_LOTS, _P_SPEND_STATE = Prepared(_OPEN_LOTS), Prepared(_SPEND_STATE)
+_P_ACCOUNT_STATE, _P_ACCOUNT_STATE_LOCKED = Prepared(_ACCOUNT_STATE), Prepared(_ACCOUNT_STATE_LOCKED)
+_P_UPDATE_LOT, _P_UPDATE_TOTALS, _P_UPDATE_TOTALS_AND_FLAG = map(Prepared, (_UPDATE_LOT, _UPDATE_TOTALS,
+                                                                          _UPDATE_TOTALS_AND_FLAG))
+_P_INSERT_ENTRY, _P_INSERT_CONSUMPTION = Prepared(_INSERT_ENTRY), Prepared(_INSERT_CONSUMPTION)
 
 
 def _lot_from_row(row) -> Lot:
@@ -460,7 +467,7 @@ class _Book:
     # reading
     def _load_open_lots(self) -> None:
         expired = []
-        for row in self.conn.execute(_OPEN_LOTS, {"user_id": self.user_id}).all():
+        for row in _P_OPEN_LOTS.rows(self.conn, {"user_id": self.user_id}):
             lot = _lot_from_row(row)
             self.lots[lot.id] = lot
             if lot.expired(self.now):
@@ -491,13 +498,13 @@ class _Book:
     # writing
     def write(self, **values) -> dict:
         entry = {**_ENTRY_DEFAULTS, "user_id": self.user_id, "created_at": _recording_time.get() or utcnow(), **values}
-        self.conn.execute(_INSERT_ENTRY, entry)
+        _P_INSERT_ENTRY.run(self.conn, entry)
         return entry
 
     def save_lot(self, lot: Lot) -> None:
         if not lot.closed and lot.remaining == 0 and lot.held == 0 and lot.source != "subscription":
             lot.closed = True  # a spent pack or adjustment can never receive credits again
-        self.conn.execute(_UPDATE_LOT, {"lot_id": lot.id, "remaining": lot.remaining, "held": lot.held,
+        _P_UPDATE_LOT.run(self.conn, {"lot_id": lot.id, "remaining": lot.remaining, "held": lot.held,
                                         "closed": lot.closed, "closed_at": self.now if lot.closed else None})
 
     def change_lot(self, lot: Lot, *, credits: int, held: int = 0) -> None:
@@ -517,12 +524,12 @@ class _Book:
             return
         if (self.flagged, self.flag_reason) != self._written[2:]:
             updated_at = utcnow()
-            self.conn.execute(_UPDATE_TOTALS_AND_FLAG, {
+            _P_UPDATE_TOTALS_AND_FLAG.run(self.conn, {
                 "account_id": self.user_id, "balance": self.balance, "debt": self.debt, "flagged": self.flagged,
                 "flag_reason": self.flag_reason, "updated_at": updated_at})
         else:
             updated_at = None
-            self.conn.execute(_UPDATE_TOTALS, {"account_id": self.user_id, "balance": self.balance, "debt": self.debt})
+            _P_UPDATE_TOTALS.run(self.conn, {"account_id": self.user_id, "balance": self.balance, "debt": self.debt})
         self._written = state
         loaded = self.session.identity_map.get(self.session.identity_key(Account, self.user_id))
         if loaded is not None:
@@ -545,16 +552,16 @@ def _lock_row(session: Session, user_id: str, *, create: bool, reference: str | 
     session.flush()  # an Account changed in this session (open_disputes) must be read as changed
     postgresql = session.get_bind().dialect.name == "postgresql"
     if reference is None or postgresql:
-        statement, params = (_ACCOUNT_STATE_LOCKED if postgresql else _ACCOUNT_STATE), {"user_id": user_id}
+        statement, params = (_P_ACCOUNT_STATE_LOCKED if postgresql else _P_ACCOUNT_STATE), {"user_id": user_id}
     else:
-        statement, params = _SPEND_STATE, {"user_id": user_id, "reference": reference}
+        statement, params = _P_SPEND_STATE, {"user_id": user_id, "reference": reference}
     conn = session.connection()
-    row = conn.execute(statement, params).first()
+    row = statement.first(conn, params)
     if row is None and create:
         created = utcnow()
         _insert_ignore(session, {"user_id": user_id, "email": None, "flagged": False, "open_disputes": 0,
                                  "created_at": created, "updated_at": created})
-        row = conn.execute(statement, params).first()
+        row = statement.first(conn, params)
     if row is not None and reference is not None and postgresql:  # read after the lock: a fresh snapshot
         done = conn.execute(_DONE_SPEND, {"user_id": user_id, "reference": reference}).first()
         row = SimpleNamespace(**row._mapping, done_credits=done[0] if done else None,
@@ -937,6 +944,33 @@ def adjust(session: Session, *, user_id: str, credits: int, reason: str, operato
     return [_entry_object(values) for values in written]
 
 
+class _ConnectionScope:
+    """A Core connection where the ledger takes a Session: no ORM objects to flush or keep in step."""
+
+    identity_map: dict = {}
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def connection(self):
+        return self._connection
+
+    def get_bind(self):
+        return self._connection.engine
+
+    def flush(self) -> None:
+        pass
+
+    def identity_key(self, *args) -> None:
+        return None
+
+
+def consume_on_connection(connection, **kwargs) -> ConsumeResult:
+    """consume() inside a Core connection's write transaction (db.write_connection): the same statements,
+    without an ORM session's cost."""
+    return consume(_ConnectionScope(connection), **kwargs)
+
+
 def consume(session: Session, *, user_id: str, credits: int, reference: str,
             now: datetime | None = None, token_name: str | None = None) -> ConsumeResult:
     """The DevOps Agent spends credits: atomic, and once per (user, reference)."""
@@ -963,10 +997,10 @@ def consume(session: Session, *, user_id: str, credits: int, reference: str,
           lots=book.open_lots(spendable_only=True), allow_debt=False, reference=reference)
     book.finish(refresh_flag=True)
     result = ConsumeResult(book.user_id, credits, reference, book.balance, book.spendable())
-    book.conn.execute(_INSERT_CONSUMPTION, {"user_id": book.user_id, "reference": reference, "credits": credits,
-                                            "balance_after": result.balance,
-                                            "spendable_after": result.spendable_balance, "created_at": book.now,
-                                            "token_name": token_name})
+    _P_INSERT_CONSUMPTION.run(book.conn, {"user_id": book.user_id, "reference": reference, "credits": credits,
+                                          "balance_after": result.balance,
+                                          "spendable_after": result.spendable_balance, "created_at": book.now,
+                                          "token_name": token_name})
     return result
 
 

@@ -135,13 +135,10 @@ class CreditLot(SQLModel, table=True):
         # no user_id here: the open-lots index must be the one a query by user finds
         Index("ix_credit_lot_subscription", "subscription_id", "period_end"),
         Index("ix_credit_lot_payment", "payment_id"),
-        # open subscription lots by expiry, for the expiring-credits forecast (a per-user query never
-        # matches its predicate, so it can't take the place of ix_credit_lot_open)
-        Index("ix_credit_lot_expiring", "expires_at", sqlite_where=text("closed = 0 AND source = 'subscription'"),
-              postgresql_where=text("closed = false AND source = 'subscription'")),
         # the dashboard (migration 0007): credits lapsed by expiry time per month, and open lots past it
         Index("ix_credit_lot_expiry", "expires_at", "remaining"),
-        Index("ix_credit_lot_open_expiry", "expires_at", "remaining", sqlite_where=text("closed = 0"),
+        Index("ix_credit_lot_open_expiry", "expires_at", "remaining", "source", "user_id",
+              sqlite_where=text("closed = 0"),
               postgresql_where=text("closed = false")),
     )
     id: int | None = Field(default=None, primary_key=True)

@@ -60,7 +60,7 @@ def cmd_expiring(args) -> int:
     if args.json:
         _print_json(report.as_dict())
         return 0
-    print(f"{report.total:,} subscription credits of {len(report.accounts):,} account(s) expire unspent "
+    print(f"{report.total:,} subscription credits of {report.account_count:,} account(s) expire unspent "
           f"in the next {report.days} day(s)")
     for row in report.accounts[:args.limit]:
         print(f"  {row['credits']:>10,}  {row['user_id']}  first on {row['expires_at'].strftime('%Y-%m-%d %H:%M')} UTC")

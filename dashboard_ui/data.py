@@ -57,6 +57,15 @@ def customer_ledger_csv(url: str, user_id: str, tz_name: str) -> str:
         return reports.ledger_csv(session, user_id=user_id, tz_name=tz_name)
 
 
+def expiring_csv(url: str, days: int, tz_name: str) -> str:
+    """Every account with credits expiring in the window, built when the operator clicks download."""
+    from billing_core import expiring
+
+    with read(url) as session:
+        report = expiring.expiring_credits(session, days=days, tz_name=tz_name)
+    return expiring.expiring_csv(report, tz_name=tz_name)
+
+
 def this_minute() -> datetime:
     return utcnow().replace(second=0, microsecond=0)
 

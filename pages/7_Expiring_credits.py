@@ -13,15 +13,15 @@ TOP_ACCOUNTS = 50
 identity, settings = start_page("Expiring credits", icon=":material/hourglass_bottom:")
 url = settings.database_url
 
-with data.read(url) as session:
-    week = expiring.expiring_credits(session, days=7, tz_name=settings.operator_timezone)
-    month = expiring.expiring_credits(session, days=30, tz_name=settings.operator_timezone)
+with data.read(url) as session:  # aggregated in SQL; only the accounts shown are read
+    week = expiring.expiring_credits(session, days=7, tz_name=settings.operator_timezone, limit=TOP_ACCOUNTS)
+    month = expiring.expiring_credits(session, days=30, tz_name=settings.operator_timezone, limit=TOP_ACCOUNTS)
 
 cols = st.columns(4)
 cols[0].metric("Expiring in 7 days", f"{week.total:,} credits")
-cols[1].metric("Accounts, 7 days", f"{len(week.accounts):,}")
+cols[1].metric("Accounts, 7 days", f"{week.account_count:,}")
 cols[2].metric("Expiring in 30 days", f"{month.total:,} credits")
-cols[3].metric("Accounts, 30 days", f"{len(month.accounts):,}")
+cols[3].metric("Accounts, 30 days", f"{month.account_count:,}")
 
 days = st.radio("Window", (7, 30), index=1, horizontal=True, format_func=lambda d: f"Next {d} days",
                 key="expiring_days")
@@ -38,8 +38,8 @@ else:
     table([{"User": r["user_id"], "Credits expiring": r["credits"], "First expiry": when(r["expires_at"], settings)}
            for r in report.accounts[:TOP_ACCOUNTS]], key="expiring_table")
     today = datetime.now(zone(settings.operator_timezone)).date()
-    st.download_button(f"Download CSV ({len(report.accounts):,} accounts)",
-                       data=expiring.expiring_csv(report, tz_name=settings.operator_timezone),
+    st.download_button(f"Download CSV ({report.account_count:,} accounts)", on_click="ignore",
+                       data=lambda: data.expiring_csv(url, days, settings.operator_timezone),
                        file_name=f"expiring-credits-{days}d-{today.isoformat()}.csv", mime="text/csv",
                        key="expiring_csv")
 st.caption(f"Subscription credits left in periods that end in the window (packs and adjustments never expire). "

@@ -238,3 +238,10 @@ def deliver(client, evt: dict, *, secret: str = WEBHOOK_SECRET, path: str = "/ap
     """POST an event to the sidecar the way Stripe does: the exact body, signed now."""
     body = encode(evt)
     return client.post(path, content=body.encode("utf-8"), headers=signed_headers(body, secret))
+
+
+def send(client, evt: dict) -> dict:
+    """Deliver a signed event and expect 200; the sidecar's JSON answer."""
+    response = deliver(client, evt)
+    assert response.status_code == 200, response.text
+    return response.json()

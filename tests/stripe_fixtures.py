@@ -6,6 +6,8 @@
   (`fake_stripe.requests` / `fake_stripe.state`).
 * `stripe_server`: a StripeServer on 127.0.0.1 sharing `stripe_state`, with STRIPE_SECRET_KEY and
   STRIPE_API_BASE set (also seen by subprocesses started with os.environ).
+* `sidecar`: the webhook sidecar's app (`create_app()`) in a TestClient on `database_url`, with the webhook secret
+  and the catalog's price ids configured (`stripe_events.configure_webhooks`).
 * `stripe_prices`: the catalog's products and prices created in `stripe_state` (with lookup keys) and
   STRIPE_PRICE_* set to them; returns {item_key: price_id}. Combine with `fake_stripe` or `stripe_server`.
 """
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import pytest
 
+from starlette.testclient import TestClient
+
 from billing_core import stripe_client
 from billing_core.settings import PRICE_SETTINGS, reset_settings_cache
+from billing_core.webapp import create_app
 from stripe_double import FakeHTTPClient, StripeServer, StripeState
+from stripe_events import configure_webhooks
 
 TEST_SECRET_KEY = "sk_test_51DoubleKeyForTestsOnly0000a1b2"
 
@@ -53,3 +59,10 @@ def stripe_prices(stripe_state, monkeypatch) -> dict[str, str]:
         monkeypatch.setenv(PRICE_SETTINGS[key], price_id)
     reset_settings_cache()
     return price_ids
+
+
+@pytest.fixture
+def sidecar(database_url, monkeypatch):
+    configure_webhooks(monkeypatch)
+    with TestClient(create_app()) as client:
+        yield client

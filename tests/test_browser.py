@@ -147,6 +147,7 @@ def test_dashboard_in_chromium(dashboard, browser_page, seeded_db, stripe_server
     with db.read_session(db.get_engine(seeded_db)) as session:
         link = session.execute(select(CheckoutLink).where(CheckoutLink.user_id == "browser_user_1")).scalars().one()
     assert (link.item, link.operator) == ("pack_100", "alice")
+    page.get_by_text(link.url).first.wait_for()  # the code box renders after the success message
     assert page.get_by_text(link.url).count() >= 1
     assert stripe_server.state.requests_to("POST", "/v1/checkout/sessions")
 

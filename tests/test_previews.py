@@ -9,33 +9,17 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import pytest
 import stripe
-from starlette.testclient import TestClient
 
 from billing_core import db, expiring, ledger, previews
 from billing_core.api_versions import check_webhook_endpoints, recent_event_versions
 from billing_core.handlers import EVENT_TYPES
 from billing_core.models import StripeEvent, utcnow
 from billing_core.settings import PROJECT_ROOT, get_settings
-from billing_core.webapp import create_app
 from db_dump import database_dump
 from wiring import wiring
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
-                           event, invoice_paid, subscription_invoice)
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
+from stripe_events import (send, DEFAULT_PRICES, charge_refunded, checkout_completed, event, invoice_paid,
+                           subscription_invoice)
 
 
 def preview_event(event_id, **kw):
@@ -161,6 +145,17 @@ def test_expiring_credits_by_account_and_by_day(database_url):
     csv_text = expiring.expiring_csv(week)
     assert csv_text.splitlines()[0].startswith("user_id,credits_expiring") and ",b," not in csv_text
     assert csv_text.splitlines()[1].startswith(f"b,{b},")
+
+
+def test_expiring_credits_limit_and_half_hour_zone(database_url):
+    a = grant_period("a", ends_in_days=2.5)
+    b = grant_period("b", ends_in_days=5.5, tier="professional")
+    with db.read_session() as session:
+        top = expiring.expiring_credits(session, days=7, limit=1)
+        kolkata = expiring.expiring_credits(session, days=7, tz_name="Asia/Kolkata")
+    assert (top.total, top.account_count, [r["user_id"] for r in top.accounts]) == (a + b, 2, ["b"])
+    assert kolkata.total == a + b and sum(d["credits"] for d in kolkata.by_day) == a + b
+    assert [r["user_id"] for r in kolkata.accounts] == ["b", "a"]
 
 
 def test_expiring_cli_json(database_url):

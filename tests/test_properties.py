@@ -17,15 +17,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import func, select
-from starlette.testclient import TestClient
 
 from billing_core import db, ledger
 from billing_core.handlers import EVENT_TYPES
 from billing_core.models import Account, CheckoutLink, Dispute, LedgerEntry, Payment, StripeEvent, Subscription
-from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, PACK_AMOUNTS, PLAN_AMOUNTS, WEBHOOK_SECRET, charge_refunded,
-                           checkout_completed, configure_webhooks, deliver, dispute_event, encode, event,
-                           proration_invoice, signed_headers, subscription_event, subscription_invoice)
+from stripe_events import (DEFAULT_PRICES, PACK_AMOUNTS, PLAN_AMOUNTS, charge_refunded, checkout_completed,
+                           deliver, dispute_event, encode, event, proration_invoice, signed_headers,
+                           subscription_event, subscription_invoice)
 
 URL = "/api/stripe/webhook"
 DAY = 86_400
@@ -36,13 +34,6 @@ pytestmark = [pytest.mark.timeout(3600 if THOROUGH else 90)]  # a hang fails the
 PROPERTY_SETTINGS = settings(max_examples=THOROUGH or 40, deadline=None, derandomize=not THOROUGH, database=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 _example = itertools.count(1)
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
 
 
 # --- a customer's life ---------------------------------------------------------------------------

@@ -11,13 +11,10 @@ import time
 
 import pytest
 from sqlalchemy import select
-from starlette.testclient import TestClient
 
 from billing_core import db, ledger, stripe_payloads as sp
 from billing_core.models import Payment, StripeEvent, Subscription
-from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, charge_refunded, configure_webhooks, deliver, event, invoice_line,
-                           invoice_object, new_id)
+from stripe_events import (send, DEFAULT_PRICES, charge_refunded, event, invoice_line, invoice_object, new_id)
 
 OLD_API_VERSION = "2024-06-20"
 NOW = int(time.time())
@@ -115,19 +112,6 @@ def test_ids_and_texts_are_checked():
 
 
 # --- an older-API account through the sidecar ------------------------------------------------
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
-
 
 def balance(user_id: str) -> int:
     with db.read_session() as session:

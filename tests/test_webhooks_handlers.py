@@ -6,33 +6,17 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
-from starlette.testclient import TestClient
 
 from billing_core import db, ledger
 from wiring import wiring
 from billing_core.models import Account, CheckoutLink, Dispute, Payment, StripeEvent, Subscription, utcnow
-from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
-                           dispute_event, event, invoice_paid, proration_invoice, subscription_event,
-                           subscription_invoice)
+from stripe_events import (send, DEFAULT_PRICES, charge_refunded, checkout_completed, dispute_event, event,
+                           invoice_paid, proration_invoice, subscription_event, subscription_invoice)
 
 NOW = int(time.time())
 P1_START, P1_END = NOW - 5 * 86400, NOW + 25 * 86400
 P2_END = P1_END + 30 * 86400
 STARTER, PRO, BUSINESS = DEFAULT_PRICES["starter"], DEFAULT_PRICES["professional"], DEFAULT_PRICES["business"]
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def summary(user_id: str) -> dict:

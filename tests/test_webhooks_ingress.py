@@ -22,13 +22,6 @@ from stripe_events import checkout_completed, configure_webhooks, deliver, encod
 URL = "/api/stripe/webhook"
 
 
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
 def count(model) -> int:
     with db.read_session() as session:
         return session.execute(select(func.count()).select_from(model)).scalar_one()

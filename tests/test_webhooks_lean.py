@@ -7,26 +7,16 @@ import logging
 import time
 from contextlib import contextmanager
 
-import pytest
 from sqlalchemy import event as sa_event, func, select
-from starlette.testclient import TestClient
 
 from billing_core import db, events, ledger
 from billing_core.models import LedgerEntry, StripeEvent
-from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver, encode,
+from stripe_events import (send, DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver, encode,
                            event,
                            subscription_invoice)
 
 NOW = int(time.time())
 START, END = NOW - 86400, NOW + 29 * 86400
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
 
 
 @contextmanager
@@ -44,12 +34,6 @@ def counted(kind: str = "statements"):
         yield seen
     finally:
         sa_event.remove(engine, name, record)
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def entries() -> int:

@@ -8,24 +8,14 @@ import time
 
 import pytest
 from sqlalchemy import select
-from starlette.testclient import TestClient
 
 from billing_core import db, ledger
 from billing_core.models import Account, Dispute, Payment, StripeEvent, Subscription
-from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, configure_webhooks, deliver,
-                           dispute_event, event, proration_invoice, subscription_event,
-                           subscription_invoice)
+from stripe_events import (DEFAULT_PRICES, charge_refunded, checkout_completed, deliver, dispute_event,
+                           event, proration_invoice, subscription_event, subscription_invoice)
 
 STARTER, PRO = DEFAULT_PRICES["starter"], DEFAULT_PRICES["professional"]
 DAY = 86400
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
 
 
 def deliver_all(client, evts) -> None:

@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 from billing_core import db, ledger
 from billing_core.models import LedgerEntry, PlanChange, StripeEvent, Subscription
 from billing_core.webapp import create_app
-from stripe_events import (DEFAULT_PRICES, PLAN_AMOUNTS, configure_webhooks, deliver, event, invoice_line,
-                           invoice_object, subscription_event, subscription_invoice)
+from stripe_events import (send, DEFAULT_PRICES, PLAN_AMOUNTS, configure_webhooks, event, invoice_line, invoice_object,
+                           subscription_event, subscription_invoice)
 
 DAY = 86400
 NOW = int(time.time())
@@ -27,19 +27,6 @@ END = START + 30 * DAY
 NEXT_END = END + 30 * DAY
 ALLOWANCE = {"starter": 100, "professional": 500, "business": 2000}
 _users = itertools.count(1)
-
-
-@pytest.fixture
-def sidecar(database_url, monkeypatch):
-    configure_webhooks(monkeypatch)
-    with TestClient(create_app()) as client:
-        yield client
-
-
-def send(client, evt) -> dict:
-    response = deliver(client, evt)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def summary(user_id):

@@ -1,5 +1,4 @@
 """refund_request: refunds created from the console, pending until Stripe's charge.refunded arrives;
-ix_credit_lot_expiring: open subscription lots by expiry (the expiring-credits forecast)
 
 Revision ID: 0006
 Revises: 0003
@@ -35,13 +34,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("refund_request", schema=None) as batch_op:
         batch_op.create_index("ix_refund_request_payment_created", ["payment_id", "created_at"], unique=False)
-    op.create_index("ix_credit_lot_expiring", "credit_lot", ["expires_at"], unique=False,
-                    sqlite_where=sa.text("closed = 0 AND source = 'subscription'"),
-                    postgresql_where=sa.text("closed = false AND source = 'subscription'"))
 
 
 def downgrade() -> None:
-    op.drop_index("ix_credit_lot_expiring", table_name="credit_lot")
     with op.batch_alter_table("refund_request", schema=None) as batch_op:
         batch_op.drop_index("ix_refund_request_payment_created")
     op.drop_table("refund_request")

@@ -38,7 +38,8 @@ def upgrade() -> None:
     op.create_index("ix_account_balance", "account", ["balance"])
     op.create_index("ix_subscription_status_tier", "subscription", ["status", "tier"])
     op.create_index("ix_credit_lot_expiry", "credit_lot", ["expires_at", "remaining"])
-    op.create_index("ix_credit_lot_open_expiry", "credit_lot", ["expires_at", "remaining"],
+    # open lots by expiry, covering: lots past expiry not yet closed (Home) and the expiring-credits forecast
+    op.create_index("ix_credit_lot_open_expiry", "credit_lot", ["expires_at", "remaining", "source", "user_id"],
                     sqlite_where=sa.text("closed = 0"), postgresql_where=sa.text("closed = false"))
     _create_tables()
     _backfill_hourly()

@@ -1,0 +1,71 @@
+"""billing_core/prepared.py: ledger statements run straight on SQLite's connection write and read exactly what
+SQLAlchemy's own path writes and reads, stay visible to statement listeners, and raise SQLAlchemy's errors."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import event, select, text
+from sqlalchemy.exc import IntegrityError
+
+from billing_core import db, ledger
+from billing_core.models import Consumption, LedgerEntry
+from billing_core.prepared import Prepared
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)  # microsecond 0: SQLite still stores ".000000"
+
+
+def spend_twice(engine, *, with_listener: bool) -> list[str]:
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        seen.append(statement.split()[0] + " " + statement.split()[2 if statement.startswith("INSERT") else 1])
+
+    if with_listener:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        for user in ("lean", "listened"):
+            with db.write_session(engine) as session:
+                ledger.grant_pack(session, user_id=f"{user}-{with_listener}", credits=10,
+                                  source_key=f"p:{user}{with_listener}", now=T0)
+            with db.write_session(engine) as session:
+                ledger.consume(session, user_id=f"{user}-{with_listener}", credits=3, reference="r1", now=T0,
+                               token_name="default")
+    finally:
+        if with_listener:
+            event.remove(engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_the_lean_path_stores_what_sqlalchemy_stores(engine):
+    assert spend_twice(engine, with_listener=False) == []
+    spend_twice(engine, with_listener=True)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT user_id, created_at, balance_after FROM consumption ORDER BY user_id")).all()
+        stored = {user: (str(created)[:10], after) for user, created, after in rows}
+    assert stored["lean-False"][1] == stored["listened-True"][1] == 7
+    with db.read_session(engine) as session:
+        for user in ("lean-False", "listened-True"):
+            assert ledger.balance(session, user) == 7
+            assert ledger.account_summary(session, user).as_dict()["spendable_balance"] == 7
+            spend = session.execute(select(Consumption).where(Consumption.user_id == user)).scalar_one()
+            assert spend.created_at == T0 and spend.token_name == "default"
+            kinds = session.execute(select(LedgerEntry.kind).where(LedgerEntry.user_id == user)).scalars().all()
+            assert sorted(kinds) == ["pack_grant", "spend"]
+
+
+def test_listeners_still_see_every_statement_of_a_spend(engine):
+    seen = spend_twice(engine, with_listener=True)
+    spend = seen[seen.index("INSERT consumption") - 5:seen.index("INSERT consumption") + 1]
+    assert [s.split()[0] for s in spend[1:]] == ["SELECT", "INSERT", "UPDATE", "UPDATE", "INSERT"]
+
+
+def test_driver_errors_are_sqlalchemy_errors(engine):
+    if not db.is_sqlite(engine):
+        pytest.skip("the lean path is SQLite's")
+    insert = Prepared(Consumption.__table__.insert())
+    values = {"user_id": "nobody", "reference": "r", "credits": 1, "balance_after": 0, "spendable_after": 0,
+              "created_at": T0, "token_name": None}
+    with pytest.raises(IntegrityError):  # no such account: the foreign key refuses it
+        with engine.begin() as conn:
+            insert.run(conn, values)
