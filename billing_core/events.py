@@ -69,6 +69,7 @@ class IngestResult:
     error: str | None = None
     user_id: str | None = None
     nothing_new: bool = False  # processed, but another event had already recorded all of it
+    others_waiting: bool | None = None  # whether recent events wait in needs-attention (None: not looked)
 
     @property
     def http_status(self) -> int:
@@ -175,6 +176,12 @@ _FINISH_EVENT = (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"))
                          attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now")))
 # Only an event still pending: one that another copy finished meanwhile keeps its status.
 _FINISH_PENDING_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
+# The webhook's: it also answers whether any recent event waits in needs-attention, so the retry after the
+# answer reads nothing more in the common case (nobody waiting) instead of opening a transaction of its own.
+_WAITING = _EVENT.alias("waiting")
+_FINISH_EVENT_SEEING_WAITING = _FINISH_EVENT.returning(
+    select(_WAITING.c.id).where(_WAITING.c.status == "needs_attention",
+                                _WAITING.c.received_at >= bindparam("since")).limit(1).exists())
 
 
 def _mark_done_statement(done_user):
@@ -264,6 +271,8 @@ def retry_waiting_after(result: IngestResult, event: dict, *, engine: Engine, se
     """Retry the waiting events that what `event` just recorded may resolve; 0 when it recorded nothing."""
     if result.status != "processed" or result.duplicate or result.nothing_new:
         return 0
+    if result.others_waiting is False:  # seen in the event's own transaction: nobody waits
+        return 0
     return retry_waiting(engine=engine, settings=settings, related_to=related_ids(event["data"]["object"]),
                          exclude=event["id"])
 
@@ -293,11 +302,14 @@ def _store_and_apply(session, event: dict, raw_payload: str, *, source: str, set
     ctx = EventContext(event=event, settings=settings, assigned_user_id=assigned_user_id, source=source, facts=facts)
     status, error, user_id = _run_handler(session, ctx, savepoint=False)
     session.flush()
-    _finish_event(connection, event_id, status=status, error=error, user_id=user_id)
+    now = utcnow()
+    others_waiting = bool(connection.execute(_FINISH_EVENT_SEEING_WAITING, {
+        "event_id": event_id, "new_status": status, "new_error": error, "new_user_id": user_id, "now": now,
+        "since": now - WAITING_RETRY_WINDOW}).scalar())
     if event.get("api_version") and event["api_version"] != stripe.api_version:
         log.warning("event %s has API version %s, not the pinned %s; processed anyway", event_id,
                     printable(event["api_version"]), stripe.api_version)
-    return IngestResult(event_id, status, error=error, user_id=user_id)
+    return IngestResult(event_id, status, error=error, user_id=user_id, others_waiting=others_waiting)
 
 
 class _StillWaiting(Exception):

@@ -453,7 +453,7 @@ class _Book:
     """One account's ledger for one write: its totals and open lots, locked, changed in memory and in the
     tables together. Lots whose expiry time has passed are closed when the book is opened."""
 
-    def __init__(self, session: Session, row, now: datetime):
+    def __init__(self, session: Session, row, now: datetime, *, new_account: bool = False):
         self.session, self.conn, self.now = session, session.connection(), now
         self.user_id: str = row.user_id
         self.flagged, self.flag_reason = bool(row.flagged), row.flag_reason
@@ -461,7 +461,8 @@ class _Book:
         self.balance, self.debt = int(row.balance), int(row.debt)
         self._written = (self.balance, self.debt, self.flagged, self.flag_reason)
         self.lots: dict[int, Lot] = {}
-        self._load_open_lots()
+        if not new_account:  # an account created in this transaction has no lots to read
+            self._load_open_lots()
 
     # reading
     def _load_open_lots(self) -> None:
@@ -585,6 +586,15 @@ def refresh_flag(session: Session, account: Account, *, now: datetime | None = N
 def _grant(book: _Book, *, credits: int, kind: str, source_key: str, lot_source: str,
            expires_at: datetime | None = None, **extra) -> LedgerEntry | None:
     """Open a lot: its grant entry (once per source key), the lot row, and settle any earlier debt from it."""
+    granted = _grant_values(book, credits=credits, kind=kind, source_key=source_key, lot_source=lot_source,
+                            expires_at=expires_at, **extra)
+    return None if granted is None else LedgerEntry(id=granted[0], **granted[1])
+
+
+def _grant_values(book: _Book, *, credits: int, kind: str, source_key: str, lot_source: str,
+                  expires_at: datetime | None = None, **extra) -> tuple[int, dict] | None:
+    """_grant's work: (the entry's id, its values), or None when nothing was granted. Building the ORM object
+    costs more than the statements; the webhook's pack path doesn't need it."""
     if credits <= 0:
         return None
     values = {**_ENTRY_DEFAULTS, "user_id": book.user_id, "credits": credits, "kind": kind, "source_key": source_key,
@@ -612,7 +622,7 @@ def _grant(book: _Book, *, credits: int, kind: str, source_key: str, lot_source:
         book.debt += settled
     book.balance += settled + (0 if lot.closed else lot.remaining)
     book.finish(refresh_flag=True)
-    return LedgerEntry(id=entry_id, **values)
+    return entry_id, values
 
 
 def _draw(book: _Book, *, credits: int, kind: str, key_prefix: str, lots: list[Lot], allow_debt: bool,
@@ -644,6 +654,26 @@ def grant_pack(session: Session, *, user_id: str, credits: int, source_key: str,
                    payment_id=payment_id)
     book.save_totals()
     return entry
+
+
+ACCOUNT_STATE_COLUMNS = _ACCOUNT_STATE.selected_columns  # what a book needs of the account row
+
+
+def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key: str, payment_id: int | None = None,
+                    account_state=None, now: datetime | None = None) -> bool:
+    """grant_pack without building the entry object (the webhook's path): True when granted, False when this
+    source key was already applied. `account_state`: the account's ACCOUNT_STATE_COLUMNS as the caller's
+    statement that locked (or created) the row in this transaction returned them, so they aren't read again;
+    with a true `created` among them, the account was created by that statement and has no lots to read."""
+    if account_state is not None and account_state.user_id == user_id:
+        new_account = bool(getattr(account_state, "created", False))
+        book = _Book(session, account_state, now or utcnow(), new_account=new_account)
+    else:
+        book = _open_book(session, user_id, now=now)
+    granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
+                            payment_id=payment_id)
+    book.save_totals()
+    return granted is not None
 
 
 def grant_subscription_period(session: Session, *, user_id: str, subscription_id: str, period_end: int, tier: str,

@@ -94,9 +94,8 @@ class LedgerEntry(SQLModel, table=True):
         Index("ix_ledger_user_lot", "user_id", "lot_key", "credits"),  # credits: lot sums read the index only
         Index("ix_ledger_user_created", "user_id", "created_at"),
         Index("ix_ledger_kind_created", "kind", "created_at"),
-        # the dashboard: credit flows by time range (covering) and lots by expiry time
+        # the dashboard: credit flows by time range (covering); lots by expiry time are read from credit_lot
         Index("ix_ledger_created_kind_credits", "created_at", "kind", "credits"),
-        Index("ix_ledger_expires_at", "expires_at", "user_id", "source_key"),
         # what each dispute still holds in a lot, without reading the lot's spends
         Index("ix_ledger_dispute_lot", "lot_key", sqlite_where=text(DISPUTE_KINDS_SQL),
               postgresql_where=text(DISPUTE_KINDS_SQL)),

@@ -189,14 +189,14 @@ def test_concurrent_ingest_of_the_same_payment_under_two_event_types(database_ur
 
 
 def test_failure_mid_processing_leaves_nothing_behind_and_answers_500(sidecar, monkeypatch):
-    real_grant = ledger.grant_pack
+    real_grant = ledger.grant_pack_once
     secret_key = "sk_live_51ShouldNeverBeShown000a1b2"
 
     def grant_then_fail(session, **kwargs):
         real_grant(session, **kwargs)  # the first write happens ...
         raise RuntimeError(f"disk on fire while using {secret_key}")  # ... then processing blows up
 
-    monkeypatch.setattr(ledger, "grant_pack", grant_then_fail)
+    monkeypatch.setattr(ledger, "grant_pack_once", grant_then_fail)
     evt = checkout_completed(user_id="u1", item="pack_100", customer="cus_f")
     response = deliver(sidecar, evt)
     assert response.status_code == 500
@@ -205,7 +205,7 @@ def test_failure_mid_processing_leaves_nothing_behind_and_answers_500(sidecar, m
     assert (row.status, row.attempts) == ("failed", 1)
     assert "RuntimeError: disk on fire" in row.error and secret_key not in row.error and "…a1b2" in row.error
     assert count(LedgerEntry) == 0 and count(Payment) == 0 and count(Account) == 0
-    monkeypatch.setattr(ledger, "grant_pack", real_grant)
+    monkeypatch.setattr(ledger, "grant_pack_once", real_grant)
     retried = deliver(sidecar, evt)  # Stripe retries: now it applies, once
     assert retried.status_code == 200 and retried.json()["status"] == "processed"
     assert (stored(evt["id"]).status, stored(evt["id"]).attempts, stored(evt["id"]).error) == ("processed", 2, None)
@@ -228,12 +228,12 @@ def test_needs_attention_rolls_back_its_effects(sidecar, monkeypatch):
 # --- replay ----------------------------------------------------------------------------------
 
 def test_replay_command_reprocesses_failed_events(sidecar, monkeypatch, capsys):
-    real_grant = ledger.grant_pack
-    monkeypatch.setattr(ledger, "grant_pack", lambda session, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    real_grant = ledger.grant_pack_once
+    monkeypatch.setattr(ledger, "grant_pack_once", lambda session, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
     failed = [checkout_completed(user_id="u1", item="pack_100") for _ in range(2)]
     for evt in failed:
         assert deliver(sidecar, evt).status_code == 500
-    monkeypatch.setattr(ledger, "grant_pack", real_grant)
+    monkeypatch.setattr(ledger, "grant_pack_once", real_grant)
     assert cli.main(["replay", "--failed"]) == 0
     out = capsys.readouterr().out
     assert all(f"{evt['id']}: processed (user u1)" in out for evt in failed)

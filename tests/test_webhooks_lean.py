@@ -87,11 +87,11 @@ def test_a_second_event_type_for_a_paid_invoice_returns_within_three_statements(
 
 
 def test_a_copy_of_a_failed_event_is_processed_again(sidecar, monkeypatch):
-    real_grant = ledger.grant_pack
-    monkeypatch.setattr(ledger, "grant_pack", lambda session, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    real_grant = ledger.grant_pack_once
+    monkeypatch.setattr(ledger, "grant_pack_once", lambda session, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
     evt = checkout_completed(user_id="u1", item="pack_100")
     assert deliver(sidecar, evt).status_code == 500
-    monkeypatch.setattr(ledger, "grant_pack", real_grant)
+    monkeypatch.setattr(ledger, "grant_pack_once", real_grant)
     assert send(sidecar, evt)["status"] == "processed"
     with db.read_session() as session:
         assert session.get(StripeEvent, evt["id"]).attempts == 2 and ledger.balance(session, "u1") == 100

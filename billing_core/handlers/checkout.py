@@ -14,7 +14,7 @@ from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, checkout_email, checkout_explicit_user,
                                checkout_line_prices, id_of, metadata_item, metadata_user, moment_of, required_id)
 from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
-                     user_for_customer)
+                     ensure_account_state, user_for_customer)
 
 PAID_CHECKOUT = ("paid", "no_payment_required")
 
@@ -95,11 +95,12 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
     """
     session_id = required_id(checkout_session, "cs_", "checkout session")
     user_id = checkout_user(session, checkout_session, assigned_user_id)
-    ensure_account(session, user_id=user_id, email=checkout_email(checkout_session),
-                        stripe_customer_id=id_of(checkout_session.get("customer")))
+    account = ensure_account_state(session, user_id=user_id, email=checkout_email(checkout_session),
+                                   stripe_customer_id=id_of(checkout_session.get("customer")))
+    user_id = account.user_id
     mode = checkout_session.get("mode")
     if mode == "payment":
-        _fulfil_payment(session, checkout_session, user_id=user_id, settings=settings)
+        _fulfil_payment(session, checkout_session, user_id=user_id, settings=settings, account=account)
     elif mode == "subscription":
         _link_subscription(session, checkout_session, user_id=user_id, settings=settings)
     else:
@@ -109,14 +110,15 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
     return Handled(user_id=user_id)
 
 
-def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, settings: Settings) -> None:
+def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, settings: Settings,
+                    account=None) -> None:
     item = checkout_item(session, checkout_session, settings)
     if item is None or item.kind != "pack":
         what = "no item" if item is None else f"plan {item.key} in payment mode"
         raise NeedsAttention(f"checkout session {checkout_session['id']} names {what}; can't tell which pack "
                              "was bought")
     paid = checkout_session.get("payment_status") in PAID_CHECKOUT
-    if paid and _grant_new_payment(session, checkout_session, user_id=user_id, item=item):
+    if paid and _grant_new_payment(session, checkout_session, user_id=user_id, item=item, account=account):
         return
     payment = _checkout_payment(session, checkout_session, user_id=user_id, item=item)
     if not paid:
@@ -132,7 +134,8 @@ def _fulfil_payment(session: Session, checkout_session: dict, *, user_id: str, s
     apply_earlier_reversals(session, payment)
 
 
-def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str, item: CatalogItem) -> bool:
+def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str, item: CatalogItem,
+                       account=None) -> bool:
     """Record a paid session's payment and grant its pack, when the session is new; False when its payment
     was recorded before (the success page, an unpaid first event), which the general path then updates."""
     connection = session.connection()
@@ -148,9 +151,10 @@ def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str
     }).scalar()
     if payment_id is None:
         return False
-    entry = ledger.grant_pack(session, user_id=user_id, credits=item.credits,
-                              source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id)
-    if entry is None:  # the grant was there before its payment (an operator's repair): this payment granted nothing
+    granted = ledger.grant_pack_once(session, user_id=user_id, credits=item.credits,
+                                     source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id,
+                                     account_state=account)
+    if not granted:  # the grant was there before its payment (an operator's repair): this payment granted nothing
         connection.execute(_UNGRANTED, {"payment_id": payment_id})
     return True
 

@@ -137,7 +137,12 @@ def _ensure_account_statement(dialect: str):
     })
 
 
-_ENSURE_ACCOUNT = {name: _ensure_account_statement(name) for name in ("sqlite", "postgresql")}
+# RETURNING the row's state: the upsert has locked the row (SQLite: BEGIN IMMEDIATE; PostgreSQL: ON CONFLICT DO
+# UPDATE), so a ledger write that follows in this transaction needn't read the account again.
+# `created`: the row is the one this statement inserted (only an insert sets created_at to this statement's time).
+_ENSURE_ACCOUNT = {name: _ensure_account_statement(name).returning(
+    *ledger.ACCOUNT_STATE_COLUMNS, (_ACCOUNT.c.created_at == bindparam("now")).label("created"))
+    for name in ("sqlite", "postgresql")}
 _LINK_CUSTOMER = (update(_ACCOUNT).where(_ACCOUNT.c.user_id == bindparam("account_user_id"),
                                          _ACCOUNT.c.stripe_customer_id.is_(None),
                                          ~exists().where(_ACCOUNT.c.stripe_customer_id == _CUSTOMER))
@@ -148,16 +153,23 @@ def ensure_account(session: Session, *, user_id: str, email: str | None = None,
                    stripe_customer_id: str | None = None) -> str:
     """The account exists (created when new), with this email and Stripe customer filled in where it had
     none (a customer another account has stays with that account); returns the checked user id."""
+    return ensure_account_state(session, user_id=user_id, email=email, stripe_customer_id=stripe_customer_id).user_id
+
+
+def ensure_account_state(session: Session, *, user_id: str, email: str | None = None,
+                         stripe_customer_id: str | None = None):
+    """ensure_account, returning the account's ledger.ACCOUNT_STATE_COLUMNS (locked for this transaction)."""
     user_id = ledger.check_user_id(user_id)
     connection = session.connection()
     postgresql = connection.dialect.name == "postgresql"
     values = {"user_id": user_id, "email": email.strip() if email and email.strip() else None,
               "customer_id": stripe_customer_id, "now": utcnow()}
-    connection.execute(_ENSURE_ACCOUNT[connection.dialect.name], values | ({"customer_id": None} if postgresql else {}))
+    state = connection.execute(_ENSURE_ACCOUNT[connection.dialect.name],
+                               values | ({"customer_id": None} if postgresql else {})).one()
     if postgresql and stripe_customer_id:
         connection.execute(_LINK_CUSTOMER, {"account_user_id": user_id, "customer_id": stripe_customer_id,
                                             "now": values["now"]})
-    return user_id
+    return state
 
 
 def reread_after_lock(session: Session, row) -> None:
