@@ -157,7 +157,7 @@ def test_dashboard_in_chromium(dashboard, browser_page, seeded_db, stripe_server
     page.get_by_text("Manual adjustment").wait_for()
     settle(page)
     page.get_by_label("Credits").fill("42")
-    page.get_by_label("Reason").fill("browser test goodwill")
+    page.get_by_label("Reason", exact=True).fill("browser test goodwill")
     page.get_by_text("I confirm this adjustment").click()
     page.get_by_role("button", name="Apply adjustment").click()
     page.get_by_text("Adjusted demo_user_0003 by +42 credits").wait_for()
