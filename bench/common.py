@@ -120,11 +120,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server process has used so far (Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def kill(self) -> None:
         if self.process.poll() is None:

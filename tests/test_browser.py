@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,9 @@ def dashboard(seeded_db, stripe_server, stripe_prices, tmp_path):
         log.close()
 
 
-@pytest.fixture
-def browser_page():
+@contextmanager
+def chromium_page(*, width: int, height: int):
+    """A page of Debian's headless Chromium (driven by Playwright) with a viewport of this size."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -83,7 +85,7 @@ def browser_page():
             executable_path=str(CHROMIUM), headless=True,
             args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-extensions", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1440, "height": 1400})
+        context = browser.new_context(viewport={"width": width, "height": height})
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         try:
@@ -91,6 +93,30 @@ def browser_page():
         finally:
             context.close()
             browser.close()
+
+
+@pytest.fixture
+def browser_page():
+    with chromium_page(width=1440, height=1400) as page:
+        yield page
+
+
+def sign_in_as_admin(page) -> None:
+    """Fill in the sign-in form as the seeded admin and wait for Home."""
+    page.get_by_label("User name").fill(ADMIN[0])
+    page.get_by_label("Password", exact=True).fill(ADMIN[1])
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="Billing console").wait_for()
+
+
+def open_customer(page, user_id: str) -> None:
+    """Sign in, then find the account on Customers."""
+    sign_in_as_admin(page)
+    settle(page)
+    visit(page, "Customers", "Customers")
+    search = page.get_by_label("Search by user id, email or Stripe customer id")
+    search.fill(user_id)
+    search.press("Enter")
 
 
 def settle(page) -> None:
@@ -125,10 +151,7 @@ def test_dashboard_in_chromium(dashboard, browser_page, seeded_db, stripe_server
     assert page.get_by_text("$").count() == 0  # nothing with amounts before sign-in
     screenshot(page, "sign-in")
 
-    page.get_by_label("User name").fill(ADMIN[0])
-    page.get_by_label("Password", exact=True).fill(ADMIN[1])
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_role("heading", name="Billing console").wait_for()
+    sign_in_as_admin(page)
     page.get_by_text("MRR").first.wait_for()
     settle(page)
     assert page.get_by_text("TEST MODE").count() >= 1
@@ -237,16 +260,7 @@ def test_markdown_in_untrusted_text_is_shown_as_text_and_fetches_nothing(dashboa
     page.on("request", lambda request: requested.append(request.url))
     try:
         page.goto(dashboard)
-        page.get_by_label("User name").fill(ADMIN[0])
-        page.get_by_label("Password", exact=True).fill(ADMIN[1])
-        page.get_by_role("button", name="Sign in").click()
-        page.get_by_role("heading", name="Billing console").wait_for()
-        settle(page)
-
-        visit(page, "Customers", "Customers")
-        search = page.get_by_label("Search by user id, email or Stripe customer id")
-        search.fill(user_id)
-        search.press("Enter")
+        open_customer(page, user_id)
         page.get_by_role("heading", name=user_id).wait_for()  # the literal text, as a heading
         page.get_by_text(f"Email {email}").wait_for()
         settle(page)

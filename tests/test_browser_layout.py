@@ -9,8 +9,9 @@ import pytest
 
 from billing_core import db, ledger
 from billing_core.models import Payment, SubscriptionPeriod, utcnow
-from dashboard_helpers import ADMIN, seeded_db, seeded_template  # noqa: F401  (fixtures)
-from test_browser import ARTIFACTS, CHROMIUM, TIMEOUT_MS, dashboard, settle, visit  # noqa: F401  (a fixture)
+from dashboard_helpers import seeded_db, seeded_template  # noqa: F401  (fixtures)
+from test_browser import (ARTIFACTS, CHROMIUM, chromium_page, dashboard, settle, sign_in_as_admin,  # noqa: F401  (a fixture)
+                          visit)
 
 SHOTS = ARTIFACTS.parent / "layout-1280"
 
@@ -45,21 +46,8 @@ def large_figures(seeded_db):
 
 @pytest.fixture
 def page_1280():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-extensions", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
+    with chromium_page(width=1280, height=900) as page:
+        yield page
 
 
 @pytest.fixture(autouse=True)
@@ -76,10 +64,7 @@ def metrics_cut_short(page) -> list[str]:
 def test_metrics_are_shown_whole_at_1280px(large_figures, dashboard, page_1280):
     page = page_1280
     page.goto(dashboard)
-    page.get_by_label("User name").fill(ADMIN[0])
-    page.get_by_label("Password", exact=True).fill(ADMIN[1])
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_role("heading", name="Billing console").wait_for()
+    sign_in_as_admin(page)
     page.get_by_text("Past-due MRR").first.wait_for()
     settle(page)
     page.get_by_text("$1,27").first.wait_for()  # MRR in the millions

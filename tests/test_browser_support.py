@@ -12,9 +12,10 @@ from sqlalchemy import select, update
 from billing_core import db, events, ledger, refunds
 from billing_core.models import Payment, RefundRequest
 from billing_core.settings import load_settings
-from dashboard_helpers import ADMIN, seeded_db, seeded_template  # noqa: F401
+from dashboard_helpers import seeded_db, seeded_template  # noqa: F401
 from stripe_events import WEBHOOK_SECRET
 from test_browser import CHROMIUM, browser_page, dashboard, screenshot, settle, visit  # noqa: F401
+from test_browser import open_customer
 
 pytestmark = [
     pytest.mark.browser,
@@ -35,19 +36,6 @@ def a_pack_payment(url: str) -> tuple[str, int, int, str]:
     pytest.fail("the demo data has no refundable pack payment")
 
 
-def open_customer(page, user_id: str) -> None:
-    page.get_by_label("User name").fill(ADMIN[0])
-    page.get_by_label("Password", exact=True).fill(ADMIN[1])
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_role("heading", name="Billing console").wait_for()
-    settle(page)
-    visit(page, "Customers", "Customers")
-    search = page.get_by_label("Search by user id, email or Stripe customer id")
-    search.fill(user_id)
-    search.press("Enter")
-    settle(page)
-
-
 def test_refund_flow_in_chromium(dashboard, browser_page, seeded_db, stripe_server):
     page = browser_page
     user_id, payment_id, amount, session_id = a_pack_payment(seeded_db)
@@ -60,6 +48,7 @@ def test_refund_flow_in_chromium(dashboard, browser_page, seeded_db, stripe_serv
 
     page.goto(dashboard)
     open_customer(page, user_id)
+    settle(page)
     page.get_by_role("heading", name="Refund").wait_for()
     settle(page)
     page.get_by_text("Part of it").click()
@@ -96,6 +85,7 @@ def test_refund_flow_in_chromium(dashboard, browser_page, seeded_db, stripe_serv
     assert events.ingest(body, raw_payload=json.dumps(body), engine=engine, settings=settings).status == "processed"
     page.goto(dashboard)  # a new session: sign in again
     open_customer(page, user_id)
+    settle(page)
     page.get_by_text("Refunds made from the console").wait_for()
     settle(page)
     screenshot(page, "refund-applied")
