@@ -12,6 +12,8 @@
    records something it mentions (its payment intent, customer, subscription, or the invoice Stripe
    named for its charge), so a refund delivered before its payment still applies; an operator can
    assign the user and `reprocess` the rest.
+5. `ingest_together` applies several events in order in one transaction (the SQLite sidecar's group commit,
+   billing_core.group_commit); all or nothing, and the event it could not apply is named for `ingest` alone.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ WAITING_RETRY_LIMIT = 25
 MAX_ERROR_CHARS = 1000
 
 __all__ = ["IngressRejected", "IngestResult", "NeedsAttention", "UnknownEvent", "verify_and_parse", "ingest",
-           "reprocess", "replay_failed", "apply_checkout_session", "api_version_mismatch", "last_event_at"]
+           "GroupFailed", "ingest_together", "reprocess", "replay_failed", "apply_checkout_session",
+           "api_version_mismatch", "last_event_at"]
 
 
 class IngressRejected(Exception):
@@ -265,6 +268,39 @@ def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
     if retry_waiting_now:
         retry_waiting_after(result, event, engine=engine, settings=settings)
     return result
+
+
+class GroupFailed(Exception):
+    """`ingest_together` could not apply the event at `index` with the others; the transaction was rolled back."""
+
+    def __init__(self, index: int):
+        super().__init__(f"event {index} of the group could not be applied with the others")
+        self.index = index
+
+
+def ingest_together(deliveries: list[tuple[dict, str]], *, engine: Engine, settings: Settings,
+                    source: str = "webhook") -> list[IngestResult]:
+    """Store and apply verified events (event, raw payload), in order, in ONE write transaction and one commit:
+    each sees what the ones before it wrote, as if they had come one after another. All or nothing: when one
+    can't be applied here (it needs a person, needs Stripe first, or raises), everything is rolled back and
+    GroupFailed names it, so the caller can apply it alone with `ingest`, which records it as it should.
+    Nothing waiting is retried here (as with `ingest(retry_waiting_now=False)`): see `retry_waiting_after`."""
+    results = []
+    with db.write_session(engine) as session:
+        session.connection()  # BEGIN IMMEDIATE here: a database that can't begin is no event's fault
+        for index, (event, raw_payload) in enumerate(deliveries):
+            if event_shape_problem(event) or handlers.needs_prefetch(event):
+                raise GroupFailed(index)  # ingest refuses the one, asks Stripe for the other before any lock
+            try:
+                results.append(_store_and_apply(session, event, raw_payload, source=source, settings=settings,
+                                                facts={}))
+                session.flush()
+                # The next event reads rows afresh: handlers mix ORM objects and Core statements, so an object
+                # this event loaded could be stale by the time another event of the group looks at it.
+                session.expunge_all()
+            except Exception as exc:
+                raise GroupFailed(index) from exc
+    return results
 
 
 def retry_waiting_after(result: IngestResult, event: dict, *, engine: Engine, settings: Settings) -> int:

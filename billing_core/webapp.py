@@ -9,17 +9,19 @@
     + the credits API routes (billing_core.credits_api), unless API_HOST/API_PORT give them their own
       listener (create_api_app)
 
-Database work runs in the thread pool, so a writer waiting for a lock never blocks the event loop.
+Database work runs off the event loop (the thread pool; on SQLite the webhook's group writer thread,
+billing_core.group_commit), so a writer waiting for a lock never blocks it.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import html
 import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import AsyncIterator
 
 from sqlalchemy import func, select
 from starlette.applications import Starlette
@@ -32,6 +34,7 @@ from starlette.routing import Route
 
 from . import credits_api, db, events, ledger
 from .catalog import CATALOG
+from .group_commit import GroupWriter
 from .models import Payment, StripeEvent
 from .settings import Settings, get_settings
 
@@ -61,25 +64,24 @@ def _plain(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message} if status >= 400 else {"status": message}, status_code=status)
 
 
-def _ingest_runner(engine: Engine):
-    """How the webhook runs the (blocking) ingest, once per event. SQLite admits one writer at a time, so
-    there events are applied by one thread of their own: sixteen pool threads queueing for the write lock
-    cost more in lock and GIL hand-offs than the writes. An event that first asks Stripe (a refund's
-    invoice) must not hold that thread, so it and every event on PostgreSQL use Starlette's thread pool."""
-    if not db.is_sqlite(engine):
-        return lambda event, call: run_in_threadpool(call)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-sqlite-writer")
+def _ingest_runner(settings: Settings, engine: Engine, writer: GroupWriter | None):
+    """How the webhook runs the (blocking) ingest. On SQLite (a `writer`) events are applied by the group writer's
+    thread, several per transaction (billing_core.group_commit): SQLite admits one writer at a time. An event that
+    first asks Stripe (a refund's invoice) must not hold that thread, so it and every event on PostgreSQL (several
+    processes share it, row locks order them) use Starlette's thread pool, one transaction per event."""
+    def alone(event: dict, raw_payload: str) -> events.IngestResult:
+        return events.ingest(event, raw_payload=raw_payload, settings=settings, engine=engine, retry_waiting_now=False)
 
-    async def run(event: dict, call):
-        if events.handlers.needs_prefetch(event):
-            return await run_in_threadpool(call)
-        return await asyncio.get_running_loop().run_in_executor(writer, call)
+    async def run(event: dict, raw_payload: str) -> events.IngestResult:
+        if writer is None or events.handlers.needs_prefetch(event):
+            return await run_in_threadpool(alone, event, raw_payload)
+        return await writer.submit(event, raw_payload)
 
     return run
 
 
-def make_webhook_endpoint(settings: Settings, engine: Engine):
-    run_ingest = _ingest_runner(engine)
+def make_webhook_endpoint(settings: Settings, engine: Engine, *, writer: GroupWriter | None = None):
+    run_ingest = _ingest_runner(settings, engine, writer)
 
     async def webhook(request: Request):
         try:
@@ -92,9 +94,7 @@ def make_webhook_endpoint(settings: Settings, engine: Engine):
             log.warning("webhook refused: %s", exc.reason)
             return _plain(exc.status, exc.reason)
         try:
-            result = await run_ingest(event, functools.partial(
-                events.ingest, event, raw_payload=body.decode("utf-8"), settings=settings, engine=engine,
-                retry_waiting_now=False))
+            result = await run_ingest(event, body.decode("utf-8"))
         except db.PoolExhausted as exc:  # answered within DB_POOL_TIMEOUT, before Stripe's own timeout
             log.error("webhook %s not stored, database connections busy: %s", event.get("id"), exc)
             return _plain(500, "event could not be stored; retry later")
@@ -340,14 +340,31 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True,
     engine = db.get_engine(settings.database_url)
     if include_api is None:
         include_api = not settings.api_listener_separate
+    writer = GroupWriter(engine=engine, settings=settings) if db.is_sqlite(engine) else None
     routes = [
-        Route(WEBHOOK_PATH, make_webhook_endpoint(settings, engine), methods=["POST"]),
+        Route(WEBHOOK_PATH, make_webhook_endpoint(settings, engine, writer=writer), methods=["POST"]),
         Route("/healthz", make_healthz(settings, engine), methods=["GET"]),
         Route("/checkout/success", make_success_page(settings, engine), methods=["GET"]),
         Route("/checkout/cancel", cancel, methods=["GET"]),
         *(credits_api.routes(settings) if include_api else []),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes, lifespan=_stopping(writer))
+    app.state.webhook_writer = writer
+    return app
+
+
+def _stopping(writer: GroupWriter | None):
+    """The app's lifespan: at shutdown (after uvicorn has let the requests in flight finish) the group writer
+    applies and answers what is still queued, off the event loop, which must stay free to deliver those answers."""
+    @contextlib.asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if writer is not None:
+                await run_in_threadpool(writer.stop)
+
+    return lifespan
 
 
 def create_api_app(settings: Settings | None = None, *, check_schema: bool = True) -> Starlette:
