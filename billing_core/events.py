@@ -23,16 +23,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import stripe
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter
 
 from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
 from .handlers import checkout as checkout_handlers
 from .handlers import EventContext
 from .models import StripeEvent, utcnow
+from .prepared import Prepared
 from .settings import Settings
 from .stripe_payloads import MAX_EPOCH, NeedsAttention, dig, printable, related_ids
 
@@ -158,10 +161,24 @@ def event_shape_problem(event) -> str | None:
 
 # --- storing and processing ------------------------------------------------------------------
 # The webhook's path: verify (above), then ONE write transaction that stores the event and applies it, and
-# one commit. Statements are built once, here, and run on the session's connection; a copy of a finished
-# event (same id) costs BEGIN, the INSERT that finds the id taken, and one SELECT of its status.
+# one commit. Statements are built once, here, and run on the session's connection (on SQLite straight on the
+# driver's, billing_core.prepared); a copy of a finished event (same id) costs BEGIN, the INSERT that finds the
+# id taken, and one SELECT of its status.
 
 _EVENT = StripeEvent.__table__
+
+
+def _in_lists_bound_apart(statement):
+    """`statement` with each IN over a fixed list (`status IN ('paid', ...)`) bound value by value: SQLAlchemy
+    finishes such an IN only as it executes, and Prepared runs the SQL as compiled once."""
+    def bound_apart(element):
+        if (isinstance(element, BinaryExpression) and element.operator is operators.in_op
+                and isinstance(element.right, BindParameter) and element.right.expanding
+                and element.right.callable is None and element.right.value is not None):
+            return element.left.in_([literal(value, element.left.type) for value in element.right.value])
+        return None
+
+    return visitors.replacement_traverse(statement, {}, bound_apart)
 
 
 def _insert_event_statement(dialect: str):
@@ -169,30 +186,32 @@ def _insert_event_statement(dialect: str):
     return insert(_EVENT).on_conflict_do_nothing(index_elements=["id"]).returning(_EVENT.c.id)
 
 
-_INSERT_EVENT = {name: _insert_event_statement(name) for name in ("sqlite", "postgresql")}
 _SELECT_EVENT = select(_EVENT.c.status, _EVENT.c.error, _EVENT.c.user_id, _EVENT.c.assigned_user_id).where(
     _EVENT.c.id == bindparam("event_id"))
-_SELECT_EVENT_LOCKED = _SELECT_EVENT.with_for_update()
-_FINISH_EVENT = (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"))
-                 .values(status=bindparam("new_status"), error=bindparam("new_error"),
-                         user_id=func.coalesce(bindparam("new_user_id"), _EVENT.c.user_id),
-                         attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now")))
+_FINISH = (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"))
+           .values(status=bindparam("new_status"), error=bindparam("new_error"),
+                   user_id=func.coalesce(bindparam("new_user_id"), _EVENT.c.user_id),
+                   attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now")))
+_WAITING = _EVENT.alias("waiting")
+
+_INSERT_EVENT = {name: Prepared(_insert_event_statement(name)) for name in ("sqlite", "postgresql")}
+# PostgreSQL locks the row: a copy arriving meanwhile waits for the first to commit, then finds it done.
+_STORED_STATUS = {"sqlite": Prepared(_SELECT_EVENT), "postgresql": Prepared(_SELECT_EVENT.with_for_update())}
 # Only an event still pending: one that another copy finished meanwhile keeps its status.
-_FINISH_PENDING_EVENT = _FINISH_EVENT.where(_EVENT.c.status.in_(PENDING_STATUSES))
+_FINISH_PENDING_EVENT = Prepared(_in_lists_bound_apart(_FINISH.where(_EVENT.c.status.in_(PENDING_STATUSES))))
 # The webhook's: it also answers whether any recent event waits in needs-attention, so the retry after the
 # answer reads nothing more in the common case (nobody waiting) instead of opening a transaction of its own.
-_WAITING = _EVENT.alias("waiting")
-_FINISH_EVENT_SEEING_WAITING = _FINISH_EVENT.returning(
+_FINISH_EVENT_SEEING_WAITING = Prepared(_FINISH.returning(
     select(_WAITING.c.id).where(_WAITING.c.status == "needs_attention",
-                                _WAITING.c.received_at >= bindparam("since")).limit(1).exists())
+                                _WAITING.c.received_at >= bindparam("since")).limit(1).exists()))
 
 
 def _mark_done_statement(done_user):
     """Marks the event processed when `done_user` (a handler's subquery) finds the work done; returns the user."""
-    return (update(_EVENT).where(_EVENT.c.id == bindparam("event_id"), done_user.is_not(None))
-            .values(status="processed", user_id=done_user, attempts=_EVENT.c.attempts + 1,
-                    processed_at=bindparam("now"))
-            .returning(_EVENT.c.user_id))
+    return Prepared(_in_lists_bound_apart(
+        update(_EVENT).where(_EVENT.c.id == bindparam("event_id"), done_user.is_not(None))
+        .values(status="processed", user_id=done_user, attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now"))
+        .returning(_EVENT.c.user_id)))
 
 
 _MARK_DONE = {event_type: (_mark_done_statement(subquery), params)
@@ -211,18 +230,16 @@ def _event_values(event: dict, raw_payload: str, source: str, *, status: str = "
 def _insert_event(connection, values: dict) -> bool:
     """True when the event is new; False when its id was already stored (nothing written)."""
     # RETURNING rather than rowcount: psycopg reports no rowcount for this statement
-    return connection.execute(_INSERT_EVENT[connection.dialect.name], values).first() is not None
+    return _INSERT_EVENT[connection.dialect.name].first(connection, values) is not None
 
 
 def _stored_status(connection, event_id: str):
-    statement = _SELECT_EVENT_LOCKED if connection.dialect.name == "postgresql" else _SELECT_EVENT
-    return connection.execute(statement, {"event_id": event_id}).first()
+    return _STORED_STATUS[connection.dialect.name].first(connection, {"event_id": event_id})
 
 
-def _finish_event(connection, event_id: str, *, status: str, error: str | None, user_id: str | None,
-                  statement=_FINISH_EVENT) -> int:
-    return connection.execute(statement, {"event_id": event_id, "new_status": status, "new_error": error,
-                                          "new_user_id": user_id, "now": utcnow()}).rowcount
+def _finish_pending_event(connection, event_id: str, *, status: str, error: str | None, user_id: str | None) -> int:
+    return _FINISH_PENDING_EVENT.run(connection, {"event_id": event_id, "new_status": status, "new_error": error,
+                                                  "new_user_id": user_id, "now": utcnow()})
 
 
 def _mark_if_already_done(connection, event: dict) -> str | None:
@@ -230,7 +247,7 @@ def _mark_if_already_done(connection, event: dict) -> str | None:
     params = params_for(event) if params_for is not None else None
     if params is None:
         return None
-    return connection.execute(statement, {**params, "event_id": event["id"], "now": utcnow()}).scalar()
+    return statement.scalar(connection, {**params, "event_id": event["id"], "now": utcnow()})
 
 
 def _store(engine: Engine, event: dict, raw_payload: str, source: str) -> None:
@@ -339,9 +356,9 @@ def _store_and_apply(session, event: dict, raw_payload: str, *, source: str, set
     status, error, user_id = _run_handler(session, ctx, savepoint=False)
     session.flush()
     now = utcnow()
-    others_waiting = bool(connection.execute(_FINISH_EVENT_SEEING_WAITING, {
+    others_waiting = bool(_FINISH_EVENT_SEEING_WAITING.scalar(connection, {
         "event_id": event_id, "new_status": status, "new_error": error, "new_user_id": user_id, "now": now,
-        "since": now - WAITING_RETRY_WINDOW}).scalar())
+        "since": now - WAITING_RETRY_WINDOW}))
     if event.get("api_version") and event["api_version"] != stripe.api_version:
         log.warning("event %s has API version %s, not the pinned %s; processed anyway", event_id,
                     printable(event["api_version"]), stripe.api_version)
@@ -440,8 +457,8 @@ def _record_waiting(engine: Engine, event: dict, raw_payload: str, source: str, 
         connection = session.connection()
         values = _event_values(event, raw_payload, source, status="needs_attention", attempts=1, error=reason)
         if not _insert_event(connection, {**values, "user_id": user_id}):
-            if not _finish_event(connection, event["id"], status="needs_attention", error=reason, user_id=user_id,
-                                 statement=_FINISH_PENDING_EVENT):
+            if not _finish_pending_event(connection, event["id"], status="needs_attention", error=reason,
+                                         user_id=user_id):
                 row = _stored_status(connection, event["id"])  # a copy finished it meanwhile
                 return IngestResult(event["id"], row.status, duplicate=True, error=row.error, user_id=row.user_id)
     return IngestResult(event["id"], "needs_attention", error=reason, user_id=user_id)
@@ -456,7 +473,7 @@ def _record_failure(engine: Engine, event_id: str, error: str, *, stored: dict |
         if stored is not None and _insert_event(connection, {**stored, "status": "failed", "error": error,
                                                               "attempts": 1, "processed_at": utcnow()}):
             return
-        _finish_event(connection, event_id, status="failed", error=error, user_id=None, statement=_FINISH_PENDING_EVENT)
+        _finish_pending_event(connection, event_id, status="failed", error=error, user_id=None)
 
 
 def safe_error_text(exc: Exception, settings: Settings) -> str:

@@ -145,3 +145,60 @@ def test_two_events_creating_one_new_account_at_the_same_moment_both_apply(datab
         with db.read_session() as session:
             assert ledger.balance(session, user) == 200
             assert ledger.account_summary(session, user).stripe_customer_id == customer
+
+
+def _event_path_story(tag: str, monkeypatch) -> tuple[list[tuple], list[tuple], list[int]]:
+    """Every statement of the event path once, for users and ids marked `tag`: a new event, its copy, an invoice
+    under both types, one that needs a person, one that fails twice. Returns the results, the stored events and
+    the balances, with the tag taken out."""
+    from wiring import wiring
+
+    real_grant = ledger.grant_pack_once
+
+    def grant_or_fail(session, **kwargs):
+        if kwargs["user_id"].endswith("-fails"):
+            raise RuntimeError("no grant today")
+        return real_grant(session, **kwargs)
+
+    monkeypatch.setattr(ledger, "grant_pack_once", grant_or_fail)
+    pack = checkout_completed(user_id=f"{tag}-pack", item="pack_250")
+    def invoice(kind: str, who: str, user_id: str | None) -> dict:
+        return event(kind, subscription_invoice(
+            invoice_id=f"in_{tag}_{who}", customer=f"cus_{tag}_{who}", subscription_id=f"sub_{tag}_{who}",
+            user_id=user_id, price=DEFAULT_PRICES["starter"], period_start=START, period_end=END, amount=999,
+            billing_reason="subscription_create", created=START), created=START + 5)
+
+    succeeded, paid = (invoice(kind, "plan", f"{tag}-plan") for kind in ("invoice.payment_succeeded", "invoice.paid"))
+    nobody_s = invoice("invoice.paid", "nobody", None)
+    failing = checkout_completed(user_id=f"{tag}-fails", item="pack_100")
+    results = [events.ingest(evt, raw_payload=encode(evt), **wiring())
+               for evt in (pack, pack, succeeded, paid, nobody_s, failing, failing)]
+    ids = [evt["id"] for evt in (pack, succeeded, paid, nobody_s, failing)]
+    with db.read_session() as session:
+        rows = [session.get(StripeEvent, event_id) for event_id in ids]
+        balances = [ledger.balance(session, f"{tag}-{user}") for user in ("pack", "plan", "fails")]
+    untag = lambda text: text.replace(tag, "T") if isinstance(text, str) else text  # noqa: E731
+    return ([(r.status, r.duplicate, r.nothing_new, untag(r.user_id), r.others_waiting) for r in results],
+            [(r.type, r.status, r.attempts, untag(r.user_id), r.error and r.error[:20], r.livemode, r.created,
+              r.source, type(r.received_at), r.processed_at is not None) for r in rows], balances)
+
+
+def test_the_event_statements_store_the_same_lean_or_through_sqlalchemy(database_url, monkeypatch):
+    """On SQLite the event path's statements run straight on the driver; with a statement listener they take
+    SQLAlchemy's path. Both must store and answer the same. The first story finds nobody waiting in
+    needs-attention; the two after it find the first one's invoice waiting."""
+    configure_webhooks(monkeypatch)
+    first = _event_path_story("first", monkeypatch)
+    with counted() as statements:
+        general = _event_path_story("general", monkeypatch)
+    assert statements  # the listener saw them: that story went through SQLAlchemy's path
+    lean = _event_path_story("lean", monkeypatch)
+    assert lean == general
+    seeing_nobody = [(*answer[:4], False if answer[4] else answer[4]) for answer in general[0]]
+    assert first == (seeing_nobody, general[1], general[2])
+    assert lean[0][:5] == [("processed", False, False, "T-pack", True), ("processed", True, False, "T-pack", None),
+                           ("processed", False, False, "T-plan", True), ("processed", False, True, "T-plan", None),
+                           ("needs_attention", False, False, None, None)]
+    assert [row[1:3] for row in lean[1]] == [("processed", 1), ("processed", 1), ("processed", 1),
+                                             ("needs_attention", 1), ("failed", 2)]
+    assert lean[2] == [250, 100, 0]
