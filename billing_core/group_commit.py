@@ -165,7 +165,7 @@ class GroupWriter:
         except events.GroupFailed as failed:  # rolled back: before it as a group, it alone, after it as a group
             at = failed.index
             log.debug("event %s could not be applied in a group (%s); applying it alone", group[at].event.get("id"),
-                      type(failed.__cause__).__name__)
+                      type(failed.__cause__).__name__ if failed.__cause__ else "it asks Stripe first")
             return self._apply(group[:at]) + [self._alone(group[at])] + self._apply(group[at + 1:])
         except Exception as exc:  # the transaction could not begin or commit: nobody's event in particular
             log.warning("a group of %d events was not committed (%s); applying them one by one", len(group),
