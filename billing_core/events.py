@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import stripe
-from sqlalchemy import bindparam, func, literal, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.sql import operators, visitors
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter
 
 from . import db, handlers, ledger
 from .catalog import UnknownItem, UnknownPrice
@@ -168,19 +166,6 @@ def event_shape_problem(event) -> str | None:
 _EVENT = StripeEvent.__table__
 
 
-def _in_lists_bound_apart(statement):
-    """`statement` with each IN over a fixed list (`status IN ('paid', ...)`) bound value by value: SQLAlchemy
-    finishes such an IN only as it executes, and Prepared runs the SQL as compiled once."""
-    def bound_apart(element):
-        if (isinstance(element, BinaryExpression) and element.operator is operators.in_op
-                and isinstance(element.right, BindParameter) and element.right.expanding
-                and element.right.callable is None and element.right.value is not None):
-            return element.left.in_([literal(value, element.left.type) for value in element.right.value])
-        return None
-
-    return visitors.replacement_traverse(statement, {}, bound_apart)
-
-
 def _insert_event_statement(dialect: str):
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     return insert(_EVENT).on_conflict_do_nothing(index_elements=["id"]).returning(_EVENT.c.id)
@@ -198,7 +183,7 @@ _INSERT_EVENT = {name: Prepared(_insert_event_statement(name)) for name in ("sql
 # PostgreSQL locks the row: a copy arriving meanwhile waits for the first to commit, then finds it done.
 _STORED_STATUS = {"sqlite": Prepared(_SELECT_EVENT), "postgresql": Prepared(_SELECT_EVENT.with_for_update())}
 # Only an event still pending: one that another copy finished meanwhile keeps its status.
-_FINISH_PENDING_EVENT = Prepared(_in_lists_bound_apart(_FINISH.where(_EVENT.c.status.in_(PENDING_STATUSES))))
+_FINISH_PENDING_EVENT = Prepared(_FINISH.where(_EVENT.c.status.in_(PENDING_STATUSES)))
 # The webhook's: it also answers whether any recent event waits in needs-attention, so the retry after the
 # answer reads nothing more in the common case (nobody waiting) instead of opening a transaction of its own.
 _FINISH_EVENT_SEEING_WAITING = Prepared(_FINISH.returning(
@@ -208,10 +193,10 @@ _FINISH_EVENT_SEEING_WAITING = Prepared(_FINISH.returning(
 
 def _mark_done_statement(done_user):
     """Marks the event processed when `done_user` (a handler's subquery) finds the work done; returns the user."""
-    return Prepared(_in_lists_bound_apart(
+    return Prepared(
         update(_EVENT).where(_EVENT.c.id == bindparam("event_id"), done_user.is_not(None))
         .values(status="processed", user_id=done_user, attempts=_EVENT.c.attempts + 1, processed_at=bindparam("now"))
-        .returning(_EVENT.c.user_id)))
+        .returning(_EVENT.c.user_id))
 
 
 _MARK_DONE = {event_type: (_mark_done_statement(subquery), params)

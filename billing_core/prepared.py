@@ -7,7 +7,8 @@ result processors SQLAlchemy would apply (datetimes as SQLite stores them, boole
 SQL on the DBAPI connection of the caller's transaction. Driver errors are raised as SQLAlchemy's own
 exception types, so callers handle them as before. On PostgreSQL it simply executes the statement.
 SELECTs and DML with RETURNING give rows (`rows`, `first`, `scalar`); other DML gives its row count (`run`) or
-the new row's id (`insert`).
+the new row's id (`insert`). An IN over a fixed list is bound value by value on the lean path, since
+SQLAlchemy would finish it only as it executes.
 
 When the engine has `before_cursor_execute` listeners (statement counters in tests) or echoes its SQL, the
 statement takes SQLAlchemy's usual path, so nothing run here is hidden from them.
@@ -18,11 +19,27 @@ import sqlite3
 from collections import namedtuple
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import literal
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter
 
 
 def _lean(conn: Connection) -> bool:
     return conn.dialect.name == "sqlite" and not conn._echo and not conn.dispatch.before_cursor_execute
+
+
+def _in_lists_bound_apart(statement):
+    """`statement` with each IN over a fixed list (`status IN ('paid', ...)`) bound value by value: SQLAlchemy
+    finishes such an IN only as it executes, and the lean path runs the SQL as compiled once."""
+    def bound_apart(element):
+        if (isinstance(element, BinaryExpression) and element.operator is operators.in_op
+                and isinstance(element.right, BindParameter) and element.right.expanding
+                and element.right.callable is None and element.right.value is not None):
+            return element.left.in_([literal(value, element.left.type) for value in element.right.value])
+        return None
+
+    return visitors.replacement_traverse(statement, {}, bound_apart)
 
 
 class _SqliteForm:
@@ -70,13 +87,14 @@ class _SqliteForm:
 class Prepared:
     def __init__(self, statement):
         self.statement = statement
+        self._lean_statement = _in_lists_bound_apart(statement)
         self._forms: dict[tuple, _SqliteForm] = {}
 
     def _form(self, conn: Connection, params: dict) -> _SqliteForm:
         keys = tuple(params)
         found = self._forms.get(keys)
         if found is None:
-            found = self._forms[keys] = _SqliteForm(self.statement, conn.dialect, keys)
+            found = self._forms[keys] = _SqliteForm(self._lean_statement, conn.dialect, keys)
         return found
 
     def _run(self, conn: Connection, params: dict):

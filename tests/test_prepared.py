@@ -105,3 +105,22 @@ def test_returning_rows_scalars_and_new_ids_match_sqlalchemys_path(engine):
             summary = ledger.account_summary(session, f"returning-{listened}")
             assert (summary.balance, summary.email, summary.stripe_customer_id) == (5, "a@example.com",
                                                                                    f"cus_{listened}")
+
+
+def test_an_in_over_a_fixed_list_runs_lean(engine):
+    """SQLAlchemy renders `status IN (...)` only as it executes; the lean path binds the values one by one."""
+    from sqlalchemy import bindparam, update
+
+    from billing_core.models import StripeEvent
+
+    table = StripeEvent.__table__
+    mark = Prepared(update(table).where(table.c.id == bindparam("event_id"), table.c.status.in_(("received", "failed")))
+                    .values(status="processed"))
+    with engine.begin() as conn:
+        for event_id, status in (("evt_in_received", "received"), ("evt_in_ignored", "ignored")):
+            conn.execute(table.insert().values(id=event_id, type="x.y", livemode=False, created=1, payload="{}",
+                                               received_at=T0, status=status, attempts=0, source="webhook"))
+        assert mark.run(conn, {"event_id": "evt_in_received"}) == 1
+        assert mark.run(conn, {"event_id": "evt_in_ignored"}) == 0
+        statuses = dict(conn.execute(select(table.c.id, table.c.status).where(table.c.id.like("evt_in_%"))).all())
+    assert statuses == {"evt_in_received": "processed", "evt_in_ignored": "ignored"}
