@@ -297,6 +297,7 @@ _P_ACCOUNT_STATE, _P_ACCOUNT_STATE_LOCKED = Prepared(_ACCOUNT_STATE), Prepared(_
 _P_UPDATE_LOT, _P_UPDATE_TOTALS, _P_UPDATE_TOTALS_AND_FLAG = map(Prepared, (_UPDATE_LOT, _UPDATE_TOTALS,
                                                                           _UPDATE_TOTALS_AND_FLAG))
 _P_INSERT_ENTRY, _P_INSERT_CONSUMPTION = Prepared(_INSERT_ENTRY), Prepared(_INSERT_CONSUMPTION)
+_P_INSERT_LOT = Prepared(_INSERT_LOT)
 
 
 def _lot_from_row(row) -> Lot:
@@ -446,13 +447,14 @@ def recorded_at(when: datetime):
 
 
 _INSERT_ENTRY_ONCE = {
-    name: insert(ENTRY).on_conflict_do_nothing(index_elements=["source_key"]).returning(ENTRY.c.id)
+    name: Prepared(insert(ENTRY).on_conflict_do_nothing(index_elements=["source_key"]).returning(ENTRY.c.id))
     for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
 
 
 def _insert_entry_ignoring_duplicate(session: Session, values: dict) -> int | None:
     """Insert an entry unless its source key is already there; the new id, or None for a duplicate."""
-    return session.connection().execute(_INSERT_ENTRY_ONCE[session.get_bind().dialect.name], values).scalar()
+    connection = session.connection()
+    return _INSERT_ENTRY_ONCE[connection.dialect.name].scalar(connection, values)
 
 
 class _Book:
@@ -615,12 +617,12 @@ def _grant_values(book: _Book, *, credits: int, kind: str, source_key: str, lot_
               period_end=extra.get("period_end"), payment_id=extra.get("payment_id"),
               created_at=values["created_at"], closed=False)
     lot.closed = lot.expired(book.now) or (lot.remaining == 0 and lot_source != "subscription")
-    lot.id = book.conn.execute(_INSERT_LOT, {
+    lot.id = _P_INSERT_LOT.insert(book.conn, {
         "lot_key": lot.key, "user_id": book.user_id, "source": lot.source, "granted": lot.granted,
         "remaining": lot.remaining, "held": 0, "expires_at": lot.expires_at, "subscription_id": lot.subscription_id,
         "period_end": lot.period_end, "payment_id": lot.payment_id, "allowance_from": extra.get("allowance_from"),
         "allowance_to": extra.get("allowance_to"), "closed": lot.closed,
-        "closed_at": book.now if lot.closed else None, "created_at": lot.created_at}).inserted_primary_key[0]
+        "closed_at": book.now if lot.closed else None, "created_at": lot.created_at})
     book.lots[lot.id] = lot
     if settled:  # the new lot pays off earlier debt, so the debt can't resurface when the lot expires
         book.write(credits=-settled, kind="debt_settlement", source_key=f"{source_key}:settles-debt", lot_key=source_key)

@@ -6,6 +6,8 @@ construction, events, result set-up) cost about three times what SQLite itself s
 result processors SQLAlchemy would apply (datetimes as SQLite stores them, booleans), and runs the
 SQL on the DBAPI connection of the caller's transaction. Driver errors are raised as SQLAlchemy's own
 exception types, so callers handle them as before. On PostgreSQL it simply executes the statement.
+SELECTs and DML with RETURNING give rows (`rows`, `first`, `scalar`); other DML gives its row count (`run`) or
+the new row's id (`insert`).
 
 When the engine has `before_cursor_execute` listeners (statement counters in tests) or echoes its SQL, the
 statement takes SQLAlchemy's usual path, so nothing run here is hidden from them.
@@ -38,8 +40,9 @@ class _SqliteForm:
             self.binds.append((None if fixed else name, bind.effective_value if fixed else None,
                                processors.get(name)))
         self.is_select = statement.is_select
-        if self.is_select:
-            columns = list(statement.selected_columns)
+        self.returns_rows = statement.is_select or bool(getattr(statement, "_returning", ()))
+        if self.returns_rows:
+            columns = list(statement.selected_columns if statement.is_select else statement.exported_columns)
             self.row_type = namedtuple("Row", [column.key or f"c{n}" for n, column in enumerate(columns)],
                                        rename=True)
             self.results = [(n, column.type._cached_result_processor(dialect, None))
@@ -86,7 +89,7 @@ class Prepared:
         return form, cursor
 
     def rows(self, conn: Connection, params: dict) -> list:
-        """Every row of a SELECT (attribute and index access)."""
+        """Every row of a SELECT, or of a DML statement's RETURNING (attribute and index access)."""
         if not _lean(conn):
             return conn.execute(self.statement, params).all()
         form, cursor = self._run(conn, params)
@@ -96,9 +99,19 @@ class Prepared:
         found = self.rows(conn, params)
         return found[0] if found else None
 
-    def run(self, conn: Connection, params: dict) -> None:
-        """An INSERT, UPDATE or DELETE."""
+    def scalar(self, conn: Connection, params: dict):
+        """The first column of the first row; None when there is no row."""
+        found = self.first(conn, params)
+        return None if found is None else found[0]
+
+    def run(self, conn: Connection, params: dict) -> int:
+        """An INSERT, UPDATE or DELETE without RETURNING; how many rows it changed."""
         if not _lean(conn):
-            conn.execute(self.statement, params)
-            return
-        self._run(conn, params)
+            return conn.execute(self.statement, params).rowcount
+        return self._run(conn, params)[1].rowcount
+
+    def insert(self, conn: Connection, params: dict) -> int:
+        """An INSERT of one row without RETURNING; the new row's integer primary key."""
+        if not _lean(conn):
+            return conn.execute(self.statement, params).inserted_primary_key[0]
+        return self._run(conn, params)[1].lastrowid

@@ -69,3 +69,39 @@ def test_driver_errors_are_sqlalchemy_errors(engine):
     with pytest.raises(IntegrityError):  # no such account: the foreign key refuses it
         with engine.begin() as conn:
             insert.run(conn, values)
+
+
+def test_returning_rows_scalars_and_new_ids_match_sqlalchemys_path(engine):
+    """An upsert's RETURNING row, an insert's new id and a row count come out the same lean or not."""
+    from billing_core.handlers.common import ensure_account_state
+
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        seen.append(statement)
+
+    for listened in (False, True):
+        if listened:
+            event.listen(engine, "before_cursor_execute", record)
+        try:
+            user = f"returning-{listened}"
+            with db.write_session(engine) as session:
+                first = ensure_account_state(session, user_id=user, email="a@example.com",
+                                             stripe_customer_id=f"cus_{listened}")
+                again = ensure_account_state(session, user_id=user, email="b@example.com")
+                assert (first.user_id, first.balance, first.debt, bool(first.created)) == (user, 0, 0, True)
+                assert (again.user_id, bool(again.created), again.flagged) == (user, False, False)
+                entry = ledger.grant_pack(session, user_id=user, credits=5, source_key=f"k:{user}", now=T0)
+                assert entry is not None and entry.id > 0
+                assert ledger.grant_pack(session, user_id=user, credits=5, source_key=f"k:{user}", now=T0) is None
+                lot_ids = session.execute(text("SELECT id FROM credit_lot WHERE user_id = :u"), {"u": user}).scalars()
+                assert len(list(lot_ids)) == 1
+        finally:
+            if listened:
+                event.remove(engine, "before_cursor_execute", record)
+    assert any(statement.startswith("INSERT INTO account") for statement in seen)
+    with db.read_session(engine) as session:
+        for listened in (False, True):
+            summary = ledger.account_summary(session, f"returning-{listened}")
+            assert (summary.balance, summary.email, summary.stripe_customer_id) == (5, "a@example.com",
+                                                                                   f"cus_{listened}")

@@ -10,6 +10,7 @@ from .. import ledger
 from ..catalog import CatalogItem, UnknownItem, allowance, find_item_for_price, get_item
 from ..checkout import mark_link_status
 from ..models import CheckoutLink, Payment, Subscription, utcnow
+from ..prepared import Prepared
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, checkout_email, checkout_explicit_user,
                                checkout_line_prices, id_of, metadata_item, metadata_user, moment_of, required_id)
@@ -31,10 +32,10 @@ def _insert_new_payment_statement(dialect: str):
             .returning(_PAYMENT.c.id))
 
 
-_INSERT_NEW_PAYMENT = {name: _insert_new_payment_statement(name) for name in ("sqlite", "postgresql")}
-_COMPLETE_LINK = (update(_LINK).where(_LINK.c.session_id == bindparam("link_session_id"), _LINK.c.status != "complete")
+_INSERT_NEW_PAYMENT = {name: Prepared(_insert_new_payment_statement(name)) for name in ("sqlite", "postgresql")}
+_COMPLETE_LINK = Prepared(update(_LINK).where(_LINK.c.session_id == bindparam("link_session_id"), _LINK.c.status != "complete")
                   .values(status="complete", completed_at=bindparam("now")))
-_UNGRANTED = update(_PAYMENT).where(_PAYMENT.c.id == bindparam("payment_id")).values(credits_granted=0)
+_UNGRANTED = Prepared(update(_PAYMENT).where(_PAYMENT.c.id == bindparam("payment_id")).values(credits_granted=0))
 
 
 def _link_for(session: Session, session_id: str) -> CheckoutLink | None:
@@ -106,7 +107,7 @@ def fulfil_checkout_session(session: Session, checkout_session: dict, *, setting
     else:
         return Handled(user_id=user_id, ignored=True, note=f"checkout mode {mode!r} grants nothing")
     if checkout_session.get("status") == "complete":  # open or expired -> complete; one statement
-        session.connection().execute(_COMPLETE_LINK, {"link_session_id": session_id, "now": utcnow()})
+        _COMPLETE_LINK.run(session.connection(), {"link_session_id": session_id, "now": utcnow()})
     return Handled(user_id=user_id)
 
 
@@ -140,7 +141,7 @@ def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str
     was recorded before (the success page, an unpaid first event), which the general path then updates."""
     connection = session.connection()
     now = utcnow()
-    payment_id = connection.execute(_INSERT_NEW_PAYMENT[connection.dialect.name], {
+    payment_id = _INSERT_NEW_PAYMENT[connection.dialect.name].scalar(connection, {
         "user_id": user_id, "source": "checkout", "checkout_session_id": checkout_session["id"], "invoice_id": None,
         "payment_intent_id": id_of(checkout_session.get("payment_intent")), "charge_id": None,
         "subscription_id": None, "item": item.key, "kind": item.kind, "status": "paid",
@@ -148,14 +149,14 @@ def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str
         "currency": as_currency(checkout_session.get("currency"), default=item.currency),
         "amount_refunded": 0, "amount_disputed_lost": 0, "credits_granted": item.credits,
         "created_at": moment_of(checkout_session.get("created"), what="checkout session created"), "updated_at": now,
-    }).scalar()
+    })
     if payment_id is None:
         return False
     granted = ledger.grant_pack_once(session, user_id=user_id, credits=item.credits,
                                      source_key=f"checkout:{checkout_session['id']}", payment_id=payment_id,
                                      account_state=account)
     if not granted:  # the grant was there before its payment (an operator's repair): this payment granted nothing
-        connection.execute(_UNGRANTED, {"payment_id": payment_id})
+        _UNGRANTED.run(connection, {"payment_id": payment_id})
     return True
 
 

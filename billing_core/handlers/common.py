@@ -12,6 +12,7 @@ from sqlmodel import Session
 from .. import ledger
 from ..catalog import CATALOG, CatalogItem, find_item_for_price
 from ..models import Account, Dispute, Payment, Subscription, utcnow
+from ..prepared import Prepared
 from ..settings import Settings
 from ..stripe_payloads import NeedsAttention, dig, id_of
 
@@ -143,6 +144,7 @@ def _ensure_account_statement(dialect: str):
 _ENSURE_ACCOUNT = {name: _ensure_account_statement(name).returning(
     *ledger.ACCOUNT_STATE_COLUMNS, (_ACCOUNT.c.created_at == bindparam("now")).label("created"))
     for name in ("sqlite", "postgresql")}
+_P_ENSURE_ACCOUNT = {name: Prepared(statement) for name, statement in _ENSURE_ACCOUNT.items()}
 _LINK_CUSTOMER = (update(_ACCOUNT).where(_ACCOUNT.c.user_id == bindparam("account_user_id"),
                                          _ACCOUNT.c.stripe_customer_id.is_(None),
                                          ~exists().where(_ACCOUNT.c.stripe_customer_id == _CUSTOMER))
@@ -164,8 +166,8 @@ def ensure_account_state(session: Session, *, user_id: str, email: str | None = 
     postgresql = connection.dialect.name == "postgresql"
     values = {"user_id": user_id, "email": email.strip() if email and email.strip() else None,
               "customer_id": stripe_customer_id, "now": utcnow()}
-    state = connection.execute(_ENSURE_ACCOUNT[connection.dialect.name],
-                               values | ({"customer_id": None} if postgresql else {})).one()
+    state = _P_ENSURE_ACCOUNT[connection.dialect.name].first(
+        connection, values | ({"customer_id": None} if postgresql else {}))
     if postgresql and stripe_customer_id:
         connection.execute(_LINK_CUSTOMER, {"account_user_id": user_id, "customer_id": stripe_customer_id,
                                             "now": values["now"]})
