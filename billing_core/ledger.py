@@ -707,12 +707,9 @@ def grant_subscription_period_values(session: Session, *, user_id: str, subscrip
     """grant_subscription_period without building the entry object (the webhook's path): (the grant entry's id,
     its values), or None when nothing was granted."""
     book = _book_for(session, user_id, account_state=account_state, now=now)
-    if _key_exists(session, source_key):
-        book.save_totals()
-        return None
     return _grant_for_period(book, slice_=(0, allowance(tier)), kind="subscription_grant", source_key=source_key,
                              subscription_id=subscription_id, period_end=period_end, payment_id=payment_id,
-                             rollover=rollover)
+                             rollover=rollover, key_checked=False)
 
 
 def _book_for(session: Session, user_id: str, *, account_state, now: datetime | None) -> _Book:
@@ -739,7 +736,7 @@ def grant_upgrade_topup(session: Session, *, user_id: str, subscription_id: str,
         _claim_unpaid_lot(book, lot_key=claims_lot, payment_id=payment_id)
     granted = _grant_for_period(book, slice_=(allowance(from_tier), allowance(to_tier)), kind="upgrade_topup",
                                 source_key=source_key, subscription_id=subscription_id, period_end=period_end,
-                                payment_id=payment_id, rollover=rollover)
+                                payment_id=payment_id, rollover=rollover, key_checked=True)
     return None if granted is None else LedgerEntry(id=granted[0], **granted[1])
 
 
@@ -765,10 +762,12 @@ _COVERED = Prepared(select(LOT.c.allowance_from, LOT.c.allowance_to).where(
 
 
 def _grant_for_period(book: _Book, *, slice_: tuple[int, int], kind: str, source_key: str, subscription_id: str,
-                      period_end: int, payment_id: int | None, rollover: bool) -> tuple[int, dict] | None:
+                      period_end: int, payment_id: int | None, rollover: bool,
+                      key_checked: bool) -> tuple[int, dict] | None:
     """A subscription lot for the part of the allowance slice that no earlier grant of the period covers,
-    expiring with its period; it closes the subscription's earlier periods. (The grant entry's id, its values),
-    or None when nothing was granted."""
+    expiring with its period; it closes the subscription's earlier periods; once per source key (unless
+    `key_checked`, the caller has found it unused). (The grant entry's id, its values), or None when nothing was
+    granted."""
     covered = _COVERED.rows(book.conn, {"subscription_id": subscription_id, "period_end": period_end,
                                         "user_id": book.user_id})
     credits = _uncovered(slice_, [(int(a), int(b)) for a, b in covered])
@@ -779,6 +778,11 @@ def _grant_for_period(book: _Book, *, slice_: tuple[int, int], kind: str, source
         earlier = [lot for lot in book.lots.values()
                    if lot.source == "subscription" and lot.subscription_id == subscription_id
                    and lot.period_end is not None and lot.period_end < period_end and not lot.closed]
+        # A used source key grants nothing (_grant_values inserts its entry once), so only before closing
+        # earlier periods is it worth a read: a grant that changes nothing must not close them.
+        if earlier and not key_checked and _key_exists(book.session, source_key):
+            book.save_totals()
+            return None
         _expire(book, sorted(earlier, key=lambda lot: lot.id), reason="next period's credits granted")
     granted = _grant_values(book, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
                             expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,

@@ -11,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from .. import ledger, plan_changes
-from ..catalog import CatalogItem
+from ..catalog import CatalogItem, allowance
 from ..models import Payment, utcnow
 from ..prepared import Prepared
 from ..settings import Settings
@@ -28,11 +28,16 @@ PlanLine = tuple[dict, CatalogItem, int]  # (line, its plan, its period end)
 
 
 _PAYMENT = Payment.__table__
+# literal values: an expanding IN would be re-rendered on every execution
+_PAID_OR_SETTLED = literal_column("payment.status IN (" + ", ".join(
+    f"'{status}'" for status in ("paid", *SETTLED_PAYMENT_STATUSES)) + ")")
+_SETTLED = literal_column("payment.status IN (" + ", ".join(f"'{status}'" for status in SETTLED_PAYMENT_STATUSES)
+                          + ")")
 # The invoice's payment, recorded paid with its credits granted, for at least this amount: an event of the
 # invoice's second type (invoice.paid after invoice.payment_succeeded) has nothing left to do.
 # Its user, as a subquery the event path folds into the one statement that marks the event processed.
 PAID_AND_GRANTED_USER = select(_PAYMENT.c.user_id).where(
-    _PAYMENT.c.invoice_id == bindparam("invoice_id"), _PAYMENT.c.status.in_(("paid", *SETTLED_PAYMENT_STATUSES)),
+    _PAYMENT.c.invoice_id == bindparam("invoice_id"), _PAID_OR_SETTLED,
     _PAYMENT.c.credits_granted > 0, _PAYMENT.c.amount_cents >= bindparam("amount_paid")).scalar_subquery()
 
 
@@ -94,10 +99,8 @@ def _kept_or(column, name: str):
 
 
 _AMOUNT_PAID = bindparam("amount_paid", type_=BigInteger)
-_INSERT_PAYMENT = {name: _insert_payment_statement(name) for name in ("sqlite", "postgresql")}
-_SETTLED = literal_column("payment.status IN (" + ", ".join(f"'{status}'" for status in SETTLED_PAYMENT_STATUSES)
-                          + ")")
-_UPDATE_PAID_PAYMENT = (
+_INSERT_PAYMENT = {name: Prepared(_insert_payment_statement(name)) for name in ("sqlite", "postgresql")}
+_UPDATE_PAID_PAYMENT = Prepared(
     update(_PAYMENT).where(_PAYMENT.c.invoice_id == bindparam("paid_invoice_id"))
     .values(amount_cents=case((_PAYMENT.c.amount_cents < _AMOUNT_PAID, _AMOUNT_PAID), else_=_PAYMENT.c.amount_cents),
             status=case((_SETTLED, _PAYMENT.c.status), else_=literal("paid")),
@@ -110,10 +113,11 @@ _SET_CREDITS_GRANTED = Prepared(update(_PAYMENT).where(_PAYMENT.c.id == bindpara
                                 .values(credits_granted=bindparam("credits_granted")))
 
 
-def _record_paid_payment(session: Session, invoice: dict, *, user_id: str, subscription_id: str,
-                         item: str | None) -> InvoicePayment:
-    """The paid invoice's payment: recorded paid, or (recorded before) brought up to date: its amount at least
-    the amount paid, paid unless refunded or disputed, its missing item and payment references filled in."""
+def _record_paid_payment(session: Session, invoice: dict, *, user_id: str, subscription_id: str, item: str | None,
+                         credits_expected: int) -> InvoicePayment:
+    """The paid invoice's payment: recorded paid (with `credits_expected` granted, which the caller corrects
+    when the grant differs), or (recorded before) brought up to date: its amount at least the amount paid, paid
+    unless refunded or disputed, its missing item and payment references filled in."""
     connection = session.connection()
     invoice_id = invoice["id"]
     payment_intent_id, charge_id = invoice_payment_refs(invoice)  # older versions name them on the invoice
@@ -127,17 +131,17 @@ def _record_paid_payment(session: Session, invoice: dict, *, user_id: str, subsc
     amount = as_amount(invoice.get("amount_paid"), what="amount_paid")
     now = utcnow()
     if created_at is not None:
-        payment_id = connection.execute(_INSERT_PAYMENT[connection.dialect.name], {
+        payment_id = _INSERT_PAYMENT[connection.dialect.name].scalar(connection, {
             "user_id": user_id, "source": "invoice", "checkout_session_id": None, "invoice_id": invoice_id,
             "payment_intent_id": payment_intent_id, "charge_id": charge_id, "subscription_id": subscription_id,
             "item": item, "kind": "plan", "status": "paid", "amount_cents": amount, "currency": currency,
-            "amount_refunded": 0, "amount_disputed_lost": 0, "credits_granted": 0, "created_at": created_at,
-            "updated_at": now}).scalar()
+            "amount_refunded": 0, "amount_disputed_lost": 0, "credits_granted": credits_expected,
+            "created_at": created_at, "updated_at": now})
         if payment_id is not None:
-            return InvoicePayment(payment_id, user_id, 0, recorded_now=True)
-    row = connection.execute(_UPDATE_PAID_PAYMENT, {
+            return InvoicePayment(payment_id, user_id, credits_expected, recorded_now=True)
+    row = _UPDATE_PAID_PAYMENT.first(connection, {
         "paid_invoice_id": invoice_id, "amount_paid": amount, "new_item": item,
-        "new_payment_intent_id": payment_intent_id, "new_charge_id": charge_id, "now": now}).one()
+        "new_payment_intent_id": payment_intent_id, "new_charge_id": charge_id, "now": now})
     forget_loaded(session, Payment, row.id)
     return InvoicePayment(row.id, row.user_id, row.credits_granted, recorded_now=False)
 
@@ -195,9 +199,11 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
     base = _base_line(invoice, invoice_id, plan_lines)
     upgrades = [found for found in plan_lines if line_is_proration(found[0]) and as_int(found[0].get("amount")) > 0]
     item = base[1].key if base else (upgrades[0][1].key if upgrades else None)
-    payment = _record_paid_payment(session, invoice, user_id=user_id, subscription_id=subscription_id, item=item)
+    canceled = row is not None and row.status == "canceled"  # a paid invoice never reactivates a canceled one
+    payment = _record_paid_payment(session, invoice, user_id=user_id, subscription_id=subscription_id, item=item,
+                                   credits_expected=allowance(base[1].key) if base and not canceled else 0)
     row = _subscription_after_payment(session, ctx, row, subscription_id=subscription_id, user_id=user_id, base=base)
-    if row is not None and row.status == "canceled":
+    if canceled:
         return Handled(user_id=user_id, note="subscription already canceled: nothing granted")
     rollover = ctx.settings.subscription_credits_rollover
     granted = None
@@ -215,14 +221,15 @@ def on_invoice_paid(session: Session, ctx: EventContext) -> Handled:
         known_period=((row.current_period_start, row.current_period_end)
                       if row is not None and row.current_period_start and row.current_period_end else None),
         paid_through=max((end for _line, _plan, end in plan_lines), default=None), rollover=rollover)
-    if granted is not None or changes or not payment.credits_granted:  # not again for its second event type
-        _note_credits_granted(session, payment, granted=granted, changes=changes)
+    if payment.recorded_now or granted is not None or changes or not payment.credits_granted:
+        _note_credits_granted(session, payment, granted=granted, changes=changes)  # not again for its second type
     return Handled(user_id=user_id)
 
 
 def _note_credits_granted(session: Session, payment: InvoicePayment, *, granted, changes: list) -> None:
-    """Store what the payment granted. A payment recorded by this event paid for nothing but what this event
-    granted: with no plan change on the invoice, that is its period's grant; otherwise the lots say."""
+    """Store what the payment granted, where it differs from what the payment row says. A payment recorded by
+    this event paid for nothing but what this event granted: with no plan change on the invoice, that is its
+    period's grant; otherwise the lots say."""
     if payment.recorded_now and not changes and (granted is None or granted[1]["user_id"] == payment.user_id):
         credits = granted[1]["credits"] if granted is not None else 0
     else:
