@@ -35,6 +35,9 @@ def _insert_new_payment_statement(dialect: str):
 _INSERT_NEW_PAYMENT = {name: Prepared(_insert_new_payment_statement(name)) for name in ("sqlite", "postgresql")}
 _COMPLETE_LINK = Prepared(update(_LINK).where(_LINK.c.session_id == bindparam("link_session_id"), _LINK.c.status != "complete")
                   .values(status="complete", completed_at=bindparam("now")))
+_INSERT_NEW_SUBSCRIPTION = {
+    name: Prepared(insert(Subscription.__table__).on_conflict_do_nothing(index_elements=["id"]))
+    for name, insert in (("sqlite", sqlite_insert), ("postgresql", pg_insert))}
 _UNGRANTED = Prepared(update(_PAYMENT).where(_PAYMENT.c.id == bindparam("payment_id")).values(credits_granted=0))
 
 
@@ -162,15 +165,19 @@ def _grant_new_payment(session: Session, checkout_session: dict, *, user_id: str
 
 def _link_subscription(session: Session, checkout_session: dict, *, user_id: str, settings: Settings) -> None:
     """A subscription checkout grants nothing itself (its first invoice does); it maps the subscription
-    to the user without touching state that a subscription event already brought."""
+    to the user without touching state that a subscription event already brought (one INSERT that does
+    nothing when the subscription is there)."""
     subscription_id = id_of(checkout_session.get("subscription"))
-    if not subscription_id or session.get(Subscription, subscription_id) is not None:
+    if not subscription_id:
         return
     key = metadata_item(checkout_session)
     tier = key if key and allowance(key) > 0 else "none"
-    session.add(Subscription(id=subscription_id, user_id=user_id, tier=tier, status="incomplete", state_at=0,
-                             price_id=settings.price_id(tier) or None))
-    session.flush()
+    connection = session.connection()
+    now = utcnow()
+    _INSERT_NEW_SUBSCRIPTION[connection.dialect.name].run(connection, {
+        "id": subscription_id, "user_id": user_id, "tier": tier, "price_id": settings.price_id(tier) or None,
+        "status": "incomplete", "current_period_end": None, "current_period_start": None,
+        "cancel_at_period_end": False, "state_at": 0, "created_at": now, "updated_at": now})
 
 
 def on_checkout_completed(session: Session, ctx: EventContext) -> Handled:
