@@ -716,7 +716,8 @@ def _book_for(session: Session, user_id: str, *, account_state, now: datetime | 
     """The account's book, from `account_state` (the caller's statement locked or created the row in this
     transaction and returned ACCOUNT_STATE_COLUMNS and `created`) when it is this user's, else locked here."""
     if account_state is not None and account_state.user_id == user_id:
-        return _Book(session, account_state, now or utcnow(), new_account=bool(getattr(account_state, "created", False)))
+        new_account = bool(getattr(account_state, "created", False))
+        return _Book(session, account_state, now or utcnow(), new_account=new_account)
     return _open_book(session, user_id, now=now)
 
 
