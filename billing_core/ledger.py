@@ -406,20 +406,26 @@ def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0)
     return list(session.exec(stmt).scalars().all())
 
 
-def credits_paid_by(session: Session, payment: Payment) -> int:
-    """What a payment granted, counting lots it claimed after a subscription event granted them."""
+_CREDITS_PAID_BY = Prepared(select(func.coalesce(func.sum(LOT.c.granted), 0).label("credits"))
+                            .where(LOT.c.payment_id == bindparam("payment_id"), LOT.c.user_id == bindparam("user_id")))
+
+
+def credits_paid_by(session: Session, payment) -> int:
+    """What a payment (anything with its `id` and `user_id`) granted, counting lots it claimed after a
+    subscription event granted them."""
     if not payment.user_id:
         return 0
-    return int(session.connection().execute(
-        select(func.coalesce(func.sum(LOT.c.granted), 0))
-        .where(LOT.c.payment_id == payment.id, LOT.c.user_id == payment.user_id)).scalar_one())
+    return int(_CREDITS_PAID_BY.first(session.connection(), {"payment_id": payment.id,
+                                                             "user_id": payment.user_id}).credits)
 
 
 # --- writing ------------------------------------------------------------------------------
 
+_ENTRY_WITH_KEY = Prepared(select(ENTRY.c.id).where(ENTRY.c.source_key == bindparam("source_key")))
+
+
 def _key_exists(session: Session, source_key: str) -> bool:
-    return session.connection().execute(
-        select(ENTRY.c.id).where(ENTRY.c.source_key == source_key)).first() is not None
+    return _ENTRY_WITH_KEY.first(session.connection(), {"source_key": source_key}) is not None
 
 
 def _digest(*parts: str) -> str:
@@ -680,20 +686,39 @@ def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key:
 
 def grant_subscription_period(session: Session, *, user_id: str, subscription_id: str, period_end: int, tier: str,
                               source_key: str, payment_id: int | None = None, rollover: bool = False,
-                              now: datetime | None = None) -> LedgerEntry | None:
+                              account_state=None, now: datetime | None = None) -> LedgerEntry | None:
     """A paid period's allowance for its tier, once per subscription and period.
 
     Upgrades are separate lots (`grant_upgrade_topup`), so the base grant and the top-ups add up to the
     highest tier's allowance whichever order the invoice and the subscription events arrive in. With
-    `rollover` (SUBSCRIPTION_CREDITS_ROLLOVER), subscription credits never expire.
+    `rollover` (SUBSCRIPTION_CREDITS_ROLLOVER), subscription credits never expire. `account_state`: as for
+    grant_pack_once.
     """
-    book = _open_book(session, user_id, now=now)
-    if _key_exists(session, source_key):
-        book.save_totals()
-        return None
+    granted = grant_subscription_period_values(
+        session, user_id=user_id, subscription_id=subscription_id, period_end=period_end, tier=tier,
+        source_key=source_key, payment_id=payment_id, rollover=rollover, account_state=account_state, now=now)
+    return None if granted is None else LedgerEntry(id=granted[0], **granted[1])
+
+
+def grant_subscription_period_values(session: Session, *, user_id: str, subscription_id: str, period_end: int,
+                                     tier: str, source_key: str, payment_id: int | None = None,
+                                     rollover: bool = False, account_state=None,
+                                     now: datetime | None = None) -> tuple[int, dict] | None:
+    """grant_subscription_period without building the entry object (the webhook's path): (the grant entry's id,
+    its values), or None when nothing was granted."""
+    book = _book_for(session, user_id, account_state=account_state, now=now)
     return _grant_for_period(book, slice_=(0, allowance(tier)), kind="subscription_grant", source_key=source_key,
                              subscription_id=subscription_id, period_end=period_end, payment_id=payment_id,
-                             rollover=rollover)
+                             rollover=rollover, key_checked=False)
+
+
+def _book_for(session: Session, user_id: str, *, account_state, now: datetime | None) -> _Book:
+    """The account's book, from `account_state` (the caller's statement locked or created the row in this
+    transaction and returned ACCOUNT_STATE_COLUMNS and `created`) when it is this user's, else locked here."""
+    if account_state is not None and account_state.user_id == user_id:
+        new_account = bool(getattr(account_state, "created", False))
+        return _Book(session, account_state, now or utcnow(), new_account=new_account)
+    return _open_book(session, user_id, now=now)
 
 
 def grant_upgrade_topup(session: Session, *, user_id: str, subscription_id: str, period_end: int, from_tier: str,
@@ -710,9 +735,10 @@ def grant_upgrade_topup(session: Session, *, user_id: str, subscription_id: str,
         return None
     if payment_id is not None and claims_lot:
         _claim_unpaid_lot(book, lot_key=claims_lot, payment_id=payment_id)
-    return _grant_for_period(book, slice_=(allowance(from_tier), allowance(to_tier)), kind="upgrade_topup",
-                             source_key=source_key, subscription_id=subscription_id, period_end=period_end,
-                             payment_id=payment_id, rollover=rollover)
+    granted = _grant_for_period(book, slice_=(allowance(from_tier), allowance(to_tier)), kind="upgrade_topup",
+                                source_key=source_key, subscription_id=subscription_id, period_end=period_end,
+                                payment_id=payment_id, rollover=rollover, key_checked=True)
+    return None if granted is None else LedgerEntry(id=granted[0], **granted[1])
 
 
 def _uncovered(slice_: tuple[int, int], covered: list[tuple[int, int]]) -> int:
@@ -730,13 +756,21 @@ def _uncovered(slice_: tuple[int, int], covered: list[tuple[int, int]]) -> int:
     return missing + max(0, high - cursor)
 
 
+# The allowance slices already granted for a subscription's period.
+_COVERED = Prepared(select(LOT.c.allowance_from, LOT.c.allowance_to).where(
+    LOT.c.subscription_id == bindparam("subscription_id"), LOT.c.period_end == bindparam("period_end"),
+    LOT.c.user_id == bindparam("user_id"), LOT.c.source == "subscription", LOT.c.allowance_from.is_not(None)))
+
+
 def _grant_for_period(book: _Book, *, slice_: tuple[int, int], kind: str, source_key: str, subscription_id: str,
-                      period_end: int, payment_id: int | None, rollover: bool) -> LedgerEntry | None:
+                      period_end: int, payment_id: int | None, rollover: bool,
+                      key_checked: bool) -> tuple[int, dict] | None:
     """A subscription lot for the part of the allowance slice that no earlier grant of the period covers,
-    expiring with its period; it closes the subscription's earlier periods."""
-    covered = book.conn.execute(select(LOT.c.allowance_from, LOT.c.allowance_to).where(
-        LOT.c.user_id == book.user_id, LOT.c.subscription_id == subscription_id, LOT.c.period_end == period_end,
-        LOT.c.source == "subscription", LOT.c.allowance_from.is_not(None))).all()
+    expiring with its period; it closes the subscription's earlier periods; once per source key (unless
+    `key_checked`, the caller has found it unused). (The grant entry's id, its values), or None when nothing was
+    granted."""
+    covered = _COVERED.rows(book.conn, {"subscription_id": subscription_id, "period_end": period_end,
+                                        "user_id": book.user_id})
     credits = _uncovered(slice_, [(int(a), int(b)) for a, b in covered])
     if credits <= 0:
         book.save_totals()
@@ -745,12 +779,18 @@ def _grant_for_period(book: _Book, *, slice_: tuple[int, int], kind: str, source
         earlier = [lot for lot in book.lots.values()
                    if lot.source == "subscription" and lot.subscription_id == subscription_id
                    and lot.period_end is not None and lot.period_end < period_end and not lot.closed]
+        # A used source key grants nothing (_grant_values inserts its entry once), so only before closing
+        # earlier periods is it worth a read: a grant that changes nothing must not close them.
+        if earlier and not key_checked and _key_exists(book.session, source_key):
+            book.save_totals()
+            return None
         _expire(book, sorted(earlier, key=lambda lot: lot.id), reason="next period's credits granted")
-    entry = _grant(book, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
-                   expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,
-                   period_end=period_end, payment_id=payment_id, allowance_from=slice_[0], allowance_to=slice_[1])
+    granted = _grant_values(book, credits=credits, kind=kind, source_key=source_key, lot_source="subscription",
+                            expires_at=None if rollover else from_epoch(period_end), subscription_id=subscription_id,
+                            period_end=period_end, payment_id=payment_id, allowance_from=slice_[0],
+                            allowance_to=slice_[1])
     book.save_totals()
-    return entry
+    return granted
 
 
 def _expire(book: _Book, to_close: list[Lot], *, reason: str) -> int:

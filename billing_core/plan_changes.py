@@ -25,12 +25,13 @@ from datetime import datetime
 from fractions import Fraction
 from typing import Callable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlmodel import Session
 
 from . import ledger
 from .catalog import CatalogItem, allowance
 from .models import PlanChange, from_epoch, utcnow
+from .prepared import Prepared
 from .proration import (ProrationError, ProrationLine, change_credits, fraction_at, fraction_from_lines,
                         is_proration, line_price_id)
 
@@ -201,14 +202,25 @@ def _set_applied(session: Session, row: PlanChange, applied: int) -> None:
     session.flush()
 
 
+_PLAN_CHANGE = PlanChange.__table__
+_PENDING_TAKEBACK = (_PLAN_CHANGE.c.user_id == bindparam("user_id"),
+                     _PLAN_CHANGE.c.subscription_id == bindparam("subscription_id"),
+                     _PLAN_CHANGE.c.period_end == bindparam("period_end"), _PLAN_CHANGE.c.credits < 0,
+                     _PLAN_CHANGE.c.applied > _PLAN_CHANGE.c.credits)
+# Most periods have no downgrade still owed something: one short indexed read says so.
+_ANY_PENDING_TAKEBACK = Prepared(select(_PLAN_CHANGE.c.id).where(*_PENDING_TAKEBACK).limit(1))
+_PENDING_TAKEBACKS = (select(PlanChange).where(*_PENDING_TAKEBACK)
+                      .order_by(PlanChange.changed_at, PlanChange.id))
+
+
 def settle_takebacks(session: Session, *, user_id: str, subscription_id: str, period_end: int) -> None:
     """Subscription credits arrived for a period (its base grant, or an upgrade's top-up): its downgrades take
     what they could not take before, earliest first."""
-    stmt = (select(PlanChange).where(PlanChange.user_id == user_id, PlanChange.subscription_id == subscription_id,
-                                     PlanChange.period_end == period_end, PlanChange.credits < 0,
-                                     PlanChange.applied > PlanChange.credits)
-            .order_by(PlanChange.changed_at, PlanChange.id))
-    for row in session.execute(stmt).scalars().all():
+    params = {"user_id": user_id, "subscription_id": subscription_id, "period_end": period_end}
+    session.flush()  # the read below is not the ORM's, which would flush first
+    if _ANY_PENDING_TAKEBACK.first(session.connection(), params) is None:
+        return
+    for row in session.execute(_PENDING_TAKEBACKS, params).scalars().all():
         apply(session, row)
 
 

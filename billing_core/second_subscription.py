@@ -17,12 +17,13 @@ import json
 from dataclasses import dataclass
 
 import stripe
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, or_, select, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from . import db, ledger
 from .models import StripeEvent, Subscription
+from .prepared import Prepared
 from .settings import Settings
 from .stripe_client import make_stripe_client, stripe_errors
 
@@ -193,16 +194,32 @@ def _refund_latest_payment(client, subscription: LiveSubscription, *,
             f"refunded {refund.amount} {str(refund.currency).upper()} (minor units) of {intents[0]} as {refund.id}")
 
 
-def second_subscription_reason(session: Session, *, user_id: str, subscription_id: str) -> str | None:
-    """Why an event of `subscription_id` grants nothing: the user already has another live subscription
-    (None when this is the user's only one, or it is the live one, or it is already canceled)."""
-    this = session.get(Subscription, subscription_id)
-    if this is not None and this.status in (*ledger.LIVE_STATUSES, "canceled", "incomplete_expired"):
-        return None
-    other = session.execute(select(Subscription).where(
-        Subscription.user_id == user_id, Subscription.id != subscription_id,
-        Subscription.status.in_(ledger.LIVE_STATUSES)).order_by(Subscription.created_at)).scalars().first()
-    if other is None:
+# The subscription an event names and the user's other live subscriptions, oldest first, in one indexed read
+# (the primary key or the user's index); the handlers apply the event with the row it returns.
+_SUBSCRIPTION = Subscription.__table__
+_LIVE = text("subscription.status IN (" + ", ".join(f"'{status}'" for status in ledger.LIVE_STATUSES) + ")")
+_THIS_AND_LIVE_OTHERS = Prepared(
+    select(_SUBSCRIPTION.c.id, _SUBSCRIPTION.c.user_id, _SUBSCRIPTION.c.tier, _SUBSCRIPTION.c.price_id,
+           _SUBSCRIPTION.c.status, _SUBSCRIPTION.c.current_period_start, _SUBSCRIPTION.c.current_period_end,
+           _SUBSCRIPTION.c.cancel_at_period_end, _SUBSCRIPTION.c.state_at)
+    .where(or_(_SUBSCRIPTION.c.id == bindparam("subscription_id"),
+               and_(_SUBSCRIPTION.c.user_id == bindparam("user_id"), _LIVE)))
+    .order_by(_SUBSCRIPTION.c.created_at))
+
+
+def this_and_oldest_other_live(session: Session, *, subscription_id: str, user_id: str) -> tuple:
+    """(the stored row of `subscription_id` or None, the user's oldest other live subscription or None)."""
+    rows = _THIS_AND_LIVE_OTHERS.rows(session.connection(), {"subscription_id": subscription_id, "user_id": user_id})
+    this = next((row for row in rows if row.id == subscription_id), None)
+    other = next((row for row in rows if row.id != subscription_id), None)
+    return this, other
+
+
+def second_subscription_reason(*, user_id: str, subscription_id: str, status: str | None, other) -> str | None:
+    """Why an event of `subscription_id` (stored with `status`, None when not stored) grants nothing: the user
+    already has `other`, a live subscription (None when this is the user's only one, or it is the live one, or
+    it is already canceled)."""
+    if status in (*ledger.LIVE_STATUSES, "canceled", "incomplete_expired") or other is None:
         return None
     return (f"second live subscription {subscription_id} for {user_id}, who already has {other.id} "
             f"({other.tier}, {other.status}): nothing granted (one plan per user); an admin can cancel and refund "

@@ -124,6 +124,15 @@ def test_next_period_grant_expires_the_previous_period_at_once(database_url):
     assert [e.credits for e in expired] == [-70]
 
 
+def test_a_period_grant_under_a_used_source_key_grants_nothing_and_closes_no_earlier_period(database_url):
+    assert sub_grant(period_end=P2_END, key="invoice:in_2") is not None
+    assert sub_grant(period_end=P1_END, key="invoice:in_1") is not None  # an earlier period, granted late
+    assert bal() == 200
+    # the same source key again, now for more than the period holds: still nothing, and the earlier lot stays
+    assert sub_grant(period_end=P2_END, key="invoice:in_2", tier="professional") is None
+    assert bal() == 200 and [e.kind for e in entries()] == ["subscription_grant", "subscription_grant"]
+
+
 def test_rollover_keeps_unused_subscription_credits(database_url):
     sub_grant(period_end=P1_END, rollover=True)  # SUBSCRIPTION_CREDITS_ROLLOVER=true: the handlers pass it
     sub_grant(period_end=P2_END, rollover=True)
