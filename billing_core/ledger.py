@@ -539,7 +539,8 @@ class _Book:
             updated_at = None
             _P_UPDATE_TOTALS.run(self.conn, {"account_id": self.user_id, "balance": self.balance, "debt": self.debt})
         self._written = state
-        loaded = self.session.identity_map.get(self.session.identity_key(Account, self.user_id))
+        identity_map = self.session.identity_map
+        loaded = identity_map.get(self.session.identity_key(Account, self.user_id)) if identity_map else None
         if loaded is not None:
             for name, value in (("balance", self.balance), ("debt", self.debt), ("flagged", self.flagged),
                                 ("flag_reason", self.flag_reason)):

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import configure_mappers
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -338,6 +339,7 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True,
     if check_schema:
         db.ensure_schema_current(settings.database_url)
     engine = db.get_engine(settings.database_url)
+    configure_mappers()  # once at start (≈0.1 s), not inside the first event's or spend's answer
     if include_api is None:
         include_api = not settings.api_listener_separate
     writer = GroupWriter(engine=engine, settings=settings) if db.is_sqlite(engine) else None
