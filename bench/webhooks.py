@@ -10,8 +10,8 @@ database, and get the same pre-signed deliveries over 16 keep-alive connections.
 against its own bare run: `pack` (pack purchases only, 10% redeliveries) and `full` (bench/stripe_mix.py:
 subscriptions, renewals, packs, unhandled types, 10% redeliveries). Prints one JSON line per figure: each
 receiver's events/s, p50/p99 latency and server CPU ms per event (from /proc/<pid>/stat), their ratio
-(target >= 0.5 on SQLite, for both mixes), and the ledger check (every balance and tier exact, every event
-applied once).
+(target >= 0.5 on SQLite, for both mixes; on PostgreSQL reported with no target), and the ledger check (every
+balance and tier exact, every event applied once).
 
 With `--workers 1,2,4` it measures the sidecar alone under `serve-webhooks --workers N` for each N (PostgreSQL
 only), each on a fresh schema: events/s, latency, and the server's CPU per event summed over uvicorn's master
@@ -107,8 +107,9 @@ def bench_mix(mix: str, args, warmup: list[Request], tmp: Path) -> bool:
         concurrency=args.concurrency, events=len(workload.deliveries), mix=mix)
     emit(sidecar | {"machine": machine()})
     ratio = sidecar_result.rate / bare_result.rate if bare_result.rate else 0.0
+    target = RATIO_TARGET if args.database == "sqlite" else None  # PostgreSQL's ratio is reported, not targeted
     emit({"benchmark": "webhooks", "mix": mix, "figure": "ratio_sidecar_to_bare", "database": args.database,
-          "value": round(ratio, 3), "target": RATIO_TARGET, "met": ratio >= RATIO_TARGET})
+          "value": round(ratio, 3), "target": target, "met": None if target is None else ratio >= target})
     errors = {k: v for k, v in sidecar["statuses"].items() if k != "200"}
     emit({"benchmark": "webhooks", "mix": mix, "figure": "ledger_check", "database": args.database,
           "accounts": len(workload.customers), "distinct_events": workload.unique_events,

@@ -2,7 +2,8 @@
 
     POST /api/stripe/webhook   verified Stripe events (400 bad delivery, 413 too large, 500 retry later)
     GET  /healthz              {"database": "ok", "last_event_at": ..., "events": {"failed": n, "needs_attention": n},
-                               "pool": {...}}; 503 when the database is unreachable or every pooled connection is busy
+                               "pool": {...}, "webhook_writer": {...} (SQLite)}; 503 when the database is unreachable,
+                               every pooled connection is busy, or the webhook writer is stopped
     GET  /checkout/success     where Checkout sends the customer back: fulfils a paid session, shows the balance
                                (database first; Stripe at most once per session id per 30 s, on its own pool)
     GET  /checkout/cancel      says nothing was charged
@@ -135,16 +136,23 @@ def watched_event_counts(engine) -> dict[str, int]:
     return {status: found.get(status, 0) for status in WATCHED_STATUSES}
 
 
-def make_healthz(settings: Settings, engine: Engine):
-    """`pool` is this worker's connection pool (in use, idle, limit): one worker's view, not the server's."""
+def make_healthz(settings: Settings, engine: Engine, *, writer: GroupWriter | None = None):
+    """`pool` is this worker's connection pool (in use, idle, limit): one worker's view, not the server's.
+    `webhook_writer` (SQLite): events queued for the group writer, taken and groups committed so far; a stopped
+    writer (the sidecar is shutting down) answers 503, since its webhooks are refused."""
     def check() -> dict:
         last = events.last_event_at(engine)
-        return {"database": "ok", "last_event_at": last.isoformat() if last else None,
-                "events": watched_event_counts(engine), "pool": db.pool_status(engine)}
+        found = {"database": "ok", "last_event_at": last.isoformat() if last else None,
+                 "events": watched_event_counts(engine), "pool": db.pool_status(engine)}
+        if writer is not None:
+            found["webhook_writer"] = writer.status()
+        return found
 
     async def healthz(request: Request):
         try:
-            return JSONResponse(await run_in_threadpool(check))
+            found = await run_in_threadpool(check)
+            stopped = found.get("webhook_writer", {}).get("stopped")
+            return JSONResponse(found, status_code=503 if stopped else 200)
         except db.PoolExhausted as exc:
             log.error("health check: %s", exc)
             pool = db.pool_status(engine)
@@ -345,7 +353,7 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True,
     writer = GroupWriter(engine=engine, settings=settings) if db.is_sqlite(engine) else None
     routes = [
         Route(WEBHOOK_PATH, make_webhook_endpoint(settings, engine, writer=writer), methods=["POST"]),
-        Route("/healthz", make_healthz(settings, engine), methods=["GET"]),
+        Route("/healthz", make_healthz(settings, engine, writer=writer), methods=["GET"]),
         Route("/checkout/success", make_success_page(settings, engine), methods=["GET"]),
         Route("/checkout/cancel", cancel, methods=["GET"]),
         *(credits_api.routes(settings) if include_api else []),

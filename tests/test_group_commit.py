@@ -337,9 +337,13 @@ def test_stopping_finishes_the_queue_and_refuses_what_comes_after(webhooks):
                 stopping = asyncio.get_running_loop().run_in_executor(None, writer.stop)
                 await until(lambda: writer.status()["stopped"], "stop")
                 refused = await post(client, late)
-            return [await leading, *await asyncio.gather(*rest)], refused, await stopping
+            finished = [await leading, *await asyncio.gather(*rest)]
+            await stopping
+            return finished, refused, await client.get("/healthz")
 
-    finished, refused, _ = asyncio.run(scenario())
+    finished, refused, health = asyncio.run(scenario())
     assert answers(finished) == [(200, "processed", False)] * 4
     assert refused.status_code == 500 and stored(late["id"]) is None
+    assert health.status_code == 503  # a stopped writer refuses webhooks, so the sidecar isn't healthy
+    assert health.json()["webhook_writer"] == {"queued": 0, "taken": 4, "groups": 2, "stopped": True}
     assert [balance(f"u_s{n}") for n in range(3)] == [100] * 3

@@ -269,6 +269,11 @@ def test_healthz_reports_the_database_and_the_last_event(sidecar):
     deliver(sidecar, checkout_completed(user_id="u1", item="pack_100"))
     body = sidecar.get("/healthz").json()
     assert body["database"] == "ok" and body["last_event_at"]
+    if db.is_sqlite(db.get_engine()):  # the group writer applied it: one event taken, one group committed
+        assert first["webhook_writer"]["taken"] == 0
+        assert body["webhook_writer"] == {"queued": 0, "taken": 1, "groups": 1, "stopped": False}
+    else:  # PostgreSQL: each event on the thread pool, no writer
+        assert "webhook_writer" not in body
 
 
 def test_healthz_answers_503_when_the_database_is_unreachable(monkeypatch):
