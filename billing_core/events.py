@@ -280,6 +280,11 @@ class GroupFailed(Exception):
         self.index = index
 
 
+class GroupNotBegun(Exception):
+    """`ingest_together` could not begin its transaction (another process held the write lock past the busy
+    timeout, the database is gone): nothing of the group was stored."""
+
+
 def ingest_together(deliveries: list[tuple[dict, str]], *, engine: Engine, settings: Settings,
                     source: str = "webhook") -> list[IngestResult]:
     """Store and apply verified events (event, raw payload), in order, in ONE write transaction and one commit:
@@ -289,7 +294,10 @@ def ingest_together(deliveries: list[tuple[dict, str]], *, engine: Engine, setti
     Nothing waiting is retried here (as with `ingest(retry_waiting_now=False)`): see `retry_waiting_after`."""
     results = []
     with db.write_session(engine) as session:
-        session.connection()  # BEGIN IMMEDIATE here: a database that can't begin is no event's fault
+        try:
+            session.connection()  # BEGIN IMMEDIATE here: a database that can't begin is no event's fault
+        except Exception as exc:
+            raise GroupNotBegun(safe_error_text(exc, settings)) from exc
         for index, (event, raw_payload) in enumerate(deliveries):
             if event_shape_problem(event) or handlers.needs_prefetch(event):
                 raise GroupFailed(index)  # ingest refuses the one, asks Stripe for the other before any lock

@@ -10,7 +10,9 @@ A group is all or nothing. When one of its events can't be applied with the othe
 raises, the database fails under it), everything is rolled back and the events are applied again in order: the
 ones before it as a group, it alone with `events.ingest` (which records needs_attention or failed in a
 transaction of its own, as for any event), then the ones after it as a group. A group of one is `events.ingest`,
-exactly the path an event took before. A failure to begin or commit applies every event of the group alone.
+exactly the path an event took before. A failure to commit applies every event of the group alone; a failure to
+begin (another process held SQLite's write lock past the busy timeout) answers every event of the group 500 at
+once, nothing stored, rather than waiting that timeout again for each.
 
 Nothing here raises into the event loop or dies silently: an error of the writer itself fails the futures of
 its group (the endpoint answers 500 and Stripe retries), and a thread that ends anyway fails whatever is still
@@ -167,7 +169,11 @@ class GroupWriter:
             log.debug("event %s could not be applied in a group (%s); applying it alone", group[at].event.get("id"),
                       type(failed.__cause__).__name__ if failed.__cause__ else "it asks Stripe first")
             return self._apply(group[:at]) + [self._alone(group[at])] + self._apply(group[at + 1:])
-        except Exception as exc:  # the transaction could not begin or commit: nobody's event in particular
+        except events.GroupNotBegun as exc:  # waited the busy timeout already: every event 500, nothing stored
+            log.error("a group of %d events could not begin its transaction, so none was stored (Stripe retries): %s",
+                      len(group), exc)
+            return [_Outcome(error=exc)] * len(group)
+        except Exception as exc:  # the transaction could not commit: nobody's event in particular
             log.warning("a group of %d events was not committed (%s); applying them one by one", len(group),
                         events.safe_error_text(exc, self._settings))
             return [self._alone(delivery) for delivery in group]

@@ -48,12 +48,17 @@ class _SqliteForm:
     def __init__(self, statement, dialect, keys: tuple[str, ...]):
         compiled = statement.compile(dialect=dialect, column_keys=list(keys) if statement.is_insert else None)
         self.sql = compiled.string
+        # A column left out that has a Python-side default (or onupdate) needs SQLAlchemy to compute it: such a
+        # form runs on SQLAlchemy's path, so it stores what SQLAlchemy would.
+        self.lean = not (compiled.insert_prefetch or compiled.update_prefetch)
         processors = compiled._bind_processors
         # (parameter name or None for a value fixed in the statement, fixed value, processor)
         self.binds = []
         for name in compiled.positiontup:
             bind = compiled.binds[name]
             fixed = name not in keys  # a literal of the statement (e.g. a CASE's values)
+            if fixed and bind.required and self.lean:  # as SQLAlchemy: never bind a missing parameter as NULL
+                raise sa_exc.InvalidRequestError(f"A value is required for bind parameter {name!r}")
             self.binds.append((None if fixed else name, bind.effective_value if fixed else None,
                                processors.get(name)))
         self.is_select = statement.is_select
@@ -97,21 +102,27 @@ class Prepared:
             found = self._forms[keys] = _SqliteForm(self._lean_statement, conn.dialect, keys)
         return found
 
-    def _run(self, conn: Connection, params: dict):
+    def _lean_form(self, conn: Connection, params: dict) -> _SqliteForm | None:
+        """The compiled form to run on the driver, or None for SQLAlchemy's own path."""
+        if not _lean(conn):
+            return None
         form = self._form(conn, params)
+        return form if form.lean else None
+
+    def _run(self, form: _SqliteForm, conn: Connection, params: dict):
         values = form.parameters(params)
         try:
             cursor = conn.connection.dbapi_connection.execute(form.sql, values)
         except sqlite3.Error as error:
             raise sa_exc.DBAPIError.instance(form.sql, values, error, sqlite3.Error) from error
-        return form, cursor
+        return cursor
 
     def rows(self, conn: Connection, params: dict) -> list:
         """Every row of a SELECT, or of a DML statement's RETURNING (attribute and index access)."""
-        if not _lean(conn):
+        form = self._lean_form(conn, params)
+        if form is None:
             return conn.execute(self.statement, params).all()
-        form, cursor = self._run(conn, params)
-        return form.rows(cursor)
+        return form.rows(self._run(form, conn, params))
 
     def first(self, conn: Connection, params: dict):
         found = self.rows(conn, params)
@@ -124,12 +135,14 @@ class Prepared:
 
     def run(self, conn: Connection, params: dict) -> int:
         """An INSERT, UPDATE or DELETE without RETURNING; how many rows it changed."""
-        if not _lean(conn):
+        form = self._lean_form(conn, params)
+        if form is None:
             return conn.execute(self.statement, params).rowcount
-        return self._run(conn, params)[1].rowcount
+        return self._run(form, conn, params).rowcount
 
     def insert(self, conn: Connection, params: dict) -> int:
         """An INSERT of one row without RETURNING; the new row's integer primary key."""
-        if not _lean(conn):
+        form = self._lean_form(conn, params)
+        if form is None:
             return conn.execute(self.statement, params).inserted_primary_key[0]
-        return self._run(conn, params)[1].lastrowid
+        return self._run(form, conn, params).lastrowid

@@ -347,3 +347,42 @@ def test_stopping_finishes_the_queue_and_refuses_what_comes_after(webhooks):
     assert health.status_code == 503  # a stopped writer refuses webhooks, so the sidecar isn't healthy
     assert health.json()["webhook_writer"] == {"queued": 0, "taken": 4, "groups": 2, "stopped": True}
     assert [balance(f"u_s{n}") for n in range(3)] == [100] * 3
+
+
+def test_a_group_that_cannot_begin_under_another_process_lock_is_answered_500_at_once(webhooks, monkeypatch):
+    """Another process holds SQLite's write lock past the busy timeout: the event the writer took alone and the
+    group queued behind it are answered 500 with nothing stored (Stripe retries), and the group's events are not
+    each retried alone for another timeout; once the lock is free, Stripe's retry applies them."""
+    import sqlite3
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    db.dispose_engines()  # the next engine connects with the short busy timeout
+    first = checkout_completed(user_id="u_lock0", item="pack_100")
+    queued = [checkout_completed(user_id=f"u_lock{n}", item="pack_100") for n in range(1, 4)]
+    alone = []
+    real_ingest = events.ingest
+    monkeypatch.setattr(events, "ingest", lambda evt, **kwargs: alone.append(evt["id"]) or real_ingest(evt, **kwargs))
+    other_process = sqlite3.connect(db.get_engine().url.database, isolation_level=None)
+
+    async def scenario():
+        async with running_sidecar() as (client, writer):
+            other_process.execute("BEGIN IMMEDIATE")
+            leading = asyncio.create_task(post(client, first))
+            await until(lambda: writer.status()["taken"] == 1, "take the first event")
+            rest = [asyncio.create_task(post(client, evt)) for evt in queued]
+            await until(lambda: writer.status()["queued"] == len(queued), "queue the group")
+            refused = [await leading, *await asyncio.gather(*rest)]
+            went_alone = list(alone)
+            assert [stored(evt["id"]) for evt in (first, *queued)] == [None] * 4
+            other_process.execute("ROLLBACK")
+            retried = [await post(client, evt) for evt in (first, *queued)]
+            return refused, went_alone, retried
+
+    try:
+        refused, went_alone, retried = asyncio.run(scenario())
+    finally:
+        other_process.close()
+    assert [r.status_code for r in refused] == [500] * 4
+    assert went_alone == [first["id"]]  # the group's events were not each retried alone
+    assert answers(retried) == [(200, "processed", False)] * 4
+    assert [balance(f"u_lock{n}") for n in range(4)] == [100] * 4

@@ -124,3 +124,26 @@ def test_an_in_over_a_fixed_list_runs_lean(engine):
         assert mark.run(conn, {"event_id": "evt_in_ignored"}) == 0
         statuses = dict(conn.execute(select(table.c.id, table.c.status).where(table.c.id.like("evt_in_%"))).all())
     assert statuses == {"evt_in_received": "processed", "evt_in_ignored": "ignored"}
+
+
+def test_a_missing_parameter_is_refused_and_python_side_defaults_are_applied(engine):
+    """Lean or not, a parameter left out is never bound as NULL, and a column left out of an INSERT gets the
+    model's Python-side default (SQLAlchemy's path computes it; the lean path hands such a form to it)."""
+    from sqlalchemy import bindparam, update
+    from sqlalchemy.exc import InvalidRequestError, StatementError
+
+    from billing_core.models import Account, Dispute
+
+    accounts = Account.__table__
+    rename = Prepared(update(accounts).where(accounts.c.user_id == bindparam("who")).values(email=bindparam("email")))
+    with db.write_session(engine) as session:
+        ledger.grant_pack(session, user_id="defaults", credits=1, source_key="k:defaults", now=T0)
+    with pytest.raises((InvalidRequestError, StatementError), match="'email'"):
+        with engine.begin() as conn:
+            rename.run(conn, {"who": "defaults"})
+    dispute = Prepared(Dispute.__table__.insert())
+    with engine.begin() as conn:  # amount_cents left out: the column's default, as SQLAlchemy sets it
+        dispute.run(conn, {"id": "dp_defaults", "user_id": "defaults", "charge_id": "ch_d", "status": "open",
+                           "created_at": T0})
+        row = conn.execute(select(Dispute.__table__).where(Dispute.__table__.c.id == "dp_defaults")).one()
+    assert row.amount_cents == 0 and row.status == "open"

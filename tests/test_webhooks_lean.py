@@ -161,7 +161,8 @@ def _event_path_story(tag: str, monkeypatch) -> tuple[list[tuple], list[tuple], 
         return real_grant(session, **kwargs)
 
     monkeypatch.setattr(ledger, "grant_pack_once", grant_or_fail)
-    pack = checkout_completed(user_id=f"{tag}-pack", item="pack_250")
+    # fixed times: the stories run in different seconds, and the stored rows are compared
+    pack = checkout_completed(user_id=f"{tag}-pack", item="pack_250", created=START + 10)
     def invoice(kind: str, who: str, user_id: str | None) -> dict:
         return event(kind, subscription_invoice(
             invoice_id=f"in_{tag}_{who}", customer=f"cus_{tag}_{who}", subscription_id=f"sub_{tag}_{who}",
@@ -170,7 +171,7 @@ def _event_path_story(tag: str, monkeypatch) -> tuple[list[tuple], list[tuple], 
 
     succeeded, paid = (invoice(kind, "plan", f"{tag}-plan") for kind in ("invoice.payment_succeeded", "invoice.paid"))
     nobody_s = invoice("invoice.paid", "nobody", None)
-    failing = checkout_completed(user_id=f"{tag}-fails", item="pack_100")
+    failing = checkout_completed(user_id=f"{tag}-fails", item="pack_100", created=START + 20)
     results = [events.ingest(evt, raw_payload=encode(evt), **wiring())
                for evt in (pack, pack, succeeded, paid, nobody_s, failing, failing)]
     ids = [evt["id"] for evt in (pack, succeeded, paid, nobody_s, failing)]
