@@ -469,12 +469,13 @@ class _Book:
         self.balance, self.debt = int(row.balance), int(row.debt)
         self._written = (self.balance, self.debt, self.flagged, self.flag_reason)
         self.lots: dict[int, Lot] = {}
+        self.lapsed: list[Lot] = []  # lots whose expiry had passed, closed as the book opened
         if not new_account:  # an account created in this transaction has no lots to read
             self._load_open_lots()
 
     # reading
     def _load_open_lots(self) -> None:
-        expired = []
+        expired = self.lapsed = []
         for row in _P_OPEN_LOTS.rows(self.conn, {"user_id": self.user_id}):
             lot = _lot_from_row(row)
             self.lots[lot.id] = lot
@@ -809,6 +810,23 @@ def _expire(book: _Book, to_close: list[Lot], *, reason: str) -> int:
         book.save_lot(lot)
         total += credits
     return total
+
+
+_USERS_WITH_LAPSED_LOTS = (select(LOT.c.user_id).where(OPEN, LOT.c.expires_at <= bindparam("now"))
+                           .group_by(LOT.c.user_id).order_by(LOT.c.user_id))
+
+
+def users_with_lapsed_lots(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Accounts holding an open lot whose expiry has passed (one range scan of the open lots by expiry)."""
+    return list(session.execute(_USERS_WITH_LAPSED_LOTS, {"now": now or utcnow()}).scalars())
+
+
+def close_lapsed_lots(session: Session, *, user_id: str, now: datetime | None = None) -> tuple[int, int]:
+    """Close the account's lots whose expiry has passed, as its next write would; (lots closed, credits lapsed).
+    Reads already leave such lots out, so balances don't change: this keeps the open lots (and their index) to
+    the lots that still count on accounts nobody writes to."""
+    book = _open_book(session, user_id, now=now)
+    return len(book.lapsed), sum(lot.remaining for lot in book.lapsed)
 
 
 def expire_subscription_credits(session: Session, *, user_id: str, subscription_id: str, reason: str,

@@ -589,3 +589,37 @@ def test_concurrent_spends_and_pack_events_on_one_account_keep_the_totals_exact(
         assert ledger.balance(s, "agent") == 1000 + 12 * 100 - 40 * 5
         assert s.get(Account, "agent").balance == 1000 + 12 * 100 - 40 * 5
     assert_check_ledger_clean()
+
+
+# --- closing lapsed lots of idle accounts ---------------------------------------------------------
+
+def test_close_lapsed_closes_expired_lots_of_idle_accounts_without_changing_any_balance(database_url):
+    now = utcnow()
+    with db.write_session() as s:
+        ledger.grant_pack(s, user_id="idle", credits=40, source_key="pack:idle", now=T0)
+        ledger.grant_subscription_period(s, user_id="idle", subscription_id="sub_idle", tier="starter",
+                                         period_end=int((now - 2 * DAY).timestamp()), source_key="period:idle", now=T0)
+        ledger.grant_subscription_period(s, user_id="active", subscription_id="sub_active", tier="starter",
+                                         period_end=int((now + 10 * DAY).timestamp()), source_key="period:active",
+                                         now=T0)
+    with db.read_session() as s:
+        before = {user: ledger.account_summary(s, user).as_dict() for user in ("idle", "active")}
+        assert ledger.users_with_lapsed_lots(s) == ["idle"]
+        assert s.get(Account, "idle").balance == 140  # the stored total still counts the lapsed lot
+
+    def close_lapsed() -> dict:
+        result = subprocess.run([sys.executable, "-m", "billing_core", "close-lapsed", "--json"], cwd=PROJECT_ROOT,
+                                env={**os.environ, "DATABASE_URL": database_url}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    assert close_lapsed() == {"accounts": 1, "lots_closed": 1, "credits_lapsed": 100}
+    with db.read_session() as s:
+        assert {user: ledger.account_summary(s, user).as_dict() for user in ("idle", "active")} == before
+        open_lots = s.execute(select(CreditLot.lot_key).where(CreditLot.closed.is_(False))
+                              .order_by(CreditLot.lot_key)).scalars().all()
+        assert open_lots == ["pack:idle", "period:active"]
+        assert s.get(Account, "idle").balance == 40
+        assert check_ledger(s).ok
+    assert close_lapsed() == {"accounts": 0, "lots_closed": 0, "credits_lapsed": 0}
