@@ -127,6 +127,15 @@ def sign_in(*, name: str, password: str, client_address: str | None, url: str | 
     return SignInResult(identity=Identity(name=operator.name, role=operator.role))
 
 
+def record_single_sign_on(*, email: str, client_address: str | None, success: bool, url: str | None = None,
+                          now: datetime | None = None) -> None:
+    """A sign-in through the identity provider (OIDC), recorded beside the password sign-ins: let in (a verified
+    email with a role) or refused. The provider checked the credentials, so nothing is throttled here."""
+    with db.write_session(db.get_engine(url)) as session:
+        record_attempt(session, name=throttle_name(email), client_address=throttle_address(client_address),
+                       success=success, now=now or utcnow())
+
+
 def recent_attempts(session: Session, *, limit: int = 200, failed_only: bool = False) -> list[dict]:
     query = select(SignInAttempt).order_by(SignInAttempt.at.desc(), SignInAttempt.id.desc()).limit(limit)
     if failed_only:

@@ -20,6 +20,7 @@ from billing_core.settings import Settings
 SESSION_KEY = "operator_identity"
 ACTIVITY_KEY = "operator_last_activity"
 IDLE_NOTICE_KEY = "operator_idle_notice"
+SSO_RECORDED_KEY = "operator_sso_recorded"  # the (email, let in) this browser session's sign-in was recorded as
 
 
 def _now():
@@ -51,6 +52,7 @@ def current_identity() -> Identity | None:
 
 def sign_out() -> None:
     st.session_state.pop(SESSION_KEY, None)
+    st.session_state.pop(SSO_RECORDED_KEY, None)
     st.session_state.pop(ACTIVITY_KEY, None)
     if oidc_configured():
         st.logout()
@@ -83,12 +85,14 @@ def _require_oidc(settings: Settings) -> Identity:
         st.stop()
     email = str(user.get("email") or "")
     if user.get("email_verified") is not True:  # an unverified address could be anybody's
+        _record_single_sign_on(settings, email, let_in=False)
         st.title("No access")
         st.error("Your identity provider has not verified this account's email address, so it can't be "
                  "matched to ADMIN_EMAILS or SUPPORT_EMAILS. Verify it with the provider, then sign in again.")
         st.button("Sign out", on_click=st.logout)
         st.stop()
     role = role_for_email(email, settings)
+    _record_single_sign_on(settings, email, let_in=role is not None)
     if role is None:
         st.title("No access")
         st.error("This account is not in ADMIN_EMAILS or SUPPORT_EMAILS; ask an admin to add it.")
@@ -98,6 +102,15 @@ def _require_oidc(settings: Settings) -> Identity:
     identity = Identity(name=email.lower(), role=role)
     st.session_state[SESSION_KEY] = identity
     return identity
+
+
+def _record_single_sign_on(settings: Settings, email: str, *, let_in: bool) -> None:
+    """Once per browser session and outcome, so the sign-in log shows identity-provider sign-ins too."""
+    outcome = (email.lower(), let_in)
+    if st.session_state.get(SSO_RECORDED_KEY) == outcome:
+        return
+    signin.record_single_sign_on(email=email, client_address=client_address(settings), success=let_in)
+    st.session_state[SSO_RECORDED_KEY] = outcome
 
 
 def _require_local(settings: Settings) -> Identity:

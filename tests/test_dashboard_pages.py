@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from billing_core.formatting import escape_markdown
-from billing_core import db, settings as settings_module
+from billing_core import db, settings as settings_module, signin
 from demo_data import DEMO_OPERATOR, fill_demo_database
 from billing_core.models import Account
 from billing_core.operators import create_operator
@@ -302,10 +302,15 @@ def test_oidc_maps_emails_to_roles(demo_db, monkeypatch):
     assert f"Signed in as **{escape_markdown('help@example.com')}** (support)" in texts(at) and len(at.metric) > 0
     at = app({"is_logged_in": True, "email": "boss@example.com", "email_verified": True})
     assert f"Signed in as **{escape_markdown('boss@example.com')}** (admin)" in texts(at)
+    at.run()  # a rerun of the signed-in session is not another sign-in
     for unverified in ({"email_verified": False}, {}, {"email_verified": "true"}):  # only a real True counts
         at = app({"is_logged_in": True, "email": "boss@example.com", **unverified})
         assert at.title[0].value == "No access" and len(at.metric) == 0
         assert "has not verified this account's email address" in at.error[0].value
+    with db.read_session() as session:  # the sign-in log shows the identity provider's sign-ins, newest first
+        logged = [(a["name"], a["result"]) for a in signin.recent_attempts(session)]
+    assert logged == [("boss@example.com", "failed")] * 3 + [
+        ("boss@example.com", "signed in"), ("help@example.com", "signed in"), ("stranger@example.com", "failed")]
 
 
 def test_sign_out(demo_db):
