@@ -49,5 +49,6 @@ BENCH_DB ?= sqlite
 bench: $(DEV_STAMP)
 	$(PY) bench/webhooks.py --database $(BENCH_DB)
 	$(PY) bench/consume.py --database $(BENCH_DB)
+	$(PY) bench/mixed_load.py --database $(BENCH_DB)
 	$(PY) bench/dashboard.py
 	$(PY) bench/return_page_flood.py --database $(BENCH_DB)
