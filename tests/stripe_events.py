@@ -245,3 +245,22 @@ def send(client, evt: dict) -> dict:
     response = deliver(client, evt)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+# --- what the sidecar stored ----------------------------------------------------------------------
+
+def balance(user_id: str) -> int:
+    """The user's balance in the configured database."""
+    from billing_core import db, ledger
+
+    with db.read_session() as session:
+        return ledger.balance(session, user_id)
+
+
+def stored(event_id: str):
+    """The stored StripeEvent row, or None."""
+    from billing_core import db
+    from billing_core.models import StripeEvent
+
+    with db.read_session() as session:
+        return session.get(StripeEvent, event_id)

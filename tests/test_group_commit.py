@@ -20,10 +20,10 @@ from sqlalchemy import event as sa_event, func, select
 
 from billing_core import db, events, handlers, ledger, ledger_check
 from billing_core.group_commit import GroupWriter
-from billing_core.models import LedgerEntry, Payment, StripeEvent
+from billing_core.models import LedgerEntry, Payment
 from billing_core.webapp import WEBHOOK_PATH, create_app
-from stripe_events import (DEFAULT_PRICES, checkout_completed, configure_webhooks, encode, event, signed_headers,
-                           subscription_invoice)
+from stripe_events import (DEFAULT_PRICES, balance, checkout_completed, configure_webhooks, encode, event, signed_headers,
+                           stored, subscription_invoice)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from stripe_mix import (WEBHOOK_SECRET as BENCH_SECRET, build_workload, ledger_mismatches,  # noqa: E402
@@ -88,16 +88,6 @@ def writer_commits():
 
 def answers(responses: list[httpx.Response]) -> list[tuple]:
     return [(r.status_code, r.json()["status"], r.json()["duplicate"]) for r in responses]
-
-
-def balance(user_id: str) -> int:
-    with db.read_session() as session:
-        return ledger.balance(session, user_id)
-
-
-def stored(event_id: str) -> StripeEvent | None:
-    with db.read_session() as session:
-        return session.get(StripeEvent, event_id)
 
 
 def entries(user_id: str) -> int:

@@ -17,7 +17,7 @@ from wiring import wiring
 from billing_core.models import Account, LedgerEntry, Payment, StripeEvent
 from billing_core.settings import get_settings, reset_settings_cache
 from billing_core.webapp import create_app
-from stripe_events import checkout_completed, configure_webhooks, deliver, encode, signed_headers
+from stripe_events import balance, checkout_completed, configure_webhooks, deliver, encode, signed_headers, stored
 
 URL = "/api/stripe/webhook"
 
@@ -25,16 +25,6 @@ URL = "/api/stripe/webhook"
 def count(model) -> int:
     with db.read_session() as session:
         return session.execute(select(func.count()).select_from(model)).scalar_one()
-
-
-def balance(user_id: str) -> int:
-    with db.read_session() as session:
-        return ledger.balance(session, user_id)
-
-
-def stored(event_id: str) -> StripeEvent | None:
-    with db.read_session() as session:
-        return session.get(StripeEvent, event_id)
 
 
 def post_raw(client, body: str | bytes, headers: dict):
