@@ -189,6 +189,7 @@ class GroupWriter:
 
     def _answer(self, group: list[_Delivery], outcomes: list[_Outcome]) -> None:
         """One hand-off per event loop (in practice one per group) sets every future of the group."""
+        self._groups += 1  # counted before the answers go: whoever reads status() after an answer sees its group
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for delivery, outcome in zip(group, outcomes):
             by_loop[delivery.loop].append((delivery.future, outcome))
@@ -197,7 +198,6 @@ class GroupWriter:
                 loop.call_soon_threadsafe(_settle, answers)
             except RuntimeError:  # that loop is closed: nobody waits for these answers any more
                 pass
-        self._groups += 1
 
 
 def _settle(answers: list[tuple[asyncio.Future, _Outcome]]) -> None:
