@@ -160,6 +160,11 @@ def _writer_turn(engine: Engine) -> Iterator[None]:
             lock.release()
 
 
+def write_lock_timed_out(exc: BaseException) -> bool:
+    """SQLite's write lock stayed with another connection past the busy timeout."""
+    return isinstance(exc, sa_exc.OperationalError) and "database is locked" in str(exc.orig)
+
+
 @contextmanager
 def write_session(engine: Engine | None = None) -> Iterator[Session]:
     """One unit of work that writes: commits on success, rolls back on any error."""

@@ -246,7 +246,9 @@ def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
     """Store a verified event and apply it once, in one transaction; a copy of a finished event changes nothing.
 
     When it recorded something, events waiting in needs-attention that mention it are retried: right away,
-    or (`retry_waiting_now=False`, the webhook) by the caller after answering, with `retry_waiting_after`."""
+    or (`retry_waiting_now=False`, the webhook) by the caller after answering, with `retry_waiting_after`.
+    SQLite's write lock held by another connection past the busy timeout is raised, nothing stored (recording
+    the failure would wait that long again): the webhook answers 500 and Stripe retries."""
     if event_shape_problem(event):
         raise ValueError(f"not a Stripe event: {event_shape_problem(event)}")
     prefetching = handlers.needs_prefetch(event)  # a Stripe lookup, made before any database lock is taken
@@ -263,6 +265,8 @@ def ingest(event: dict, *, raw_payload: str, engine: Engine, settings: Settings,
     except _Waiting as waiting:  # its effects are rolled back with the transaction; the event is kept
         return _record_waiting(engine, event, raw_payload, source, waiting.reason, user_id=waiting.user_id)
     except Exception as exc:  # anything unexpected: nothing of it stays, Stripe retries on our 500
+        if db.write_lock_timed_out(exc):  # recording it would wait the busy timeout again: raise, nothing stored
+            raise
         error = safe_error_text(exc, settings)
         log.error("event %s failed: %s", event["id"], error, exc_info=log.isEnabledFor(logging.DEBUG))
         _record_failure(engine, event["id"], error, stored=_event_values(event, raw_payload, source))
