@@ -675,11 +675,7 @@ def grant_pack_once(session: Session, *, user_id: str, credits: int, source_key:
     source key was already applied. `account_state`: the account's ACCOUNT_STATE_COLUMNS as the caller's
     statement that locked (or created) the row in this transaction returned them, so they aren't read again;
     with a true `created` among them, the account was created by that statement and has no lots to read."""
-    if account_state is not None and account_state.user_id == user_id:
-        new_account = bool(getattr(account_state, "created", False))
-        book = _Book(session, account_state, now or utcnow(), new_account=new_account)
-    else:
-        book = _open_book(session, user_id, now=now)
+    book = _book_for(session, user_id, account_state=account_state, now=now)
     granted = _grant_values(book, credits=credits, kind="pack_grant", source_key=source_key, lot_source="pack",
                             payment_id=payment_id)
     book.save_totals()
