@@ -160,6 +160,13 @@ def _writer_turn(engine: Engine) -> Iterator[None]:
             lock.release()
 
 
+def loaded_copy(session, model, key):
+    """The ORM object of that row this session holds, or None (at no cost when it holds none)."""
+    if not session.identity_map:
+        return None
+    return session.identity_map.get(session.identity_key(model, key))
+
+
 def write_lock_timed_out(exc: BaseException) -> bool:
     """SQLite's write lock stayed with another connection past the busy timeout."""
     return isinstance(exc, sa_exc.OperationalError) and "database is locked" in str(exc.orig)

@@ -37,7 +37,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
 from .catalog import allowance
-from .db import for_update
+from .db import for_update, loaded_copy
 from .prepared import Prepared
 from .models import (DISPUTE_KINDS_SQL, Account, Consumption, CreditLot, LedgerEntry, Payment, Subscription,
                      from_epoch, utcnow)
@@ -540,8 +540,7 @@ class _Book:
             updated_at = None
             _P_UPDATE_TOTALS.run(self.conn, {"account_id": self.user_id, "balance": self.balance, "debt": self.debt})
         self._written = state
-        identity_map = self.session.identity_map
-        loaded = identity_map.get(self.session.identity_key(Account, self.user_id)) if identity_map else None
+        loaded = loaded_copy(self.session, Account, self.user_id)
         if loaded is not None:
             for name, value in (("balance", self.balance), ("debt", self.debt), ("flagged", self.flagged),
                                 ("flag_reason", self.flag_reason)):

@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from .. import ledger
+from .. import db, ledger
 from ..catalog import CATALOG, CatalogItem, find_item_for_price
 from ..models import Account, Dispute, Payment, Subscription, utcnow
 from ..prepared import Prepared
@@ -180,6 +180,14 @@ def reread_after_lock(session: Session, row) -> None:
     row just loaded is current and isn't read twice."""
     if session.get_bind().dialect.name == "postgresql":
         session.refresh(row)
+
+
+def forget_loaded(session: Session, model, key) -> None:
+    """A row written here by a Core statement: an ORM copy of it loaded earlier in the session (resolve_user's)
+    is expired, so the session never hands out the row as it was."""
+    loaded = db.loaded_copy(session, model, key)
+    if loaded is not None:
+        session.expire(loaded)
 
 
 # --- payments --------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, a
                                lenient_id, line_is_proration, line_period_end, line_period_start, line_price,
                                line_price_object, moment_of, required_id)
 from .common import (SETTLED_PAYMENT_STATUSES, EventContext, Handled, apply_earlier_reversals, ensure_account,
-                     ensure_account_state, plan_for_price_object, plan_named, resolve_user)
-from .subscription import UPGRADABLE_STATUSES, StoredSubscription, forget_loaded, save, stored_subscription
+                     ensure_account_state, forget_loaded, plan_for_price_object, plan_named, resolve_user)
+from .subscription import UPGRADABLE_STATUSES, StoredSubscription, save, stored_subscription
 
 REACTIVATED_BY_PAYMENT = ("incomplete", "past_due", "unpaid")
 PlanLine = tuple[dict, CatalogItem, int]  # (line, its plan, its period end)

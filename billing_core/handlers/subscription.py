@@ -21,7 +21,7 @@ from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_text, id_of, metadata_user, previous_period_end,
                                previous_subscription_price, required_id, subscription_period_end,
                                subscription_period_start, subscription_price)
-from .common import EventContext, Handled, ensure_account, plan_for_price_object, resolve_user
+from .common import EventContext, Handled, ensure_account, forget_loaded, plan_for_price_object, resolve_user
 
 # On equal snapshot times, the status that is further along wins (a cancellation beats everything).
 STATUS_RANK = {"incomplete": 0, "incomplete_expired": 1, "trialing": 2, "active": 3, "paused": 4,
@@ -90,15 +90,6 @@ def save(session: Session, row: StoredSubscription, *, snapshot: bool) -> None:
     else:
         _UPDATE_AFTER_PAYMENT.run(connection, {**values, "subscription_id": row.id, "updated_at": now})
     forget_loaded(session, Subscription, row.id)
-
-
-def forget_loaded(session: Session, model, key) -> None:
-    """A row written here by a Core statement: an ORM copy of it loaded earlier in the session (resolve_user's)
-    is expired, so the session never hands out the row as it was."""
-    if session.identity_map:
-        loaded = session.identity_map.get(session.identity_key(model, key))
-        if loaded is not None:
-            session.expire(loaded)
 
 
 def _newer(row: StoredSubscription, *, created: int, status: str) -> bool:
