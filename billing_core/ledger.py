@@ -38,7 +38,7 @@ from sqlmodel import Session
 
 from .catalog import allowance
 from .db import for_update, loaded_copy
-from .prepared import Prepared
+from .prepared import Prepared, literal_in
 from .models import (DISPUTE_KINDS_SQL, Account, Consumption, CreditLot, LedgerEntry, Payment, Subscription,
                      from_epoch, utcnow)
 
@@ -255,9 +255,7 @@ OPEN = LOT.c.closed == false()  # rendered as a literal, so both databases use t
 
 _LOT_COLUMNS = (LOT.c.id, LOT.c.lot_key, LOT.c.source, LOT.c.granted, LOT.c.remaining, LOT.c.held, LOT.c.expires_at,
                 LOT.c.subscription_id, LOT.c.period_end, LOT.c.payment_id, LOT.c.created_at, LOT.c.closed)
-# literal values: an expanding IN would be re-rendered on every execution
-_FROZEN = and_(LOT.c.source == "subscription",
-               text("subscription.status IN (" + ", ".join(f"'{status}'" for status in FROZEN_STATUSES) + ")"))
+_FROZEN = and_(LOT.c.source == "subscription", literal_in(SUBSCRIPTION.c.status, FROZEN_STATUSES))
 _OPEN_LOTS = (select(*_LOT_COLUMNS, case((_FROZEN, True), else_=False))
               .select_from(LOT.outerjoin(SUBSCRIPTION, and_(SUBSCRIPTION.c.id == LOT.c.subscription_id,
                                                             SUBSCRIPTION.c.user_id == LOT.c.user_id)))

@@ -19,14 +19,21 @@ import sqlite3
 from collections import namedtuple
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import literal
+from sqlalchemy import Boolean, literal, literal_column
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators, visitors
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
 
 
 def _lean(conn: Connection) -> bool:
     return conn.dialect.name == "sqlite" and not conn._echo and not conn.dispatch.before_cursor_execute
+
+
+def literal_in(column, values) -> ColumnElement[bool]:
+    """`column IN ('a', 'b')` written into the SQL: a statement compiled once keeps it as it is, where an IN over
+    bound values is finished anew on every execution by SQLAlchemy's own path (PostgreSQL's here)."""
+    quoted = ", ".join("'" + str(value).replace("'", "''") + "'" for value in values)
+    return literal_column(f"{column.table.name}.{column.name} IN ({quoted})", type_=Boolean)
 
 
 def _in_lists_bound_apart(statement):

@@ -17,13 +17,13 @@ import json
 from dataclasses import dataclass
 
 import stripe
-from sqlalchemy import and_, bindparam, or_, select, text
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from . import db, ledger
 from .models import StripeEvent, Subscription
-from .prepared import Prepared
+from .prepared import Prepared, literal_in
 from .settings import Settings
 from .stripe_client import make_stripe_client, stripe_errors
 
@@ -197,7 +197,7 @@ def _refund_latest_payment(client, subscription: LiveSubscription, *,
 # The subscription an event names and the user's other live subscriptions, oldest first, in one indexed read
 # (the primary key or the user's index); the handlers apply the event with the row it returns.
 _SUBSCRIPTION = Subscription.__table__
-_LIVE = text("subscription.status IN (" + ", ".join(f"'{status}'" for status in ledger.LIVE_STATUSES) + ")")
+_LIVE = literal_in(_SUBSCRIPTION.c.status, ledger.LIVE_STATUSES)
 _THIS_AND_LIVE_OTHERS = Prepared(
     select(_SUBSCRIPTION.c.id, _SUBSCRIPTION.c.user_id, _SUBSCRIPTION.c.tier, _SUBSCRIPTION.c.price_id,
            _SUBSCRIPTION.c.status, _SUBSCRIPTION.c.current_period_start, _SUBSCRIPTION.c.current_period_end,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, bindparam, case, func, literal, literal_column, select, update
+from sqlalchemy import BigInteger, bindparam, case, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -13,7 +13,7 @@ from sqlmodel import Session
 from .. import ledger, plan_changes
 from ..catalog import CatalogItem, allowance
 from ..models import Payment, utcnow
-from ..prepared import Prepared
+from ..prepared import Prepared, literal_in
 from ..settings import Settings
 from ..stripe_payloads import (NeedsAttention, as_amount, as_currency, as_int, as_text, id_of, invoice_checkout_item,
                                invoice_lines, invoice_payment_refs, invoice_subscription_id, invoice_user,
@@ -28,11 +28,8 @@ PlanLine = tuple[dict, CatalogItem, int]  # (line, its plan, its period end)
 
 
 _PAYMENT = Payment.__table__
-# literal values: an expanding IN would be re-rendered on every execution
-_PAID_OR_SETTLED = literal_column("payment.status IN (" + ", ".join(
-    f"'{status}'" for status in ("paid", *SETTLED_PAYMENT_STATUSES)) + ")")
-_SETTLED = literal_column("payment.status IN (" + ", ".join(f"'{status}'" for status in SETTLED_PAYMENT_STATUSES)
-                          + ")")
+_PAID_OR_SETTLED = literal_in(_PAYMENT.c.status, ("paid", *SETTLED_PAYMENT_STATUSES))
+_SETTLED = literal_in(_PAYMENT.c.status, SETTLED_PAYMENT_STATUSES)
 # The invoice's payment, recorded paid with its credits granted, for at least this amount: an event of the
 # invoice's second type (invoice.paid after invoice.payment_succeeded) has nothing left to do.
 # Its user, as a subquery the event path folds into the one statement that marks the event processed.
