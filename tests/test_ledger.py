@@ -1,5 +1,4 @@
 """The ledger rules of issue 2, on SQLite and PostgreSQL."""
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -7,6 +6,7 @@ from sqlalchemy import select, text
 
 from billing_core import db, ledger
 from billing_core.models import Account, LedgerEntry, Payment, Subscription
+from concurrency import run_threads
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 DAY = 86400
@@ -356,23 +356,6 @@ def test_ledger_is_append_only_in_the_database(database_url):
 
 
 # --- concurrency --------------------------------------------------------------------------
-
-def run_threads(count, target):
-    errors = []
-
-    def wrapped(n):
-        try:
-            target(n)
-        except Exception as exc:  # collected and checked by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return errors
-
 
 def test_concurrent_spends_never_overspend_or_lose_a_spend(database_url):
     pack(credits=100)

@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, select, text, update
 
 from billing_core import db, ledger
 from billing_core.ledger_check import check_ledger
+from concurrency import run_threads
 from billing_core.models import Account, CreditLot, Payment, Subscription, utcnow
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -352,27 +353,18 @@ def test_concurrent_spends_grants_and_refunds_on_one_account_keep_the_totals_exa
         s.flush()
         ledger.grant_pack(s, user_id="busy", credits=500, source_key="checkout:cs_busy", payment_id=payment.id)
         payment_id = payment.id
-    errors = []
 
     def worker(n: int) -> None:
-        try:
-            for k in range(12):
-                with db.write_session() as s:
-                    if k % 4 == 0:
-                        ledger.grant_pack(s, user_id="busy", credits=7, source_key=f"pack:{n}:{k}")
-                    elif k == 5 and n < 2:  # two copies of one refund event: applied once
-                        ledger.clawback_for_payment(s, payment=s.get(Payment, payment_id), reversed_cents=500)
-                    else:
-                        ledger.consume(s, user_id="busy", credits=3, reference=f"job:{n}:{k}")
-        except Exception as exc:  # collected and checked below
-            errors.append(exc)
+        for k in range(12):
+            with db.write_session() as s:
+                if k % 4 == 0:
+                    ledger.grant_pack(s, user_id="busy", credits=7, source_key=f"pack:{n}:{k}")
+                elif k == 5 and n < 2:  # two copies of one refund event: applied once
+                    ledger.clawback_for_payment(s, payment=s.get(Payment, payment_id), reversed_cents=500)
+                else:
+                    ledger.consume(s, user_id="busy", credits=3, reference=f"job:{n}:{k}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == []
+    assert run_threads(8, worker) == []
     spends = 8 * 12 - 8 * 3 - 2
     with db.read_session() as s:
         assert ledger.balance(s, "busy") == 10_000 + 500 + 8 * 3 * 7 - 3 * spends - 250
@@ -527,22 +519,14 @@ def test_copies_of_one_spend_sent_at_once_spend_once_and_answer_alike(database_u
     with db.write_session() as s:
         ledger.grant_pack(s, user_id="agent", credits=100, source_key="seed")
     start = threading.Barrier(8)
-    answers, errors = [], []
+    answers = []
 
     def retry(n: int) -> None:
-        try:
-            start.wait(10)
-            with db.write_session() as s:
-                answers.append(ledger.consume(s, user_id="agent", credits=7, reference="job-1").as_dict())
-        except Exception as exc:  # collected and checked below
-            errors.append(exc)
+        start.wait(10)
+        with db.write_session() as s:
+            answers.append(ledger.consume(s, user_id="agent", credits=7, reference="job-1").as_dict())
 
-    threads = [threading.Thread(target=retry, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
+    assert run_threads(8, retry, timeout=60) == []
     assert len(answers) == 8 and all(answer == answers[0] for answer in answers)
     with db.read_session() as s:
         assert ledger.balance(s, "agent") == 93
@@ -565,26 +549,17 @@ def test_concurrent_spends_and_pack_events_on_one_account_keep_the_totals_exact(
                                     customer="cus_agent") for n in range(12)]
     tasks = [("event", evt) for evt in purchases * 2] + [("spend", n) for n in range(40)]
     random.Random(5).shuffle(tasks)
-    errors = []
 
-    def work(share: list) -> None:
-        try:
-            for kind, what in share:
-                if kind == "event":
-                    result = events.ingest(what, raw_payload=encode(what), engine=engine, settings=settings)
-                    assert result.status in ("processed", "duplicate"), result
-                else:
-                    with db.write_session() as s:
-                        ledger.consume(s, user_id="agent", credits=5, reference=f"job-{what}")
-        except Exception as exc:  # collected and checked below
-            errors.append(exc)
+    def work(n: int) -> None:
+        for kind, what in tasks[n::8]:
+            if kind == "event":
+                result = events.ingest(what, raw_payload=encode(what), engine=engine, settings=settings)
+                assert result.status in ("processed", "duplicate"), result
+            else:
+                with db.write_session() as s:
+                    ledger.consume(s, user_id="agent", credits=5, reference=f"job-{what}")
 
-    threads = [threading.Thread(target=work, args=(tasks[n::8],)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == []
+    assert run_threads(8, work) == []
     with db.read_session() as s:
         assert ledger.balance(s, "agent") == 1000 + 12 * 100 - 40 * 5
         assert s.get(Account, "agent").balance == 1000 + 12 * 100 - 40 * 5
