@@ -50,6 +50,13 @@ class Customer:
             send(client, self.subscription("customer.subscription.created", tier, created=START))
             send(client, self.base_invoice(tier))
 
+    def second_business_subscription(self) -> tuple["Customer", dict, dict]:
+        """A second live subscription of this user (business): it, its created event a day in, its first invoice."""
+        second = Customer(self.client, base=False, sub=f"{self.sub}_second")
+        second.user, second.customer = self.user, self.customer
+        return (second, second.subscription("customer.subscription.created", "business", created=START + DAY),
+                second.base_invoice("business", invoice_id=f"in_{second.sub}"))
+
     def subscription(self, type, tier, *, created, previous=None, start=START, end=END, event_id=None,
                      previous_end=None, status="active"):
         previous_attributes = None
@@ -243,10 +250,7 @@ def test_a_pre_2025_proration_line_layout_is_read_too(sidecar):
 
 def test_a_second_live_subscription_grants_nothing_and_names_both(sidecar):
     customer = Customer(sidecar)
-    second = Customer(sidecar, base=False, sub=f"{customer.sub}_second")
-    second.user, second.customer = customer.user, customer.customer
-    created = second.subscription("customer.subscription.created", "business", created=START + DAY)
-    paid = second.base_invoice("business", invoice_id=f"in_{second.sub}")
+    second, created, paid = customer.second_business_subscription()
     for evt in (created, paid):
         result = send(sidecar, evt)
         assert result["status"] == "needs_attention"
@@ -314,10 +318,7 @@ def assert_ledger_consistent(user_id):
 
 def test_once_the_second_subscription_is_canceled_its_waiting_events_finish_and_grant_nothing(sidecar):
     customer = Customer(sidecar)
-    second = Customer(sidecar, base=False, sub=f"{customer.sub}_second")
-    second.user, second.customer = customer.user, customer.customer
-    created = second.subscription("customer.subscription.created", "business", created=START + DAY)
-    paid = second.base_invoice("business", invoice_id=f"in_{second.sub}")
+    second, created, paid = customer.second_business_subscription()
     customer.send(created, paid)
     deleted = second.subscription("customer.subscription.deleted", "business", created=START + DAY + 600,
                                   status="canceled")
